@@ -1,0 +1,233 @@
+"""Argument checks shared by every block.
+
+Each check raises ``TypeError`` (wrong kind of object, dtype) or ``ValueError`` (wrong shape,
+range, device, non-finite values) with a message of the form
+"`name` must ..., but got ...", so a user sees which argument is wrong, what was expected and
+what was given.
+
+Checks that read tensor *values* (ranges, finiteness, simplex rows) synchronise a CUDA device
+with the host. They run by default and can be switched off for speed with
+:func:`set_value_checks` or the :func:`value_checks` context manager; they are skipped
+automatically while a CUDA graph is being captured or ``torch.compile`` is tracing, where a
+host synchronisation is impossible. Shape, dtype and device checks cost nothing and always run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "set_value_checks",
+    "value_checks",
+    "value_checks_enabled",
+]
+
+_value_checks = True
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Switch the value checks (ranges, NaN/Inf, simplex rows) on or off globally."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Context manager that sets the value checks for its body and restores them after.
+
+    Example:
+        >>> import mkfkit
+        >>> with mkfkit.value_checks(False):
+        ...     pass  # hot loop without host synchronisation
+    """
+    previous = _value_checks
+    set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
+
+
+def value_checks_enabled(*tensors: Tensor) -> bool:
+    """Whether value checks should run now for ``tensors``."""
+    if not _value_checks:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def describe(value: object) -> str:
+    """A short description of ``value`` for an error message."""
+    if isinstance(value, Tensor):
+        return f"Tensor of shape {tuple(value.shape)}, dtype {value.dtype} on {value.device}"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_tensor(value: object, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, but got {describe(value)}")
+    return value
+
+
+def check_floating(value: Tensor, name: str) -> Tensor:
+    check_tensor(value, name)
+    if not value.is_floating_point():
+        raise TypeError(f"`{name}` must have a floating-point dtype, but got {value.dtype}")
+    return value
+
+
+def check_integer(value: Tensor, name: str) -> Tensor:
+    check_tensor(value, name)
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"`{name}` must have an integer dtype, but got {value.dtype}")
+    return value
+
+
+def check_shape(value: Tensor, name: str, shape: Sequence[Optional[int]], spec: str) -> Tensor:
+    """Check ``value.shape`` against ``shape``, where ``None`` matches any size.
+
+    ``spec`` is the shape as the docs write it, e.g. ``"Tensor[B, C]"``.
+    """
+    check_tensor(value, name)
+    ok = value.dim() == len(shape) and all(
+        want is None or want == got for want, got in zip(shape, value.shape)
+    )
+    if not ok:
+        raise ValueError(f"`{name}` must be a {spec}, but got shape {tuple(value.shape)}")
+    return value
+
+
+def check_same_shape(value: Tensor, name: str, reference: Tensor, reference_name: str) -> None:
+    if value.shape != reference.shape:
+        raise ValueError(
+            f"`{name}` must have the shape of `{reference_name}` {tuple(reference.shape)}, "
+            f"but got {tuple(value.shape)}"
+        )
+
+
+def check_same_device(value: Tensor, name: str, reference: Tensor, reference_name: str) -> None:
+    if value.device != reference.device:
+        raise ValueError(
+            f"`{name}` must be on the device of `{reference_name}` ({reference.device}), "
+            f"but got {value.device}"
+        )
+
+
+def check_same_dtype(value: Tensor, name: str, reference: Tensor, reference_name: str) -> None:
+    if value.dtype != reference.dtype:
+        raise TypeError(
+            f"`{name}` must have the dtype of `{reference_name}` ({reference.dtype}), "
+            f"but got {value.dtype}"
+        )
+
+
+def check_finite(value: Tensor, name: str) -> None:
+    if value_checks_enabled(value) and not bool(torch.isfinite(value).all()):
+        bad = (~torch.isfinite(value)).sum().item()
+        raise ValueError(f"`{name}` must be finite, but got {bad} NaN/Inf entries")
+
+
+def check_number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, but got {describe(value)}")
+    return float(value)
+
+
+def check_in_range(
+    value: Union[float, int, Tensor],
+    name: str,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Check that a number, or every entry of a tensor, lies in the interval (or half-open)."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, Tensor):
+        if not value_checks_enabled(value) or value.numel() == 0:
+            return
+        finite = torch.isfinite(value)
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        bad = ~finite | below | above
+        if bool(bad.any()):
+            first = value[bad].flatten()[0].item()
+            raise ValueError(f"`{name}` must lie in {interval}, but got {first:g}")
+        return
+    number = check_number(value, name)
+    below = number <= low if low_open else number < low
+    above = number >= high if high_open else number > high
+    if number != number or below or above:
+        raise ValueError(f"`{name}` must lie in {interval}, but got {number:g}")
+
+
+def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, but got {describe(value)}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, but got {value}")
+    return value
+
+
+def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"`{name}` must be one of {options}, but got {value!r}")
+
+
+def check_distribution_rows(value: Tensor, name: str, atol: float = 1e-3) -> None:
+    """Check that every row of ``value`` (Tensor[..., C]) is a probability vector within ``atol``."""
+    if not value_checks_enabled(value) or value.numel() == 0:
+        return
+    check_finite(value, name)
+    low = value.min().item()
+    if low < -atol:
+        raise ValueError(
+            f"`{name}` must hold probability rows (entries >= 0), but got an entry {low:.3g}"
+        )
+    sums = value.sum(dim=-1, dtype=torch.float64)
+    worst = (sums - 1).abs().max().item()
+    if worst > atol:
+        raise ValueError(
+            f"`{name}` must hold probability rows (each summing to 1 within {atol:g}), "
+            f"but got a row summing to {1 + worst if bool((sums > 1).any()) else 1 - worst:.6g}"
+        )
+
+
+def check_index(value: Tensor, name: str, size: int, length: Optional[int] = None) -> Tensor:
+    """Check an index Tensor[B] of an integer dtype with entries in [0, size)."""
+    check_integer(value, name)
+    if value.dim() != 1 or (length is not None and value.shape[0] != length):
+        expected = "Tensor[B]" if length is None else f"Tensor[B] with B = {length}"
+        raise ValueError(f"`{name}` must be a {expected}, but got shape {tuple(value.shape)}")
+    if value_checks_enabled(value) and value.numel() > 0:
+        low, high = value.min().item(), value.max().item()
+        if low < 0 or high >= size:
+            bad = low if low < 0 else high
+            raise ValueError(f"`{name}` must hold indices in [0, {size - 1}], but got {bad}")
+    return value
+
+
+def as_lam(lam: Union[float, Tensor], batch: int, like: Tensor, name: str = "lam") -> Tensor:
+    """Return mixing weights as a Tensor[B] with the dtype and device of ``like``.
+
+    ``lam`` is a number or a Tensor[B] (or a 0-d tensor) whose entries lie in [0, 1].
+    """
+    if isinstance(lam, Tensor):
+        check_floating(lam, name)
+        if lam.dim() == 0:
+            lam = lam.expand(batch)
+        check_shape(lam, name, (batch,), f"number or Tensor[B] with B = {batch}")
+        check_same_device(lam, name, like, "the batch")
+        check_in_range(lam, name, 0.0, 1.0)
+        return lam.to(like.dtype)
+    check_in_range(lam, name, 0.0, 1.0)
+    return torch.full((batch,), float(lam), dtype=like.dtype, device=like.device)
