@@ -1,6 +1,16 @@
 """mkfkit: drop-in PyTorch building blocks for MKF and KD-ATFF distillation."""
 
 from mkfkit._checks import set_value_checks, value_checks
+from mkfkit.attention import AttentionTransferLoss, attention_map, attention_transfer_loss
+from mkfkit.distill import KDLoss, kd_loss
+from mkfkit.features import FeatureCollector
+from mkfkit.fusion import (
+    BranchDisagreement,
+    FeatureFusionTeacher,
+    OnlineDistillationLoss,
+    branch_disagreement,
+    online_distillation_loss,
+)
 from mkfkit.mixing import (
     CompoundMix,
     MixedBatch,
@@ -15,6 +25,17 @@ from mkfkit.mixing import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionTransferLoss",
+    "BranchDisagreement",
+    "FeatureCollector",
+    "FeatureFusionTeacher",
+    "KDLoss",
+    "OnlineDistillationLoss",
+    "attention_map",
+    "attention_transfer_loss",
+    "branch_disagreement",
+    "kd_loss",
+    "online_distillation_loss",
     "CompoundMix",
     "MixedBatch",
     "MixedCrossEntropyLoss",
