@@ -2,8 +2,25 @@
 
 from mkfkit._checks import set_value_checks, value_checks
 from mkfkit.attention import AttentionTransferLoss, attention_map, attention_transfer_loss
+from mkfkit.bank import BankTarget, KnowledgeBank
+from mkfkit.depth import (
+    DepthSampler,
+    SubNetwork,
+    find_residual_blocks,
+    is_residual_block,
+    recalibrate_batchnorm,
+)
 from mkfkit.distill import KDLoss, kd_loss
 from mkfkit.features import FeatureCollector
+from mkfkit.fraction import (
+    DominantFraction,
+    Fraction,
+    LinearFraction,
+    QPFraction,
+    dominant_fraction,
+    linear_fraction,
+    qp_fraction,
+)
 from mkfkit.fusion import (
     BranchDisagreement,
     FeatureFusionTeacher,
@@ -25,6 +42,20 @@ from mkfkit.mixing import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BankTarget",
+    "DepthSampler",
+    "DominantFraction",
+    "Fraction",
+    "KnowledgeBank",
+    "LinearFraction",
+    "QPFraction",
+    "SubNetwork",
+    "dominant_fraction",
+    "find_residual_blocks",
+    "is_residual_block",
+    "linear_fraction",
+    "qp_fraction",
+    "recalibrate_batchnorm",
     "AttentionTransferLoss",
     "BranchDisagreement",
     "FeatureCollector",

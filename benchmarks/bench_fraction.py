@@ -1,0 +1,238 @@
+"""Benchmark of the knowledge-fraction strategies: speed and accuracy side by side.
+
+Compares, on the same random instances (float32, value checks off while timing):
+
+* ``opt2_raw``   -- the paper's OPT2 formula (LinearFraction(project=False))
+* ``opt2_proj``  -- OPT2 projected onto the simplex (LinearFraction(), the default)
+* ``exact``      -- the exact QP in closed form, plain torch (QPFraction(backend="torch"))
+* ``triton``     -- the exact QP as a fused Triton kernel (when mkfkit._triton is usable)
+* ``cvx_scs`` / ``cvx_clarabel`` -- the same QP through cvxpylayers (the paper's route)
+
+for B in {64, 256, 512} and C in {10, 100, 1000}, forward and forward+backward, on CPU and CUDA.
+Times are medians; ratios are to OPT2 (raw) and to the exact QP. Accuracy: max |error| of each
+strategy's (a, b) against the exact QP solved in float64, and the share of raw OPT2 rows that
+leave [0, 1].
+
+    python benchmarks/bench_fraction.py --quick            # a short run
+    python benchmarks/bench_fraction.py --device cpu       # the full grid on one device
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import mkfkit
+from mkfkit.fraction import LinearFraction, QPFraction
+
+HERE = Path(__file__).resolve().parent
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_instance(batch, num_classes, device, seed=0):
+    """Mixed pairs with bases near the truth; lam ~ U(0, 1). float32 on ``device``."""
+    generator = torch.Generator().manual_seed(seed)
+    truth_a = torch.softmax(2 * torch.randn(batch, num_classes, generator=generator, dtype=torch.float64), -1)
+    truth_b = torch.softmax(2 * torch.randn(batch, num_classes, generator=generator, dtype=torch.float64), -1)
+    noise = lambda: torch.softmax(torch.randn(batch, num_classes, generator=generator, dtype=torch.float64), -1)  # noqa: E731
+    base_a, base_b = 0.7 * truth_a + 0.3 * noise(), 0.7 * truth_b + 0.3 * noise()
+    lam = torch.rand(batch, generator=generator, dtype=torch.float64)
+    mixed = lam[:, None] * truth_a + (1 - lam[:, None]) * truth_b
+    return [t.to(device) for t in (mixed, base_a, base_b, lam)]
+
+
+def triton_status(device: str) -> tuple[bool, str]:
+    try:
+        from mkfkit import _triton
+    except ImportError as error:
+        return False, f"mkfkit._triton not importable ({error})"
+    if not _triton.available(torch.device(device)):
+        return False, f"Triton not available on {device}"
+    return True, ""
+
+
+def time_call(fn, device: str, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs, with device synchronisation."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_strategy(strategy, inputs, backward: bool):
+    mixed = inputs[0].detach().requires_grad_(backward)
+    out = strategy(mixed, *inputs[1:])
+    if backward:
+        (out.a.sum() + (out.b * out.b).sum()).backward()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few sizes, few repeats")
+    parser.add_argument("--device", default="all", help="cpu, cuda, or all (default: cpu and cuda when present)")
+    parser.add_argument("--json", default=str(HERE / "out" / "fraction.json"), help="where to write the results")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default 20, quick 5)")
+    parser.add_argument("--skip-cvxpylayers", action="store_true", help="leave out the cvxpylayers columns")
+    parser.add_argument(
+        "--cvx-budget",
+        type=float,
+        default=None,
+        help="skip a cvxpylayers cell whose estimated time per call exceeds this many seconds "
+        "(estimated from the smallest batch of the same C; default 60, quick 5)",
+    )
+    args = parser.parse_args()
+
+    batches, classes = ([64, 256], [10, 100]) if args.quick else ([64, 256, 512], [10, 100, 1000])
+    repeats = args.repeats or (5 if args.quick else 20)
+    cvx_repeats = 1 if args.quick else 2
+    cvx_budget = args.cvx_budget if args.cvx_budget is not None else (5.0 if args.quick else 20.0)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "all" else [args.device]
+
+    strategies = {
+        "opt2_raw": LinearFraction(project=False),
+        "opt2_proj": LinearFraction(),
+        "exact": QPFraction(backend="torch"),
+    }
+    cvx = {}
+    if args.skip_cvxpylayers:
+        print("cvxpylayers: skipped (--skip-cvxpylayers)")
+    else:
+        try:
+            import cvxpylayers  # noqa: F401
+
+            cvx = {
+                "cvx_scs": QPFraction(solver="cvxpylayers", conic_solver="SCS"),
+                "cvx_clarabel": QPFraction(solver="cvxpylayers", conic_solver="CLARABEL"),
+            }
+        except ImportError:
+            print("cvxpylayers: skipped (not installed; pip install mkfkit[qp])")
+
+    environment = {
+        "torch": torch.__version__,
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "quick": args.quick,
+        "repeats": repeats,
+        "cvxpylayers_repeats": cvx_repeats,
+    }
+    print(f"torch {environment['torch']} | CPU: {environment['cpu']} ({environment['threads']} threads) | GPU: {environment['gpu']}")
+    results = []
+    warnings.simplefilter("ignore")  # cvxpylayers/cvxpy chatter
+    for device in devices:
+        usable, reason = triton_status(device)
+        device_strategies = dict(strategies)
+        if usable:
+            device_strategies["triton"] = QPFraction(backend="triton")
+        else:
+            print(f"[{device}] triton column skipped: {reason}")
+        per_row = {}  # (C, backward, name) -> seconds per row measured at the smallest B
+        for num_classes in classes:
+            for batch in batches:
+                inputs = make_instance(batch, num_classes, device)
+                reference = QPFraction(backend="torch")(*inputs)  # float64 exact solution
+                inputs32 = [t.float() for t in inputs]
+                raw = strategies["opt2_raw"](*inputs32)
+                leaving = float(((raw.a < 0) | (raw.a > 1)).any(-1).float().mean())
+                row = {"device": device, "B": batch, "C": num_classes, "opt2_rows_leaving_01": leaving}
+                with mkfkit.value_checks(False):
+                    for name, strategy in {**device_strategies, **cvx}.items():
+                        if name in cvx:  # build (and cache) the layer for this C outside the timing
+                            strategy(*(t[:1] for t in inputs32))
+                        outputs = []
+                        for backward in (False, True):
+                            key = f"{name}_{'fwdbwd' if backward else 'fwd'}_s"
+                            if name in cvx:
+                                estimate = per_row.get((num_classes, backward, name), 0.0) * batch
+                                if estimate > cvx_budget:
+                                    print(f"[{device}] {name} B={batch} C={num_classes} {key[len(name) + 1:-2]}: skipped, "
+                                          f"estimated {estimate:.0f} s per call > --cvx-budget {cvx_budget:g} s")
+                                    row[key] = None
+                                    continue
+                            seconds = time_call(
+                                lambda: outputs.append(run_strategy(strategy, inputs32, backward)),
+                                device,
+                                cvx_repeats if name in cvx else repeats,
+                                warmup=0 if name in cvx else 2,
+                            )
+                            per_row.setdefault((num_classes, backward, name), seconds / batch)
+                            row[key] = seconds
+                        if outputs:
+                            out = outputs[0]
+                            row[f"{name}_max_err"] = max(
+                                float((out.a.double() - reference.a).abs().max()),
+                                float((out.b.double() - reference.b).abs().max()),
+                            )
+                results.append(row)
+                print_row(row, list(device_strategies) + list(cvx))
+    print_table(results, list(strategies) + ["triton"] + list(cvx))
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment, "results": results}, indent=2))
+    print(f"wrote {os.path.relpath(path)}")
+
+
+def print_row(row, names) -> None:
+    cells = [f"{name}={row.get(f'{name}_fwd_s') or float('nan'):.2e}s" for name in names]
+    print(f"[{row['device']}] B={row['B']:4d} C={row['C']:5d} fwd: " + " ".join(cells), flush=True)
+
+
+def print_table(results, names) -> None:
+    def fmt_ms(value):
+        return "-" if value is None else f"{value * 1e3:9.3f}"
+
+    def ratio(value, base):
+        return "-" if value is None or not base else f"{value / base:8.1f}x"
+
+    for mode in ("fwd", "fwdbwd"):
+        print(f"\nMedian time in ms ({'forward' if mode == 'fwd' else 'forward + backward'}); "
+              "ratio to OPT2 raw / to exact QP")
+        present = [n for n in names if any(r.get(f"{n}_{mode}_s") is not None for r in results)]
+        header = f"{'device':6} {'B':>4} {'C':>5} | " + " | ".join(f"{n:>30}" for n in present)
+        print(header)
+        print("-" * len(header))
+        for r in results:
+            base, exact = r.get(f"opt2_raw_{mode}_s"), r.get(f"exact_{mode}_s")
+            cells = []
+            for n in present:
+                value = r.get(f"{n}_{mode}_s")
+                cells.append(f"{fmt_ms(value)} {ratio(value, base)} {ratio(value, exact)}".rjust(30))
+            print(f"{r['device']:6} {r['B']:>4} {r['C']:>5} | " + " | ".join(cells))
+    print("\nAccuracy: max |error| vs the exact QP in float64 (inputs float32); share of raw OPT2 rows leaving [0, 1]")
+    present = [n for n in names if any(f"{n}_max_err" in r for r in results)]
+    header = f"{'device':6} {'B':>4} {'C':>5} | {'OPT2 rows out':>13} | " + " | ".join(f"{n:>12}" for n in present)
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        cells = [f"{r[f'{n}_max_err']:12.2e}" if f"{n}_max_err" in r else f"{'-':>12}" for n in present]
+        print(f"{r['device']:6} {r['B']:>4} {r['C']:>5} | {r['opt2_rows_leaving_01']:13.1%} | " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()

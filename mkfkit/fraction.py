@@ -1,0 +1,490 @@
+"""Knowledge fraction: split a mixed output back into estimates of the two clean responses.
+
+A network fed the mixed image ``lam * x_a + (1 - lam) * x_b`` outputs ``mixed`` ~
+``lam * p_a + (1 - lam) * p_b``. Given stored knowledge ``base_a`` ~ ``p_a`` and ``base_b`` ~
+``p_b`` (e.g. the :class:`~mkfkit.bank.KnowledgeBank` rows of both images), a *fraction
+strategy* estimates ``p_a`` and ``p_b``. All strategies share one call and one result::
+
+    strategy(mixed, base_a, base_b, lam) -> Fraction(a, b, mask_a, mask_b)
+
+    mixed, base_a, base_b: Tensor[B, C], rows are probability vectors
+    lam: float or Tensor[B] in [0, 1] (per-sample weights, e.g. CutMix areas)
+
+* :class:`LinearFraction` (the paper's OPT2): ``a = (mixed - (1 - lam) * base_b) / lam``.
+* :class:`QPFraction` (the paper's OPT1): the exact solution of the QP below, in closed form
+  (default), or through a ``cvxpylayers`` layer (the paper's route, as a reference).
+* :class:`DominantFraction` (the paper's "No OPT" ablation): the image with the larger weight
+  takes the whole mixed output.
+
+A side whose weight is exactly 0 carries no information about its image: it keeps its base and
+its mask is ``False``, which tells a knowledge bank to skip that update.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from mkfkit._checks import (
+    as_lam,
+    check_choice,
+    check_distribution_rows,
+    check_floating,
+    check_same_device,
+    check_same_dtype,
+    check_same_shape,
+    check_shape,
+)
+from mkfkit._projection import project_box_simplex
+
+__all__ = [
+    "Fraction",
+    "LinearFraction",
+    "QPFraction",
+    "DominantFraction",
+    "linear_fraction",
+    "qp_fraction",
+    "dominant_fraction",
+]
+
+_SOLVERS = ("exact", "cvxpylayers")
+_BACKENDS = ("auto", "torch", "triton")
+_CONIC_SOLVERS = ("CLARABEL", "SCS")
+
+
+class Fraction(NamedTuple):
+    """Estimates of the clean responses to the two images of a mixed pair.
+
+    Attributes:
+        a: Tensor[B, C], estimate of the clean response to image a.
+        b: Tensor[B, C], estimate of the clean response to image b.
+        mask_a: bool Tensor[B], rows where ``a`` carries information about image a (update it).
+        mask_b: bool Tensor[B], rows where ``b`` carries information about image b.
+    """
+
+    a: Tensor
+    b: Tensor
+    mask_a: Tensor
+    mask_b: Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared input handling
+
+
+def _prepare(
+    mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, torch.dtype]:
+    """Validate the common arguments.
+
+    Returns ``mixed, base_a, base_b`` in the compute dtype (float32 for half precision),
+    ``lam`` as a Tensor[B] of that dtype, and the input dtype to cast the results back to.
+    """
+    check_floating(mixed, "mixed")
+    check_shape(mixed, "mixed", (None, None), "Tensor[B, C]")
+    for name, value in (("base_a", base_a), ("base_b", base_b)):
+        check_floating(value, name)
+        check_same_shape(value, name, mixed, "mixed")
+        check_same_device(value, name, mixed, "mixed")
+        check_same_dtype(value, name, mixed, "mixed")
+    # Half-precision rows round each entry by up to eps/2, so their sums drift further.
+    atol = max(1e-3, 2 * torch.finfo(mixed.dtype).eps)
+    for name, value in (("mixed", mixed), ("base_a", base_a), ("base_b", base_b)):
+        check_distribution_rows(value, name, atol=atol)
+    compute = torch.float32 if mixed.dtype in (torch.float16, torch.bfloat16) else mixed.dtype
+    dtype = mixed.dtype
+    mixed, base_a, base_b = mixed.to(compute), base_a.to(compute), base_b.to(compute)
+    return mixed, base_a, base_b, as_lam(lam, mixed.shape[0], mixed), dtype
+
+
+def _linear_divisor(weight: Tensor) -> Tensor:
+    """``weight`` as OPT2's divisor, keeping every quotient and its gradient finite.
+
+    Weights below sqrt(finfo.tiny) (about 1e-19 in float32, 1e-154 in float64, including 0)
+    are raised to it: ``1 / weight`` and ``1 / weight**2`` then stay finite. Rows of weight 0
+    are replaced by their base afterwards, and for a positive weight that small the OPT2
+    estimate is swamped by its ``1 / weight`` error anyway.
+    """
+    return weight.clamp_min(torch.finfo(weight.dtype).tiny ** 0.5)
+
+
+def _finish(a: Tensor, b: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, dtype) -> Fraction:
+    """Keep the base on a side of weight 0, attach the masks, cast back to the input dtype."""
+    mask_a, mask_b = lam > 0, lam < 1
+    a = torch.where(mask_a[:, None], a, base_a)
+    b = torch.where(mask_b[:, None], b, base_b)
+    return Fraction(a.to(dtype), b.to(dtype), mask_a, mask_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# OPT2: linear fraction
+
+
+def linear_fraction(
+    mixed: Tensor,
+    base_a: Tensor,
+    base_b: Tensor,
+    lam: Union[float, Tensor],
+    *,
+    project: bool = True,
+) -> Fraction:
+    r"""Linear knowledge fraction (the paper's OPT2), optionally projected onto the simplex.
+
+    Each side uses the other image's base as a proxy for its true response:
+
+    .. math::
+
+        a = \frac{\tilde p - (1 - \lambda) K_b}{\lambda}, \qquad
+        b = \frac{\tilde p - \lambda K_a}{1 - \lambda}.
+
+    The error of ``a`` is ``-(1 - lam) / lam * (K_b - p_b)``: it grows without bound as
+    ``lam -> 0`` and routinely leaves ``[0, 1]`` (negative entries are the rule for C >= 10), and a
+    knowledge row with negative entries poisons a KL target. Hence the default ``project=True``
+    returns the Euclidean projection of each raw row onto the probability simplex: the
+    distribution nearest to the raw estimate in the same squared-error geometry as the paper's
+    QP, which leaves rows that are already valid untouched (so it *is* OPT2 wherever OPT2 is a
+    distribution), keeps the row sum at 1 and is differentiable. ``project=False`` gives the raw
+    formula, faithful to the paper.
+
+    A side of weight exactly 0 keeps its base (``a = base_a`` where ``lam == 0``, ``b = base_b``
+    where ``lam == 1``) and its mask is ``False``. Values and gradients are finite for every
+    ``lam`` in [0, 1]: a weight below sqrt(finfo.tiny) (about 1e-19 in float32) divides as
+    sqrt(finfo.tiny), where ``1 / lam`` would overflow.
+
+    Args:
+        mixed: Tensor[B, C], the output on the mixed input (probability rows).
+        base_a: Tensor[B, C], stored knowledge of image a (probability rows).
+        base_b: Tensor[B, C], stored knowledge of image b (probability rows).
+        lam: float or Tensor[B] in [0, 1], the weight of image a.
+        project: project each estimate onto the simplex (default) or return the raw formula.
+
+    Returns:
+        :class:`Fraction` with ``a, b``: Tensor[B, C] in the dtype of ``mixed``;
+        ``mask_a = lam > 0``, ``mask_b = lam < 1``.
+
+    Example:
+        >>> mixed = torch.tensor([[0.5, 0.3, 0.2]])
+        >>> base_a = torch.tensor([[0.8, 0.1, 0.1]])
+        >>> base_b = torch.tensor([[0.1, 0.1, 0.8]])
+        >>> linear_fraction(mixed, base_a, base_b, 0.5, project=False).a
+        tensor([[ 0.9000,  0.5000, -0.4000]])
+        >>> linear_fraction(mixed, base_a, base_b, 0.5).a
+        tensor([[0.7000, 0.3000, 0.0000]])
+    """
+    mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
+    weight_a, weight_b = lam[:, None], 1 - lam[:, None]
+    a = (mixed - weight_b * base_b) / _linear_divisor(weight_a)
+    b = (mixed - weight_a * base_a) / _linear_divisor(weight_b)
+    if project:
+        zeros, ones = torch.zeros_like(a), torch.ones_like(a)
+        a, b = project_box_simplex(a, zeros, ones), project_box_simplex(b, zeros, ones)
+    return _finish(a, b, base_a, base_b, lam, dtype)
+
+
+class LinearFraction(nn.Module):
+    """Module twin of :func:`linear_fraction` (the paper's OPT2).
+
+    Args:
+        project: project each estimate onto the probability simplex (default, so every row is
+            a valid distribution) or return the paper's raw formula (``False``).
+
+    Example:
+        >>> fraction = LinearFraction()
+        >>> mixed = torch.tensor([[0.5, 0.3, 0.2]])
+        >>> fraction(mixed, mixed, mixed, 0.3).a
+        tensor([[0.5000, 0.3000, 0.2000]])
+    """
+
+    def __init__(self, project: bool = True) -> None:
+        super().__init__()
+        self.project = bool(project)
+
+    def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
+        return linear_fraction(mixed, base_a, base_b, lam, project=self.project)
+
+    def extra_repr(self) -> str:
+        return f"project={self.project}"
+
+
+# ---------------------------------------------------------------------------------------------
+# OPT1: the QP, exact or through cvxpylayers
+
+
+def qp_fraction(
+    mixed: Tensor,
+    base_a: Tensor,
+    base_b: Tensor,
+    lam: Union[float, Tensor],
+    *,
+    solver: str = "exact",
+    backend: str = "auto",
+    conic_solver: str = "CLARABEL",
+    solver_args: Optional[dict[str, Any]] = None,
+) -> Fraction:
+    r"""Knowledge fraction by the paper's QP (OPT1), solved exactly.
+
+    .. math::
+
+        \min_{a, b}\; \lambda \|a - K_a\|^2 + (1 - \lambda) \|b - K_b\|^2
+        \quad\text{s.t.}\quad \lambda a + (1 - \lambda) b = \tilde p,\;
+        0 \le a, b \le 1,\; \textstyle\sum a = \sum b = 1.
+
+    Eliminating ``b`` through the mixing identity leaves ``||a - (K_a + r)||^2`` (times a
+    positive constant) with the residual ``r = mixed - lam * K_a - (1 - lam) * K_b``, so
+
+    .. math::
+
+        a = \Pi\big(K_a + r;\; lo_a, hi_a\big), \quad
+        lo_a = \max\Big(0, \frac{\tilde p - (1 - \lambda)}{\lambda}\Big), \quad
+        hi_a = \min\Big(1, \frac{\tilde p}{\lambda}\Big),
+
+    where ``Pi`` is the Euclidean projection onto ``{sum = 1, lo <= x <= hi}``
+    (:func:`~mkfkit._projection.project_box_simplex`, exact, by sorting breakpoints). ``b`` is
+    the mirror projection of ``K_b + r`` with the roles of ``lam`` and ``1 - lam`` swapped,
+    rather than ``(mixed - lam * a) / (1 - lam)``, which loses all precision as ``lam -> 1``.
+    Both satisfy the mixing identity up to rounding (given rows of ``mixed`` that sum to 1) and
+    every row lies on the simplex. When the bases are the true clean responses, ``r = 0`` and
+    the bases are returned. Values are finite for every ``lam`` in [0, 1]; gradients too, except
+    for ``0 < lam < sqrt(finfo.tiny)`` (about 1e-19 in float32), where the true derivative of the
+    bound ``mixed / lam`` overflows.
+
+    Args:
+        mixed: Tensor[B, C], the output on the mixed input (probability rows).
+        base_a: Tensor[B, C], stored knowledge of image a (probability rows).
+        base_b: Tensor[B, C], stored knowledge of image b (probability rows).
+        lam: float or Tensor[B] in [0, 1], the weight of image a.
+        solver: ``"exact"`` (closed form, default) or ``"cvxpylayers"`` (the same QP through a
+            differentiable conic-program layer, the paper's route; slow, CPU-bound, for
+            reference; needs ``pip install mkfkit[qp]``).
+        backend: for ``solver="exact"``: ``"torch"``, ``"triton"`` (a fused GPU kernel), or
+            ``"auto"`` (Triton for CUDA tensors of dtype float32/bfloat16/float16 when it is
+            available, torch otherwise).
+        conic_solver: for ``solver="cvxpylayers"``: ``"CLARABEL"`` (default; an interior-point
+            method, accurate to about 1e-8) or ``"SCS"`` (cvxpylayers' default, first-order,
+            accurate to about 1e-4).
+        solver_args: for ``solver="cvxpylayers"``: extra keyword arguments of the conic solver
+            (e.g. ``{"eps": 1e-8}`` for SCS).
+
+    Returns:
+        :class:`Fraction` with ``a, b``: Tensor[B, C] in the dtype of ``mixed``;
+        ``mask_a = lam > 0``, ``mask_b = lam < 1`` (a side of weight 0 keeps its base).
+
+    Example:
+        >>> mixed = torch.tensor([[0.5, 0.3, 0.2]])
+        >>> base_a = torch.tensor([[0.8, 0.1, 0.1]])
+        >>> base_b = torch.tensor([[0.1, 0.1, 0.8]])
+        >>> a, b, mask_a, mask_b = qp_fraction(mixed, base_a, base_b, 0.5)
+        >>> a, b
+        (tensor([[0.7750, 0.2250, 0.0000]]), tensor([[0.2250, 0.3750, 0.4000]]))
+        >>> 0.5 * a + 0.5 * b
+        tensor([[0.5000, 0.3000, 0.2000]])
+    """
+    _check_qp_options(solver, backend, conic_solver)
+    mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
+    if solver == "cvxpylayers":
+        a, b = _cvxpylayers_qp(mixed, base_a, base_b, lam, conic_solver, solver_args or {})
+    else:
+        kernels = _fused_kernels(backend, mixed)
+        if kernels is None:
+            a, b = _exact_qp(mixed, base_a, base_b, lam)
+        else:
+            a, b = kernels.qp_fraction(mixed, base_a, base_b, lam)
+    return _finish(a, b, base_a, base_b, lam, dtype)
+
+
+class QPFraction(nn.Module):
+    """Module twin of :func:`qp_fraction` (the paper's OPT1); arguments as there.
+
+    Example:
+        >>> fraction = QPFraction()
+        >>> mixed = torch.tensor([[0.5, 0.3, 0.2]])
+        >>> fraction(mixed, mixed, mixed, 0.3).b
+        tensor([[0.5000, 0.3000, 0.2000]])
+    """
+
+    def __init__(
+        self,
+        solver: str = "exact",
+        backend: str = "auto",
+        conic_solver: str = "CLARABEL",
+        solver_args: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        _check_qp_options(solver, backend, conic_solver)
+        self.solver, self.backend, self.conic_solver = solver, backend, conic_solver
+        self.solver_args = dict(solver_args or {})
+
+    def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
+        return qp_fraction(
+            mixed,
+            base_a,
+            base_b,
+            lam,
+            solver=self.solver,
+            backend=self.backend,
+            conic_solver=self.conic_solver,
+            solver_args=self.solver_args,
+        )
+
+    def extra_repr(self) -> str:
+        if self.solver == "exact":
+            return f"solver='exact', backend={self.backend!r}"
+        return f"solver='cvxpylayers', conic_solver={self.conic_solver!r}"
+
+
+def _check_qp_options(solver: str, backend: str, conic_solver: str) -> None:
+    check_choice(solver, "solver", _SOLVERS)
+    check_choice(backend, "backend", _BACKENDS)
+    check_choice(conic_solver, "conic_solver", _CONIC_SOLVERS)
+
+
+def _exact_qp(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """The closed-form QP solution (a, b), both by projection; see :func:`qp_fraction`."""
+    weight_a, weight_b = lam[:, None], 1 - lam[:, None]
+    residual = mixed - weight_a * base_a - weight_b * base_b
+    # Entries of `mixed` outside [0, 1] (allowed within the row tolerance) would cross the bounds.
+    target = mixed.clamp(0, 1)
+
+    def project_side(base: Tensor, weight: Tensor, other_weight: Tensor) -> Tensor:
+        # 0 <= other side <= 1 under the mixing identity, written as bounds on this side. The
+        # ratios stay O(1) even for tiny weights (mixed is then tiny too), so divide exactly;
+        # a side of weight 0 is replaced by its base afterwards.
+        divisor = torch.where(weight > 0, weight, 1)
+        lo = ((target - other_weight) / divisor).clamp(0, 1)  # rounding can overshoot 1
+        hi = (target / divisor).clamp(0, 1)
+        return project_box_simplex(base + residual, lo, hi)
+
+    return project_side(base_a, weight_a, weight_b), project_side(base_b, weight_b, weight_a)
+
+
+def _fused_kernels(backend: str, like: Tensor):
+    """The ``mkfkit._triton`` module when ``backend`` selects it for ``like``, else ``None``."""
+    if backend == "torch":
+        return None
+    try:
+        from mkfkit import _triton
+    except ImportError:
+        _triton = None
+    usable = _triton is not None and _triton.available(like.device)
+    if backend == "triton":
+        if not usable:
+            raise RuntimeError(
+                "`backend` 'triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on "
+                f"CPU), but got tensors on {like.device} without a usable Triton; "
+                "use backend='auto' or 'torch'"
+            )
+        return _triton
+    return _triton if usable and like.is_cuda and like.dtype != torch.float64 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _qp_layer(num_classes: int):
+    """The QP as a ``CvxpyLayer`` for ``num_classes`` classes, built once per size.
+
+    ``lam * ||a - K_a||^2`` is not DPP (a parameter times a quadratic in the variable), so the
+    objective is written as ``||sqrt(lam) * a - sqrt(lam) * K_a||^2`` with ``sqrt(lam)`` and
+    ``sqrt(lam) * K_a`` as parameters.
+    """
+    try:
+        import cvxpy as cp
+        from cvxpylayers.torch import CvxpyLayer
+    except ImportError as error:
+        raise ImportError(
+            "QPFraction(solver='cvxpylayers') needs cvxpy and cvxpylayers; install them with "
+            "`pip install mkfkit[qp]`, or use solver='exact'"
+        ) from error
+    a, b = cp.Variable(num_classes), cp.Variable(num_classes)
+    lam, one_minus_lam = cp.Parameter(nonneg=True), cp.Parameter(nonneg=True)
+    root_a, root_b = cp.Parameter(nonneg=True), cp.Parameter(nonneg=True)
+    scaled_base_a, scaled_base_b = cp.Parameter(num_classes), cp.Parameter(num_classes)
+    mixed = cp.Parameter(num_classes)
+    objective = cp.sum_squares(root_a * a - scaled_base_a) + cp.sum_squares(root_b * b - scaled_base_b)
+    constraints = [
+        lam * a + one_minus_lam * b == mixed,
+        a >= 0, a <= 1, b >= 0, b <= 1,
+        cp.sum(a) == 1, cp.sum(b) == 1,
+    ]
+    problem = cp.Problem(cp.Minimize(objective), constraints)
+    parameters = [lam, one_minus_lam, root_a, root_b, scaled_base_a, scaled_base_b, mixed]
+    return CvxpyLayer(problem, parameters=parameters, variables=[a, b])
+
+
+def _cvxpylayers_qp(
+    mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, conic_solver: str, solver_args: dict
+) -> tuple[Tensor, Tensor]:
+    """The QP through cvxpylayers (float64 inside)."""
+    layer = _qp_layer(mixed.shape[1])
+    # The layer's equality constraints are infeasible unless each row of `mixed` sums to 1
+    # exactly; rows within the input tolerance are renormalised (in float64) first.
+    mixed64 = mixed.double()
+    mixed64 = mixed64 / mixed64.sum(-1, keepdim=True)
+    # Weights 0 and 1 make sqrt's gradient infinite and the QP degenerate, and their answer is
+    # known (below): solve a harmless stand-in on those rows.
+    lam64 = torch.where((lam > 0) & (lam < 1), lam, 0.5).double()
+    root_a, root_b = lam64.sqrt(), (1 - lam64).sqrt()
+    a, b = layer(
+        lam64,
+        1 - lam64,
+        root_a,
+        root_b,
+        root_a[:, None] * base_a.double(),
+        root_b[:, None] * base_b.double(),
+        mixed64,
+        solver_args={"solve_method": conic_solver, **solver_args},
+    )
+    # A side of full weight is the mixed output itself (the other side keeps its base later).
+    a = torch.where((lam == 1)[:, None], mixed64, a)
+    b = torch.where((lam == 0)[:, None], mixed64, b)
+    return a.to(mixed.dtype), b.to(mixed.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# "No OPT": dominant assignment
+
+
+def dominant_fraction(
+    mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]
+) -> Fraction:
+    """Assign the whole mixed output to the image of larger weight (the paper's "No OPT").
+
+    ``a = mixed`` and ``mask_a = True`` where ``lam >= 0.5``; ``b = mixed`` and
+    ``mask_b = True`` where ``lam < 0.5``. The other side keeps its base and its mask is
+    ``False``: a knowledge bank skips its update, so that image's knowledge is left as it was.
+
+    Args:
+        mixed: Tensor[B, C], the output on the mixed input (probability rows).
+        base_a: Tensor[B, C], stored knowledge of image a (probability rows).
+        base_b: Tensor[B, C], stored knowledge of image b (probability rows).
+        lam: float or Tensor[B] in [0, 1], the weight of image a.
+
+    Returns:
+        :class:`Fraction` with ``a, b``: Tensor[B, C] in the dtype of ``mixed``.
+
+    Example:
+        >>> mixed = torch.tensor([[0.5, 0.5]])
+        >>> base = torch.tensor([[1.0, 0.0]])
+        >>> dominant_fraction(mixed, base, base, 0.7)
+        Fraction(a=tensor([[0.5000, 0.5000]]), b=tensor([[1., 0.]]), mask_a=tensor([True]), mask_b=tensor([False]))
+    """
+    mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
+    mask_a = lam >= 0.5
+    mask_b = ~mask_a
+    a = torch.where(mask_a[:, None], mixed, base_a)
+    b = torch.where(mask_b[:, None], mixed, base_b)
+    return Fraction(a.to(dtype), b.to(dtype), mask_a, mask_b)
+
+
+class DominantFraction(nn.Module):
+    """Module twin of :func:`dominant_fraction` (the paper's "No OPT" ablation).
+
+    Example:
+        >>> mixed = torch.tensor([[0.5, 0.5]])
+        >>> DominantFraction()(mixed, mixed, mixed, 0.2).mask_b
+        tensor([True])
+    """
+
+    def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
+        return dominant_fraction(mixed, base_a, base_b, lam)
