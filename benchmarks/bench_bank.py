@@ -1,0 +1,331 @@
+"""KnowledgeBank: memory per storage layout, update/target speed, and the top-k error.
+
+1. **Memory** of a bank with T = 3 groups for CIFAR-100 (50k x 100), Tiny ImageNet
+   (100k x 200) and ImageNet (1.28M x 1000): computed by ``KnowledgeBank.memory_bytes`` and
+   measured as the growth of the process's resident memory when the bank is allocated (only
+   where it fits under ``--max-measure-gb``).
+2. **Speed** for B = 512, C = 1000: ``update`` (unmixed; mixed with the linear and the exact QP
+   fraction, where every row appears twice, once per side) and ``target`` (mixed), per storage
+   layout, on the CPU and on CUDA when available (value checks off: the hot-path setting; one
+   row with checks on). Also a bank on the CPU serving a CUDA caller, and the per-row Python loop
+   of PS-KD-style code as a baseline.
+3. **Top-k error**: the KL divergence ``KL(target_float32 || target_layout)`` of composite
+   targets (random partners, ``lam ~ Beta(1, 1)``) after training, where every bank was fed the
+   same outputs. The outputs are real training outputs of small models trained here with
+   Mixup on half of the batches after a one-epoch warm-up:
+   an MLP on scikit-learn's digits (C = 10), and linear softmax classifiers on synthetic
+   Gaussian-cluster data with C = 100 (20 samples a class) and C = 1000 (10 a class; full run
+   only); the cluster means share a low-dimensional structure so wrong classes get
+   structured, not uniform, mass. Batches of 256, the default ``LinearFraction``. For scale,
+   the table also gives the KD loss itself, ``KL(target_float32 || model output)``.
+
+Usage::
+
+    python benchmarks/bench_bank.py            # full run
+    python benchmarks/bench_bank.py --quick    # a short run
+    python benchmarks/bench_bank.py --json benchmarks/out/bank.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+import mkfkit
+from mkfkit.bank import KnowledgeBank
+from mkfkit.fraction import LinearFraction, QPFraction
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATASETS = [("CIFAR-100", 50_000, 100), ("Tiny ImageNet", 100_000, 200), ("ImageNet", 1_281_167, 1000)]
+MEMORY_LAYOUTS = [("float32", None), ("bfloat16", None), ("float16", None), ("topk", 8), ("topk", 32), ("topk", 64)]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def median_time(fn: Callable[[], None], device: str, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in seconds (CUDA synchronised around every call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def layout_name(storage: str, k: Optional[int]) -> str:
+    return storage if k is None else f"topk k={k}"
+
+
+# ----------------------------------------------------------------------------------- memory
+
+
+def return_freed_memory_to_the_os() -> None:
+    """Serve every allocation above 64 KiB by mmap (glibc), so freeing a bank shrinks the
+    resident set and the next bank's growth is measured from a clean base."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_rows(quick: bool, max_measure_gb: float) -> List[dict]:
+    return_freed_memory_to_the_os()
+    rows = []
+    for dataset, samples, classes in DATASETS:
+        for storage, k in MEMORY_LAYOUTS:
+            computed = KnowledgeBank.memory_bytes(samples, classes, 3, storage, k)
+            measured = None
+            fits = computed < min(max_measure_gb * 1e9, 0.5 * available_bytes())
+            if fits and not (quick and dataset == "ImageNet"):
+                gc.collect()
+                before = resident_bytes()
+                bank = KnowledgeBank(samples, classes, 3, storage=storage, k=k)
+                measured = resident_bytes() - before
+                del bank
+                gc.collect()
+            rows.append(
+                dict(dataset=dataset, samples=samples, classes=classes, layout=layout_name(storage, k),
+                     computed_bytes=computed, measured_bytes=measured)
+            )
+    return rows
+
+
+def print_memory(rows: List[dict]) -> None:
+    print("\nMemory of a bank with T = 3 (GB = 1e9 bytes; measured = resident-memory growth on allocation)")
+    print(f"{'dataset':<14} {'N x C':>14} {'layout':<11} {'computed GB':>12} {'measured GB':>12}")
+    for row in rows:
+        measured = "-" if row["measured_bytes"] is None else f"{row['measured_bytes'] / 1e9:.4f}"
+        size = f"{row['samples']} x {row['classes']}"
+        print(f"{row['dataset']:<14} {size:>14} {row['layout']:<11} {row['computed_bytes'] / 1e9:>12.4f} {measured:>12}")
+
+
+# ----------------------------------------------------------------------------------- speed
+
+
+def naive_update(store: Tensor, probs: Tensor, index: Tensor, momentum: float) -> None:
+    """PS-KD-style per-row loop (what mkfkit replaces): one EMA per row, in Python."""
+    for row, sample in enumerate(index.tolist()):
+        store[sample] = momentum * probs[row] + (1 - momentum) * store[sample]
+
+
+def speed_rows(device: str, quick: bool) -> List[dict]:
+    samples, classes, batch = (10_000 if quick else 50_000), 1000, 512
+    repeats = 5 if quick else 20
+    generator = torch.Generator().manual_seed(0)
+    index_a = torch.randperm(samples, generator=generator)[:batch].to(device)
+    index_b = index_a[torch.randperm(batch, generator=generator).to(device)]
+    lam = torch.distributions.Beta(1.0, 1.0).sample((batch,)).to(device)
+    probs = torch.softmax(3 * torch.randn(batch, classes, generator=generator), dim=1).to(device)
+    linear, qp = LinearFraction(), QPFraction()
+
+    rows = []
+    placements = [(device, device)] + ([("cpu", "cuda")] if device == "cuda" else [])
+    for bank_device, caller in placements:
+        where = "bank on cuda" if bank_device == "cuda" else ("bank on cpu, caller cuda" if caller == "cuda" else "cpu")
+        for storage, k in [("float32", None), ("bfloat16", None), ("topk", 32)]:
+            bank = KnowledgeBank(samples, classes, 3, storage=storage, k=k, device=bank_device)
+            bank.update(1, torch.softmax(torch.randn(samples, classes), 1).to(bank_device),
+                        torch.arange(samples, device=bank_device))
+            operations = {
+                "update unmixed": lambda: bank.update(1, probs, index_a),
+                "update mixed, linear": lambda: bank.update(1, probs, index_a, index_b, lam, linear),
+                "update mixed, exact QP": lambda: bank.update(1, probs, index_a, index_b, lam, qp),
+                "target mixed": lambda: bank.target(0, index_a, index_b, lam),
+            }
+            with mkfkit.value_checks(False):
+                for operation, fn in operations.items():
+                    seconds = median_time(fn, caller, repeats)
+                    rows.append(dict(device=caller, placement=where, operation=operation,
+                                     layout=layout_name(storage, k), ms=seconds * 1e3))
+            if storage == "float32" and bank_device == device:
+                seconds = median_time(operations["update mixed, linear"], caller, repeats)
+                rows.append(dict(device=caller, placement=where, operation="update mixed, linear (value checks on)",
+                                 layout="float32", ms=seconds * 1e3))
+                store = torch.full((samples, classes), 1 / classes, device=device)
+                seconds = median_time(lambda: naive_update(store, probs, index_a, 0.5), caller, max(3, repeats // 4), 1)
+                rows.append(dict(device=caller, placement=where, operation="update unmixed, per-row Python loop",
+                                 layout="float32", ms=seconds * 1e3))
+            del bank
+    reference = {(r["placement"], r["operation"]): r["ms"] for r in rows if r["layout"] == "float32"}
+    for row in rows:
+        base = reference.get((row["placement"], row["operation"].replace(", per-row Python loop", "")
+                              .replace(" (value checks on)", "")))
+        row["vs_float32"] = row["ms"] / base if base else None
+    return rows
+
+
+def print_speed(rows: List[dict]) -> None:
+    print("\nSpeed, B = 512, C = 1000, T = 3 (median ms; ratio to the float32 bank, same operation)")
+    print(f"{'placement':<25} {'operation':<40} {'layout':<10} {'ms':>9} {'x float32':>10}")
+    for row in rows:
+        ratio = "-" if row["vs_float32"] is None else f"{row['vs_float32']:.2f}"
+        print(f"{row['placement']:<25} {row['operation']:<40} {row['layout']:<10} {row['ms']:>9.3f} {ratio:>10}")
+
+
+# ----------------------------------------------------------------------------------- top-k error
+
+
+def digits_data():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    features = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    return "digits (sklearn, MLP)", features, torch.tensor(data.target), 10, [1, 2, 3, 5]
+
+
+def cluster_data(classes: int, per_class: int, generator: torch.Generator):
+    # Class means on a 16-dimensional subspace of a 64-dimensional space: similar classes exist.
+    basis = torch.randn(16, 64, generator=generator)
+    means = torch.randn(classes, 16, generator=generator) @ basis / 4
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    features = means[labels] + torch.randn(labels.shape[0], 64, generator=generator)
+    ks = [4, 8, 16, 32] if classes == 100 else [16, 32, 64]
+    return f"clusters C={classes} (linear)", features, labels, classes, ks
+
+
+def topk_error_rows(quick: bool) -> List[dict]:
+    generator = torch.Generator().manual_seed(0)
+    sources = [digits_data(), cluster_data(100, 20, generator)]
+    if not quick:
+        sources.append(cluster_data(1000, 10, generator))
+    epochs = 6 if quick else 10
+    rows = []
+    for name, features, labels, classes, ks in sources:
+        samples = labels.shape[0]
+        hidden = 64
+        model = (nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+                 if classes == 10 else nn.Linear(64, classes))
+        optimiser = torch.optim.SGD(model.parameters(), lr=0.1 if classes == 10 else 0.5, momentum=0.9)
+        halves = [("bfloat16", None), ("float16", None)] if classes < 1000 else [("bfloat16", None)]
+        layouts = [("float32", None)] + halves + [("topk", k) for k in ks]
+        banks = {layout_name(s, k): KnowledgeBank(samples, classes, 1, storage=s, k=k) for s, k in layouts}
+        beta = torch.distributions.Beta(torch.tensor(1.0), torch.tensor(1.0))
+        for epoch in range(epochs):
+            order = torch.randperm(samples, generator=generator)
+            for start in range(0, samples, 256):
+                index = order[start:start + 256]
+                x, y = features[index], labels[index]
+                mix = epoch > 0 and bool(torch.rand((), generator=generator) < 0.5)
+                partner = torch.randperm(index.shape[0], generator=generator) if mix else torch.arange(index.shape[0])
+                lam = beta.sample((index.shape[0],)) if mix else torch.ones(index.shape[0])
+                inputs = lam[:, None] * x + (1 - lam[:, None]) * x[partner]
+                logits = model(inputs)
+                loss = (lam * nn.functional.cross_entropy(logits, y, reduction="none")
+                        + (1 - lam) * nn.functional.cross_entropy(logits, y[partner], reduction="none")).mean()
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                probs = torch.softmax(logits.detach(), dim=1)
+                for bank in banks.values():
+                    if mix:
+                        bank.update(0, probs, index, index[partner], lam)
+                    else:
+                        bank.update(0, probs, index)
+        # Composite targets over the whole training set with random partners.
+        everything = torch.arange(samples)
+        partner = everything[torch.randperm(samples, generator=generator)]
+        lam = beta.sample((samples,))
+        reference = banks["float32"].target(0, everything, partner, lam).probs
+        with torch.no_grad():
+            output = torch.softmax(model(lam[:, None] * features + (1 - lam[:, None]) * features[partner]), 1)
+        kd_scale = kl_rows(reference, output).mean().item()
+        accuracy = (model(features).argmax(1) == labels).float().mean().item()
+        for layout, bank in banks.items():
+            if layout == "float32":
+                continue
+            kl = kl_rows(reference, bank.target(0, everything, partner, lam).probs)
+            rows.append(dict(source=name, classes=classes, layout=layout, kl_mean=kl.mean().item(),
+                             kl_p99=kl.quantile(0.99).item(), kl_max=kl.max().item(), kd_loss=kd_scale,
+                             train_accuracy=accuracy, epochs=epochs))
+    return rows
+
+
+def kl_rows(p: Tensor, q: Tensor) -> Tensor:
+    """KL(p || q) per row in nats, with 0 log 0 = 0."""
+    p, q = p.double(), q.double()
+    terms = torch.where(p > 0, p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-300).log()), 0.0)
+    return terms.sum(1)
+
+
+def print_topk(rows: List[dict]) -> None:
+    print("\nError of compact layouts on training outputs: KL(target_float32 || target_layout), nats")
+    print(f"{'source':<26} {'layout':<10} {'mean KL':>10} {'p99 KL':>10} {'max KL':>10} {'KD loss':>9} {'train acc':>9}")
+    for row in rows:
+        print(f"{row['source']:<26} {row['layout']:<10} {row['kl_mean']:>10.2e} {row['kl_p99']:>10.2e} "
+              f"{row['kl_max']:>10.2e} {row['kd_loss']:>9.3f} {row['train_accuracy']:>9.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run")
+    parser.add_argument("--json", default=os.path.join(HERE, "out", "bank.json"))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-measure-gb", type=float, default=4.0,
+                        help="allocate banks up to this size to measure them (default 4)")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"torch {torch.__version__}; " + "; ".join(f"{d}: {device_name(d)}" for d in devices))
+    memory = memory_rows(args.quick, args.max_measure_gb)
+    print_memory(memory)
+    speed = [row for device in devices for row in speed_rows(device, args.quick)]
+    print_speed(speed)
+    topk = topk_error_rows(args.quick)
+    print_topk(topk)
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"torch": torch.__version__, "devices": {d: device_name(d) for d in devices},
+                   "quick": args.quick, "memory": memory, "speed": speed, "topk_error": topk}, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

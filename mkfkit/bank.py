@@ -1,0 +1,601 @@
+"""Per-sample group knowledge for MKF: an EMA bank that learns from mixed batches.
+
+For each group ``t`` (sub-network size class) and each training sample ``I`` the bank holds
+``K_t[I]``, an exponential moving average of the probabilities the sampled sub-network of group
+``t`` gave sample ``I`` (METHOD.md section 1, steps 4-5).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from mkfkit._checks import (
+    as_lam,
+    check_choice,
+    check_distribution_rows,
+    check_floating,
+    check_in_range,
+    check_index,
+    check_number,
+    check_positive_int,
+    check_shape,
+    describe,
+    value_checks_enabled,
+)
+from mkfkit.distributed import all_gather_uneven, distributed_world_size
+from mkfkit.fraction import Fraction, LinearFraction
+
+__all__ = ["BankTarget", "KnowledgeBank"]
+
+STORAGES = ("float32", "bfloat16", "float16", "topk")
+SYNCS = ("none", "all_gather")
+
+FractionStrategy = Callable[[Tensor, Tensor, Tensor, Tensor], Fraction]
+
+
+class BankTarget(NamedTuple):
+    """Composite knowledge for a batch.
+
+    Attributes:
+        probs: float32 ``Tensor[B, C]``, ``lam * K_t[I1] + (1 - lam) * K_t[I2]``; rows with
+            ``mask`` False hold a placeholder (unknown knowledge reads as uniform) and must not
+            be used as a teacher.
+        mask: bool ``Tensor[B]``, True where every side with a positive weight has been written.
+    """
+
+    probs: Tensor
+    mask: Tensor
+
+
+class _Dense:
+    """Rows stored as they are, in float32, bfloat16 or float16."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def empty(self, groups: int, samples: int, classes: int) -> Dict[str, Tensor]:
+        return {"knowledge": torch.full((groups, samples, classes), 1.0 / classes, dtype=self.dtype)}
+
+    def row_bytes(self, classes: int) -> int:
+        return classes * _itemsize(self.dtype)
+
+    def encode(self, rows: Tensor) -> Tuple[Tensor, ...]:
+        return (rows.to(self.dtype),)
+
+    def decode(self, raw: Tuple[Tensor, ...]) -> Tensor:
+        (stored,) = raw
+        if self.dtype == torch.float32:
+            return stored
+        # Rounding to 8 or 11 significant bits moves each row sum off 1; put it back.
+        rows = stored.float()
+        return rows / rows.sum(dim=-1, keepdim=True)
+
+
+class _TopK:
+    """The ``k`` largest entries of a row (float16) with their class ids; the rest of the mass,
+    ``1 - sum(values)``, spread evenly over the other ``C - k`` classes."""
+
+    def __init__(self, k: int, classes: int) -> None:
+        self.k = k
+        self.classes = classes
+        self.id_dtype = torch.int16 if classes <= 32767 else torch.int32
+
+    def empty(self, groups: int, samples: int, classes: int) -> Dict[str, Tensor]:
+        return {
+            "values": torch.full((groups, samples, self.k), 1.0 / classes, dtype=torch.float16),
+            "ids": torch.arange(self.k, dtype=self.id_dtype).expand(groups, samples, -1).clone(),
+        }
+
+    def row_bytes(self, classes: int) -> int:
+        return self.k * (_itemsize(torch.float16) + _itemsize(self.id_dtype))
+
+    def encode(self, rows: Tensor) -> Tuple[Tensor, ...]:
+        values, ids = rows.topk(self.k, dim=-1)
+        return values.to(torch.float16), ids.to(self.id_dtype)
+
+    def decode(self, raw: Tuple[Tensor, ...]) -> Tensor:
+        values, ids = raw
+        values = values.float()
+        rest = (1 - values.sum(dim=-1, keepdim=True)).clamp(min=0) / max(self.classes - self.k, 1)
+        rows = rest.expand(-1, self.classes).clone()
+        rows.scatter_(1, ids.long(), values)
+        # float16 rounding of the kept values can push their sum past 1: renormalise.
+        return rows / rows.sum(dim=-1, keepdim=True)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _make_layout(storage: str, classes: int, k: Optional[int]) -> Union[_Dense, _TopK]:
+    check_choice(storage, "storage", STORAGES)
+    if storage == "topk":
+        if k is None:
+            raise ValueError("`k` must be given for storage='topk', but got None")
+        check_positive_int(k, "k")
+        if k > classes:
+            raise ValueError(f"`k` must be at most num_classes = {classes}, but got {k}")
+        return _TopK(k, classes)
+    if k is not None:
+        raise ValueError(f"`k` must be None unless storage='topk', but got {k!r}")
+    return _Dense(getattr(torch, storage))
+
+
+def _mean_per_row(rows: Tensor, estimates: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Average the valid estimates that name the same row, without atomics.
+
+    A stable sort puts the entries of each row next to each other, valid ones first, in their
+    original order. A segmented inclusive scan (Hillis-Steele, ``ceil(log2(E))`` steps of plain
+    tensor additions, each step only adding within a segment) sums them; the sum read at a
+    row's last valid entry depends only on that row's own estimates and their order, so the
+    result is the same whatever else is in the batch, on every device, run after run.
+
+    Args:
+        rows: int64 ``Tensor[E]`` target row of each entry.
+        estimates: float32 ``Tensor[E, C]``.
+        valid: bool ``Tensor[E]``, entries that count.
+
+    Returns:
+        ``(order, mean, count)``: ``order`` sorts the entries by row; ``mean[i]``
+        (``Tensor[E, C]``) is the mean of the valid estimates of row ``rows[order[i]]`` and
+        ``count[i]`` (int64 ``Tensor[E]``) their number (0: leave the row alone). Every
+        entry of a row carries the same values, so writing all of them, duplicates included,
+        is deterministic.
+    """
+    entries = rows.shape[0]
+    _, order = torch.sort(rows * 2 + (~valid).long(), stable=True)
+    rows, valid, estimates = rows[order], valid[order], estimates[order]
+
+    position = torch.arange(entries, device=rows.device)
+    new_row = torch.ones_like(valid)
+    new_row[1:] = rows[1:] != rows[:-1]
+    last_of_row = torch.ones_like(valid)
+    last_of_row[:-1] = new_row[1:]
+    start = torch.cummax(torch.where(new_row, position, 0), dim=0).values
+    end = torch.cummin(torch.where(last_of_row, position, entries - 1).flip(0), dim=0).values.flip(0)
+    valid_before = torch.cumsum(valid.long(), dim=0)
+    count = valid_before[end] - valid_before[start] + valid[start].long()
+    rank = position - start
+
+    # On the CPU reading the longest run costs nothing and saves empty steps; on CUDA it would
+    # be a host sync, so the scan runs all ceil(log2(E)) steps (the extra ones change nothing).
+    longest = int(rank.max()) + 1 if rows.device.type == "cpu" else entries
+    total = estimates
+    shift = 1
+    while shift < longest:
+        same_row = (rank[shift:] >= shift).unsqueeze(1)
+        summed = torch.where(same_row, total[shift:] + total[:-shift], total[shift:])
+        total = torch.cat((total[:shift], summed))
+        shift *= 2
+    last_valid = start + (count - 1).clamp(min=0)
+    mean = total[last_valid] / count.clamp(min=1).unsqueeze(1).to(total.dtype)
+    return order, mean, count
+
+
+class KnowledgeBank(nn.Module):
+    r"""Per-sample group knowledge ``K_t[I]``, updated by EMA from (mixed) batches.
+
+    The bank holds one probability row per group ``t`` and training sample ``I``. After each
+    forward pass of the sub-network of group ``t``:
+
+    * **unmixed batch** (``index_b=None``): ``K_t[I] := m * p + (1 - m) * K_t[I]`` with the
+      momentum ``m`` (paper: 0.5) and the sub-network's probabilities ``p``;
+    * **mixed batch** (``p~`` for ``lam * x[I1] + (1 - lam) * x[I2]``): the fraction strategy
+      splits ``p~`` with the stored rows as bases,
+      ``a, b = fraction(p~, K_t[I1], K_t[I2], lam)``, and ``a`` is folded into ``K_t[I1]``,
+      ``b`` into ``K_t[I2]`` by the same EMA.
+
+    The composite teacher for a (mixed) batch is
+    ``target(t) = lam * K_t[I1] + (1 - lam) * K_t[I2]``.
+
+    **Rows never written.** A fresh row has no knowledge. Its first write stores the estimate
+    as is (no EMA with an arbitrary initial value); :meth:`target` flags rows without knowledge
+    in ``mask``. A fraction needs both bases, so a side of a mixed pair is updated only when
+    its partner carries no weight or both bases are known:
+    side ``a`` iff ``fraction.mask_a`` and (``lam == 1`` or both rows seen), side ``b`` iff
+    ``fraction.mask_b`` and (``lam == 0`` or both rows seen). A pair with an unknown partner is
+    therefore skipped (the unmixed batches, about half of all batches after warm-up, and the
+    warm-up itself, fill every row quickly). A side with weight exactly 1 is the mixed output
+    itself (``a = p~`` where ``lam == 1``, whatever the strategy), and a side with weight 0 is
+    never updated, so an unmixed batch passed through the mixed path with ``lam = 1`` leaves
+    the bank bit for bit as the unmixed call does.
+
+    **Duplicates.** When several entries of one call name the same row (a permutation pairs
+    every image twice; ``DistributedSampler`` pads with repeats; ranks share samples), the
+    row takes *one* EMA step with the mean of all its valid estimates in this call (the
+    ``a``-side entries in batch order, then the ``b``-side entries). The mean comes from a
+    sort-based segmented sum without atomics: deterministic, and the same on CPU and CUDA.
+
+    **Storage.** ``"float32"`` (``4 C`` bytes a row), ``"bfloat16"`` / ``"float16"``
+    (``2 C``), or ``"topk"``: the ``k`` largest probabilities (float16) and their class ids
+    (int16 for ``C <= 32767``, else int32), the rest of the mass spread evenly over the other
+    classes (``4 k`` bytes a row). Plus one bool a row for ``seen``. The EMA always runs in
+    float32 on decoded rows; compact rows are renormalised when read. A storage precision
+    still bounds the smallest change that survives: with a small momentum in bfloat16
+    (8 significant bits), ``m * |p - K|`` below half a unit in the last place of ``K`` is lost.
+    :meth:`memory_bytes` gives the size of a configuration before allocating it; e.g. ImageNet
+    (1.28M x 1000, T = 3) takes 15.4 GB in float32, 7.7 GB in bfloat16 and 0.50 GB with
+    ``topk`` and ``k = 32``. ``benchmarks/bench_bank.py`` measures the top-k error.
+
+    **Devices.** The bank may live on another device than the model (e.g. a CPU bank for a CUDA
+    model). :meth:`update` computes on the device of ``probs`` and writes the new rows back;
+    :meth:`target` gathers the compact stored rows through pinned host memory, copies them
+    without blocking and decodes them on the caller's device. Indices on the bank's device
+    avoid a copy; CUDA indices for a CPU bank cost one device-to-host synchronisation.
+    Moving a model that holds the bank with ``.half()``/``.to(dtype)`` moves the bank but
+    never converts its storage.
+
+    **Which group teaches which** is the caller's choice: :meth:`target` takes any group. The
+    paper trains group ``t`` (smaller for larger ``t``) with ``target(t - 1)``, the knowledge
+    of the next larger network. The full network (group 0) has no larger group; we recommend
+    ``target(0)``, its own stored knowledge (self-distillation from past predictions, as in
+    PS-KD): it costs nothing extra, is a temporal ensemble of the full network's earlier
+    predictions and hence smoother and less noisy than its current output, gives a
+    per-sample, data-dependent label smoothing, and keeps a KD term for every group so that
+    the loss scale does not jump with the group. Early in training the stored knowledge is
+    poor: ramp the KD weight of group 0 up (PS-KD ramps linearly) or leave it out during the
+    warm-up. Always read the target *before* updating the same group with the current
+    output, or the teacher contains the student's own present answer.
+
+    One MKF step, with ``batch`` from :class:`~mkfkit.mixing.CompoundMix` and the sampled
+    sub-network of group ``t`` (read the teacher first, then update)::
+
+        teacher = bank.target(max(t - 1, 0), batch.index_a, batch.index_b, batch.lam)
+        logits = model(batch.images)
+        loss = mixed_cross_entropy(logits, batch) + beta * kd_loss(
+            logits, teacher.probs, teacher_kind="probs", weight=teacher.mask.float())
+        bank.update(t, logits.softmax(dim=1), batch.index_a, batch.index_b, batch.lam)
+
+    **Distributed** (``sync="all_gather"``). Every rank sends its probabilities (in their
+    dtype), indices, group and weights to every other rank (:func:`~mkfkit.distributed.
+    all_gather_uneven`, uneven batch sizes allowed), and every rank applies the concatenation
+    of all ranks' batches, in rank order, as one update. Replicas stay identical, bit for bit,
+    and equal a single-process bank fed that concatenated batch. Cost per step and rank: one
+    all-gather of one int64 (the batch sizes; a host sync with NCCL), then all-gathers
+    receiving ``W * B_max * (C * s + 28)`` bytes (``W`` ranks, ``B_max`` largest local batch,
+    ``s`` bytes per probability: 2 for bf16, 4 for float32), e.g. 8 ranks, B = 256, C = 1000,
+    float32: 8.2 MB; compute: each rank runs the fraction and update on ``W * B`` rows. Every
+    rank must call :meth:`update` the same number of times with the same ``group`` (checked)
+    and fraction strategy; unmixed batches travel as mixed ones with ``lam = 1``. Without an
+    initialised process group the bank behaves as a single process.
+
+    Args:
+        num_samples: number of training samples ``N``.
+        num_classes: number of classes ``C``.
+        num_groups: number of groups ``T`` (paper: 3).
+        momentum: EMA weight ``m`` of the new estimate, in (0, 1] (paper's ``alpha``: 0.5).
+        storage: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"topk"``.
+        k: entries kept per row for ``storage="topk"`` (required there, else None).
+        device: device of the storage (default CPU).
+        sync: ``"none"`` or ``"all_gather"`` (see above).
+        process_group: process group for ``sync="all_gather"`` (default: the world).
+
+    Example:
+        >>> import torch
+        >>> from mkfkit.bank import KnowledgeBank
+        >>> bank = KnowledgeBank(num_samples=10, num_classes=3, num_groups=2)
+        >>> probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+        >>> bank.update(0, probs, torch.tensor([4, 7]))
+        >>> mixed = 0.25 * probs[0] + 0.75 * probs[1]
+        >>> bank.update(0, mixed[None], torch.tensor([4]), torch.tensor([7]), lam=0.25)
+        >>> target = bank.target(0, torch.tensor([4, 5]))
+        >>> target.probs[0]
+        tensor([0.7000, 0.2000, 0.1000])
+        >>> target.mask
+        tensor([ True, False])
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int,
+        num_groups: int = 3,
+        momentum: float = 0.5,
+        storage: str = "float32",
+        k: Optional[int] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        sync: str = "none",
+        process_group: Optional[object] = None,
+    ) -> None:
+        super().__init__()
+        self.num_samples = check_positive_int(num_samples, "num_samples")
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.num_groups = check_positive_int(num_groups, "num_groups")
+        check_in_range(momentum, "momentum", 0.0, 1.0, low_open=True)
+        self.momentum = check_number(momentum, "momentum")
+        self._layout = _make_layout(storage, num_classes, k)
+        self.storage = storage
+        self.k = k
+        check_choice(sync, "sync", SYNCS)
+        self.sync = sync
+        self.process_group = process_group
+        empty = self._layout.empty(num_groups, num_samples, num_classes)
+        self._storage_names = tuple(empty)
+        for name, tensor in empty.items():
+            self.register_buffer(name, tensor.to(device))
+        self.register_buffer("seen", torch.zeros(num_groups, num_samples, dtype=torch.bool, device=device))
+
+    # ----------------------------------------------------------------------------- size
+
+    @staticmethod
+    def memory_bytes(
+        num_samples: int,
+        num_classes: int,
+        num_groups: int = 3,
+        storage: str = "float32",
+        k: Optional[int] = None,
+    ) -> int:
+        """Bytes a bank of this configuration holds, computed without allocating it.
+
+        Example:
+            >>> KnowledgeBank.memory_bytes(1_281_167, 1000, 3, "topk", k=32) / 1e9
+            0.495811629
+        """
+        check_positive_int(num_samples, "num_samples")
+        check_positive_int(num_classes, "num_classes")
+        check_positive_int(num_groups, "num_groups")
+        layout = _make_layout(storage, num_classes, k)
+        rows = num_groups * num_samples
+        return rows * (layout.row_bytes(num_classes) + _itemsize(torch.bool))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the bank's buffers (measured on the allocated tensors)."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
+
+    @property
+    def device(self) -> torch.device:
+        return self.seen.device
+
+    def extra_repr(self) -> str:
+        k = f", k={self.k}" if self.k is not None else ""
+        return (
+            f"num_samples={self.num_samples}, num_classes={self.num_classes}, "
+            f"num_groups={self.num_groups}, momentum={self.momentum}, "
+            f"storage={self.storage!r}{k}, sync={self.sync!r}"
+        )
+
+    # ----------------------------------------------------------------------------- reading
+
+    def _storage(self) -> Tuple[Tensor, ...]:
+        return tuple(getattr(self, name) for name in self._storage_names)
+
+    def _gather(self, group: int, index: Tensor, device: torch.device) -> Tuple[Tuple[Tensor, ...], Tensor]:
+        """Stored rows ``(raw, seen)`` of ``group`` at ``index``, moved to ``device``."""
+        index = index.to(self.device, torch.int64)
+        tensors = [buffer[group] for buffer in self._storage()] + [self.seen[group]]
+        if self.device == device:
+            gathered = [tensor.index_select(0, index) for tensor in tensors]
+        elif self.device.type == "cpu" and device.type == "cuda":
+            # Gather into page-locked memory so the copy to the GPU does not block the host.
+            gathered = []
+            for tensor in tensors:
+                staged = torch.empty(
+                    (index.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True
+                )
+                torch.index_select(tensor, 0, index, out=staged)
+                gathered.append(staged.to(device, non_blocking=True))
+        else:
+            gathered = [tensor.index_select(0, index).to(device) for tensor in tensors]
+        return tuple(gathered[:-1]), gathered[-1]
+
+    def _check_group(self, group: int) -> int:
+        check_positive_int(group, "group", minimum=0)
+        if group >= self.num_groups:
+            raise ValueError(
+                f"`group` must be an int in [0, {self.num_groups - 1}], but got {group}"
+            )
+        return group
+
+    def _check_pair(self, index_a: Tensor, index_b: Optional[Tensor], lam: object, batch: int) -> None:
+        check_index(index_a, "index_a", self.num_samples, batch)
+        if index_b is None:
+            if lam is not None:
+                raise ValueError(f"`lam` must be None when `index_b` is None, but got {describe(lam)}")
+            return
+        check_index(index_b, "index_b", self.num_samples, batch)
+        if lam is None:
+            raise ValueError("`lam` must be given with `index_b`, but got None")
+
+    def target(
+        self,
+        group: int,
+        index_a: Tensor,
+        index_b: Optional[Tensor] = None,
+        lam: Optional[Union[float, Tensor]] = None,
+        *,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> BankTarget:
+        """Composite knowledge ``lam * K_t[I1] + (1 - lam) * K_t[I2]`` of a batch.
+
+        Args:
+            group: the group ``t`` to read, in ``[0, num_groups)``.
+            index_a: int ``Tensor[B]`` sample ids ``I1``.
+            index_b: int ``Tensor[B]`` partner ids ``I2`` of a mixed batch, or None.
+            lam: weight of ``I1``, a number or ``Tensor[B]`` in [0, 1] on the result's device;
+                required with ``index_b``.
+            device: device of the result (default: the device of ``index_a``).
+
+        Returns:
+            :class:`BankTarget`: float32 ``probs`` ``Tensor[B, C]`` and bool ``mask``
+            ``Tensor[B]`` (every side with a positive weight is known), on ``device``.
+        """
+        self._check_group(group)
+        batch = index_a.shape[0] if isinstance(index_a, Tensor) else 0
+        self._check_pair(index_a, index_b, lam, batch)
+        out = torch.device(device) if device is not None else index_a.device
+        raw_a, seen_a = self._gather(group, index_a, out)
+        knowledge_a = self._layout.decode(raw_a)
+        if index_b is None:
+            return BankTarget(knowledge_a, seen_a)
+        weight = as_lam(lam, batch, torch.empty(0, device=out))
+        raw_b, seen_b = self._gather(group, index_b, out)
+        knowledge_b = self._layout.decode(raw_b)
+        weight_b = weight.unsqueeze(1)
+        probs = weight_b * knowledge_a + (1 - weight_b) * knowledge_b
+        mask = (seen_a | (weight == 0)) & (seen_b | (weight == 1))
+        return BankTarget(probs, mask)
+
+    # ----------------------------------------------------------------------------- writing
+
+    @torch.no_grad()
+    def update(
+        self,
+        group: int,
+        probs: Tensor,
+        index_a: Tensor,
+        index_b: Optional[Tensor] = None,
+        lam: Optional[Union[float, Tensor]] = None,
+        fraction: FractionStrategy = LinearFraction(),
+    ) -> None:
+        """Fold a batch of sub-network outputs of ``group`` into the bank.
+
+        All arguments are checked before anything is written: a rejected call leaves the bank
+        unchanged. ``probs`` is detached.
+
+        Args:
+            group: the group ``t`` that produced ``probs``, in ``[0, num_groups)``.
+            probs: ``Tensor[B, C]`` probability rows (any float dtype; used in float32).
+            index_a: int ``Tensor[B]`` sample ids ``I1``.
+            index_b: int ``Tensor[B]`` partner ids ``I2`` of a mixed batch, or None (unmixed).
+            lam: weight of ``I1`` in the mix, a number or ``Tensor[B]`` in [0, 1] on the
+                device of ``probs``; required with ``index_b``.
+            fraction: strategy splitting a mixed output into the two clean estimates,
+                ``fraction(mixed, base_a, base_b, lam) -> Fraction`` (``LinearFraction``,
+                ``QPFraction``, ``DominantFraction``, or your own).
+        """
+        self._check_group(group)
+        check_floating(probs, "probs")
+        check_shape(probs, "probs", (None, self.num_classes), f"Tensor[B, C] with C = {self.num_classes}")
+        batch = probs.shape[0]
+        self._check_pair(index_a, index_b, lam, batch)
+        # Half-precision rows round each entry by up to eps/2, so their sums drift further.
+        check_distribution_rows(probs, "probs", atol=max(1e-3, 2 * torch.finfo(probs.dtype).eps))
+        device = probs.device
+        if index_b is not None:
+            lam = as_lam(lam, batch, torch.empty(0, device=device))
+
+        probs = probs.detach()
+        if self.sync == "all_gather" and distributed_world_size(self.process_group) > 1:
+            probs, index_a, index_b, lam = self._all_gather(group, probs, index_a, index_b, lam)
+        if probs.shape[0] == 0:
+            return
+        if probs.element_size() < 4:
+            # Sums of bfloat16/float16 rows are off by up to ~1e-2: restore them in float32.
+            probs = probs.float()
+            probs = probs / probs.sum(dim=1, keepdim=True)
+        probs = probs.float()
+
+        raw_a, seen_a = self._gather(group, index_a, device)
+        if index_b is None:
+            rows, raw_old, seen_old = index_a.to(device, torch.int64), raw_a, seen_a
+            known_old = self._layout.decode(raw_a)
+            estimates = probs
+            valid = torch.ones_like(seen_a)
+        else:
+            raw_b, seen_b = self._gather(group, index_b, device)
+            base_a, base_b = self._layout.decode(raw_a), self._layout.decode(raw_b)
+            split = fraction(probs, base_a, base_b, lam)
+            weight = lam.unsqueeze(1)
+            both_seen = seen_a & seen_b
+            rows = torch.cat((index_a.to(device, torch.int64), index_b.to(device, torch.int64)))
+            raw_old = tuple(torch.cat(pair) for pair in zip(raw_a, raw_b))
+            seen_old = torch.cat((seen_a, seen_b))
+            known_old = torch.cat((base_a, base_b))
+            estimates = torch.cat(
+                (
+                    torch.where(weight == 1, probs, split.a.float()),
+                    torch.where(weight == 0, probs, split.b.float()),
+                )
+            )
+            valid = torch.cat(
+                (
+                    split.mask_a & ((lam == 1) | both_seen),
+                    split.mask_b & ((lam == 0) | both_seen),
+                )
+            )
+
+        order, mean, count = _mean_per_row(rows, estimates, valid)
+        rows, seen_old, known_old = rows[order], seen_old[order], known_old[order]
+        momentum = self.momentum
+        blended = momentum * mean + (1 - momentum) * known_old
+        new = torch.where(seen_old.unsqueeze(1), blended, mean)
+        written = (count > 0).unsqueeze(1)
+        encoded = [
+            torch.where(written, fresh, old[order])
+            for fresh, old in zip(self._layout.encode(new), raw_old)
+        ]
+        seen_new = seen_old | (count > 0)
+
+        rows = rows.to(self.device)
+        for buffer, value in zip(self._storage(), encoded):
+            buffer[group].index_put_((rows,), value.to(self.device))
+        self.seen[group].index_put_((rows,), seen_new.to(self.device))
+
+    def _all_gather(
+        self, group: int, probs: Tensor, index_a: Tensor, index_b: Optional[Tensor], lam: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every rank's batch, concatenated in rank order; unmixed batches as mixed with lam = 1."""
+        device = probs.device
+        index_a = index_a.to(device, torch.int64)
+        if index_b is None:
+            index_b = index_a
+            lam = torch.ones(probs.shape[0], dtype=torch.float32, device=device)
+        index_b = index_b.to(device, torch.int64)
+        groups = torch.full_like(index_a, group)
+        probs, ids, lam = all_gather_uneven(
+            [probs, torch.stack((index_a, index_b, groups), dim=1), lam],
+            group=self.process_group,
+        )
+        if value_checks_enabled(ids) and bool((ids[:, 2] != group).any()):
+            others = sorted(set(ids[:, 2].tolist()))
+            raise ValueError(
+                f"`group` must be the same on every rank under sync='all_gather', but got {others}"
+            )
+        return probs, ids[:, 0], ids[:, 1], lam
+
+    # ----------------------------------------------------------------------------- state
+
+    def _layout_state(self) -> Dict[str, object]:
+        return {
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            "num_groups": self.num_groups,
+            "storage": self.storage,
+            "k": self.k,
+        }
+
+    def get_extra_state(self) -> Dict[str, object]:
+        return self._layout_state()
+
+    def set_extra_state(self, state: Dict[str, object]) -> None:
+        # Checked (before any buffer is copied) in _load_from_state_dict.
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: E501
+        saved = state_dict.get(prefix + "_extra_state")
+        if saved is None:
+            raise ValueError(
+                "`state_dict` must come from a KnowledgeBank (it holds no layout description "
+                f"under '{prefix}_extra_state')"
+            )
+        if saved != self._layout_state():
+            raise ValueError(
+                f"`state_dict` must describe a bank of this layout {self._layout_state()}, "
+                f"but got {saved}"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001
+        # The storage dtypes are the bank's format: a parent's .half() or .to(dtype) may move
+        # the bank but never convert (and round) its knowledge.
+        for name, buffer in self._buffers.items():
+            moved = fn(buffer)
+            self._buffers[name] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
+        return self
