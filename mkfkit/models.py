@@ -1,0 +1,251 @@
+"""Small CIFAR-style residual networks for the demonstrations and tests.
+
+Two models, both built from the same :class:`BasicBlock` (He et al., 2016, CIFAR variant):
+
+* :class:`ResNet`: a stem convolution, ``len(blocks)`` stages of basic blocks and a linear
+  classifier. Inside a stage every block keeps the shape of its input and has an identity
+  shortcut, so it can be skipped (``y = f(x) + x`` with ``f`` dropped is ``y = x``): these are the
+  blocks MKF's depth sub-networks drop. The first block of every stage after the first halves
+  the resolution and widens the channels through a 1x1 projection shortcut; it can never be
+  skipped. The attribute names follow torchvision (``conv1``, ``bn1``, ``layer1``, ...,
+  ``downsample``, ``fc``) so tools written for torchvision ResNets find their way around.
+* :class:`MultiBranchResNet`: the KD-ATFF layout. A shared stem and lower stage(s), then
+  ``num_branches`` copies of the remaining stages, each with its own classifier. Its forward
+  returns every branch's logits and the output of every block of every branch, the inputs of
+  :class:`~mkfkit.attention.AttentionTransferLoss` and
+  :class:`~mkfkit.fusion.FeatureFusionTeacher`.
+
+Both work for any input of at least ``2 ** (len(blocks) - 1)`` pixels per side (8x8 digits,
+28x28 Fashion-MNIST, 32x32 CIFAR): the classifier sits behind a global average pool.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mkfkit._checks import check_positive_int
+
+__all__ = ["BasicBlock", "ResNet", "MultiBranchResNet", "BranchOutput"]
+
+
+class BasicBlock(nn.Module):
+    """``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))`` with two 3x3 convolutions.
+
+    The shortcut is the identity when the block keeps the shape (``downsample is None``), else a
+    strided 1x1 convolution followed by batch norm.
+
+    Args:
+        in_channels: channels of the input.
+        out_channels: channels of the output.
+        stride: stride of the first convolution (2 halves the resolution).
+
+    Shape:
+        Tensor[B, in_channels, H, W] -> Tensor[B, out_channels, ceil(H / stride), ceil(W / stride)]
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + shortcut)
+
+
+def _stage(in_channels: int, out_channels: int, num_blocks: int, stride: int) -> nn.Sequential:
+    """One stage: a (possibly downsampling) first block, then identity-shortcut blocks."""
+    blocks = [BasicBlock(in_channels, out_channels, stride)]
+    blocks += [BasicBlock(out_channels, out_channels) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+def _check_architecture(blocks: Sequence[int], widths: Sequence[int]) -> None:
+    if len(blocks) != len(widths) or len(blocks) == 0:
+        raise ValueError(
+            "`blocks` and `widths` must be non-empty and of equal length (one entry per stage), "
+            f"but got {len(blocks)} and {len(widths)} entries"
+        )
+    for i, (num_blocks, width) in enumerate(zip(blocks, widths)):
+        check_positive_int(num_blocks, f"blocks[{i}]")
+        check_positive_int(width, f"widths[{i}]")
+
+
+def _init_weights(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style residual network (ResNet-20 with the defaults ``blocks=(3, 3, 3)``).
+
+    Stage ``i`` has ``blocks[i]`` basic blocks of ``widths[i]`` channels; every stage after the
+    first starts at half the resolution. Depth (counting convolutions and the classifier) is
+    ``2 * sum(blocks) + 2``.
+
+    Args:
+        num_classes: outputs of the classifier.
+        in_channels: channels of the input images (1 for grey-scale, 3 for RGB).
+        blocks: basic blocks per stage.
+        widths: channels per stage.
+
+    Shape:
+        Tensor[B, in_channels, H, W] -> Tensor[B, num_classes]
+
+    Example:
+        >>> model = ResNet(num_classes=10, in_channels=1, blocks=(2, 2), widths=(8, 16))
+        >>> model(torch.randn(4, 1, 8, 8)).shape
+        torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        blocks: Sequence[int] = (3, 3, 3),
+        widths: Sequence[int] = (16, 32, 64),
+    ) -> None:
+        super().__init__()
+        check_positive_int(num_classes, "num_classes")
+        check_positive_int(in_channels, "in_channels")
+        _check_architecture(blocks, widths)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.stages = nn.ModuleList()
+        channels = widths[0]
+        for i, (num_blocks, width) in enumerate(zip(blocks, widths)):
+            stage = _stage(channels, width, num_blocks, stride=1 if i == 0 else 2)
+            self.add_module(f"layer{i + 1}", stage)
+            channels = width
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        self.num_stages = len(blocks)
+        _init_weights(self)
+
+    def layers(self) -> List[nn.Sequential]:
+        """The stages in order (``layer1``, ``layer2``, ...)."""
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        for stage in self.layers():
+            x = stage(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class BranchOutput(NamedTuple):
+    """What :class:`MultiBranchResNet` returns.
+
+    Attributes:
+        logits: one Tensor[B, num_classes] per branch.
+        features: per branch, the output Tensor[B, C_m, H_m, W_m] of each of its blocks in
+            order; ``features[a][-1]`` is branch ``a``'s last-block feature map.
+    """
+
+    logits: List[Tensor]
+    features: List[List[Tensor]]
+
+
+class MultiBranchResNet(nn.Module):
+    """The KD-ATFF network: shared lower stages, then ``num_branches`` independent upper stages.
+
+    The stem and the first ``shared_stages`` stages are shared; each branch owns a copy of the
+    remaining stages and a classifier, so every branch on its own is a :class:`ResNet` with the
+    same ``blocks`` and ``widths``.
+
+    Args:
+        num_classes: outputs of each branch's classifier.
+        in_channels: channels of the input images.
+        blocks: basic blocks per stage.
+        widths: channels per stage.
+        num_branches: number of branches (the paper uses 2).
+        shared_stages: how many of the lower stages the branches share (at least 0, fewer
+            than ``len(blocks)``); the default shares all but the last.
+
+    Shape:
+        Tensor[B, in_channels, H, W] -> :class:`BranchOutput`
+
+    Example:
+        >>> model = MultiBranchResNet(10, 1, blocks=(1, 2), widths=(8, 16))
+        >>> out = model(torch.randn(4, 1, 8, 8))
+        >>> len(out.logits), out.logits[0].shape, out.features[1][-1].shape
+        (2, torch.Size([4, 10]), torch.Size([4, 16, 4, 4]))
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        blocks: Sequence[int] = (3, 3, 3),
+        widths: Sequence[int] = (16, 32, 64),
+        num_branches: int = 2,
+        shared_stages: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int(num_classes, "num_classes")
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(num_branches, "num_branches")
+        _check_architecture(blocks, widths)
+        if shared_stages is None:
+            shared_stages = len(blocks) - 1
+        if isinstance(shared_stages, bool) or not isinstance(shared_stages, int) or not (
+            0 <= shared_stages < len(blocks)
+        ):
+            raise ValueError(
+                f"`shared_stages` must be an int in [0, {len(blocks) - 1}], but got {shared_stages!r}"
+            )
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        shared = []
+        channels = widths[0]
+        for i in range(shared_stages):
+            shared.append(_stage(channels, widths[i], blocks[i], stride=1 if i == 0 else 2))
+            channels = widths[i]
+        self.shared = nn.Sequential(*shared)
+        self.branches = nn.ModuleList()
+        for _ in range(num_branches):
+            branch = []
+            branch_channels = channels
+            for i in range(shared_stages, len(blocks)):
+                branch += list(_stage(branch_channels, widths[i], blocks[i], 1 if i == 0 else 2))
+                branch_channels = widths[i]
+            self.branches.append(nn.Sequential(*branch))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fcs = nn.ModuleList(nn.Linear(widths[-1], num_classes) for _ in range(num_branches))
+        self.num_branches = num_branches
+        self.feature_channels = widths[-1]
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> BranchOutput:
+        shared = self.shared(self.relu(self.bn1(self.conv1(x))))
+        logits, features = [], []
+        for branch, fc in zip(self.branches, self.fcs):
+            block_outputs = []
+            out = shared
+            for block in branch:
+                out = block(out)
+                block_outputs.append(out)
+            features.append(block_outputs)
+            logits.append(fc(torch.flatten(self.avgpool(out), 1)))
+        return BranchOutput(logits, features)

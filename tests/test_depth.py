@@ -1,0 +1,785 @@
+import copy
+import io
+import itertools
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from mkfkit.depth import (
+    DepthSampler,
+    SubNetwork,
+    find_residual_blocks,
+    is_residual_block,
+    recalibrate_batchnorm,
+)
+
+# --------------------------------------------------------------------------------------------
+# The test-suite's own models
+# --------------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """CIFAR basic block with a ``shortcut`` attribute (empty ``nn.Sequential`` = identity)."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+        self.calls = 0
+
+    def residual(self, x):
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.relu(self.residual(x) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, blocks=(3, 2), widths=(8, 16), num_classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
+        stages, cin = [], widths[0]
+        for i, (n, w) in enumerate(zip(blocks, widths)):
+            stages.append(
+                nn.Sequential(
+                    *[
+                        BasicBlock(cin if j == 0 else w, w, 2 if (i and j == 0) else 1)
+                        for j in range(n)
+                    ]
+                )
+            )
+            cin = w
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)
+        )
+
+    def forward(self, x):
+        return self.head(self.stages(self.stem(x)))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+class PreNormBlock(nn.Module):
+    """Hand-written pre-norm Transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, depth=4, dim=16):
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.blocks = nn.Sequential(*[PreNormBlock(dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks(self.embed(x))).mean(1))
+
+
+def identity_blocks(model):
+    return [m for m in model.modules() if isinstance(m, BasicBlock) and len(m.shortcut) == 0]
+
+
+def hand_built_forward(model, active):
+    """The sub-network built by hand: the stages keep only the active blocks."""
+    keep = dict(zip(map(id, identity_blocks(model)), active))
+    stages = [nn.Sequential(*[b for b in stage if keep.get(id(b), True)]) for stage in model.stages]
+    return nn.Sequential(model.stem, *stages, model.head)
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------------
+
+
+def test_find_blocks_small_resnet():
+    model = SmallResNet(blocks=(3, 2))
+    found = find_residual_blocks(model)
+    assert found == [model.stages[0][0], model.stages[0][1], model.stages[0][2], model.stages[1][1]]
+    assert model.stages[1][0] not in found  # downsampling block
+
+
+def test_find_blocks_mkfkit_resnet():
+    from mkfkit.models import ResNet
+
+    model = ResNet(blocks=(3, 3, 3))
+    found = find_residual_blocks(model)
+    expected = [b for layer in model.layers() for b in layer if b.downsample is None]
+    assert found == expected and len(found) == 7
+
+
+def test_find_blocks_transformers():
+    model = TinyTransformer(depth=4)
+    assert find_residual_blocks(model) == list(model.blocks)
+    encoder = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 3, enable_nested_tensor=False
+    )
+    assert find_residual_blocks(encoder) == list(encoder.layers)
+
+
+class PlainBlock(nn.Module):  # conv-bn-relu, no shortcut
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class WideningBlock(BasicBlock):  # claims an identity shortcut but changes the channels
+    def __init__(self):
+        super().__init__(8, 8)
+        self.conv2 = nn.Conv2d(8, 12, 3, 1, 1)
+
+
+class TwoInputBlock(BasicBlock):  # forward needs two inputs: the identity cannot stand in
+    def forward(self, x, context):
+        return super().forward(x) + context
+
+
+class BlockGroup(nn.Module):  # a stage with downsample=None holding residual blocks
+    def __init__(self):
+        super().__init__()
+        self.downsample = None
+        self.body = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class NotABlock(nn.Module):  # attention + mlp but no norms: not a recognised Transformer block
+    def __init__(self):
+        super().__init__()
+        self.attn = SelfAttention(8, 2)
+        self.mlp = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.mlp(self.attn(x))
+
+
+def test_find_blocks_never_selects_non_residual_modules():
+    group = BlockGroup()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        PlainBlock(8),
+        BasicBlock(8, 16, stride=2),  # projection shortcut and stride 2
+        BasicBlock(16, 16, stride=2),  # stride 2 with (wrongly) empty shortcut: shape changes
+        WideningBlock(),
+        TwoInputBlock(8, 8),
+        group,
+        NotABlock(),
+        nn.Linear(8, 8),
+    )
+    assert find_residual_blocks(model) == list(group.body)
+    for module in (model[1], model[2], model[3], model[4], model[5], group, model[7], model[8]):
+        assert not is_residual_block(module)
+
+
+def test_find_blocks_extra_types():
+    model = nn.Sequential(PlainBlock(4), PlainBlock(4))
+    assert find_residual_blocks(model) == []
+    assert find_residual_blocks(model, extra_types=(PlainBlock,)) == list(model)
+    with pytest.raises(TypeError, match="`extra_types` must be a tuple of nn.Module subclasses"):
+        find_residual_blocks(model, extra_types=PlainBlock)
+    with pytest.raises(TypeError, match="`model` must be an nn.Module"):
+        find_residual_blocks([PlainBlock(4)])
+    with pytest.raises(ValueError, match="`model` must contain residual blocks"):
+        DepthSampler.from_model(model)
+
+
+def test_torchvision_models():
+    models = pytest.importorskip("torchvision.models")
+    from torchvision.models.resnet import BasicBlock as TvBasic, Bottleneck as TvBottleneck
+
+    resnet26 = lambda num_classes: models.ResNet(
+        TvBottleneck, [2, 2, 2, 2], num_classes=num_classes
+    )  # noqa: E731
+    for build, count in ((models.resnet18, 5), (resnet26, 4)):
+        model = build(num_classes=4)
+        expected = [
+            m
+            for m in model.modules()
+            if isinstance(m, (TvBasic, TvBottleneck)) and m.downsample is None
+        ]
+        found = find_residual_blocks(model)
+        assert found == expected and len(found) == count
+    # the sub-network of resnet18 equals the network with the dropped blocks removed
+    model = models.resnet18(num_classes=4).eval()
+    sampler = DepthSampler.from_model(model, seed=3)
+    sampler.draw()
+    subnet = sampler.draw()
+    x = torch.randn(2, 3, 32, 32)
+    keep = dict(zip(map(id, sampler.blocks), subnet.active))
+    layers = [
+        nn.Sequential(*[b for b in getattr(model, f"layer{i}") if keep.get(id(b), True)])
+        for i in range(1, 5)
+    ]
+    reference = nn.Sequential(
+        model.conv1,
+        model.bn1,
+        model.relu,
+        model.maxpool,
+        *layers,
+        model.avgpool,
+        nn.Flatten(),
+        model.fc,
+    )
+    with sampler.apply(subnet), torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+    vit = models.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32
+    )
+    assert find_residual_blocks(vit) == list(vit.encoder.layers)
+
+
+def test_timm_models():
+    timm = pytest.importorskip("timm")
+    from timm.models.resnet import BasicBlock as TimmBasic, Bottleneck as TimmBottleneck
+    from timm.models.vision_transformer import VisionTransformer
+
+    for name in ("resnet18", "resnet50"):
+        model = timm.create_model(name, pretrained=False, num_classes=4)
+        expected = [
+            m
+            for m in model.modules()
+            if isinstance(m, (TimmBasic, TimmBottleneck)) and m.downsample is None
+        ]
+        assert find_residual_blocks(model) == expected and len(expected) > 0
+    vit = VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=16, depth=4, num_heads=2, num_classes=3
+    ).eval()
+    assert find_residual_blocks(vit) == list(vit.blocks)
+    mask = (True, False, True, False)
+    reference = copy.deepcopy(vit)
+    reference.blocks = nn.Sequential(*[b for b, keep in zip(reference.blocks, mask) if keep])
+    sampler = DepthSampler.from_model(vit, seed=0)
+    x = torch.randn(2, 3, 16, 16)
+    with sampler.apply(mask), torch.no_grad():
+        torch.testing.assert_close(vit(x), reference(x))
+
+
+# --------------------------------------------------------------------------------------------
+# The drop schedule
+# --------------------------------------------------------------------------------------------
+
+
+@given(
+    num_blocks=st.integers(1, 40),
+    num_groups=st.integers(1, 6),
+    drop_rate=st.floats(0.01, 1.0),
+    growth=st.floats(1.0, 50.0),
+    max_drop_fraction=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**31),
+)
+def test_every_draw_is_strictly_nested(
+    num_blocks, num_groups, drop_rate, growth, max_drop_fraction, seed
+):
+    max_dropped = math.floor(max_drop_fraction * num_blocks)
+    blocks = [nn.Identity() for _ in range(num_blocks)]
+    kwargs = dict(
+        drop_rate=drop_rate, growth=growth, max_drop_fraction=max_drop_fraction, seed=seed
+    )
+    if num_groups - 1 > max_dropped:
+        with pytest.raises(ValueError, match="`num_groups` must be at most"):
+            DepthSampler(blocks, num_groups, **kwargs)
+        return
+    sampler = DepthSampler(blocks, num_groups, **kwargs)
+    assert sampler.max_dropped == max_dropped
+    previous = None
+    for step in range(3 * num_groups):
+        subnet = sampler.draw()
+        assert subnet.group == step % num_groups
+        if subnet.group == 0:
+            assert all(subnet.active)
+        else:
+            assert all(p or not a for p, a in zip(previous.active, subnet.active))  # subset
+            assert subnet.num_active < previous.num_active  # strictly smaller
+        assert num_blocks - subnet.num_active <= max_dropped
+        previous = subnet
+
+
+def test_include_full_false_cycles_over_sub_networks():
+    sampler = DepthSampler([nn.Identity() for _ in range(12)], num_groups=4, seed=1)
+    groups, previous = [], None
+    for _ in range(9):
+        subnet = sampler.draw(include_full=False)
+        groups.append(subnet.group)
+        if subnet.group > 1:
+            assert subnet.num_active < previous.num_active and all(
+                p or not a for p, a in zip(previous.active, subnet.active)
+            )
+        previous = subnet
+    assert groups == [1, 2, 3] * 3
+    with pytest.raises(ValueError, match="`include_full=False` needs `num_groups` >= 2"):
+        DepthSampler([nn.Identity()], num_groups=1, seed=0).draw(include_full=False)
+
+
+def exact_first_step_marginals(p, budget):
+    """P(block i is dropped in group 1), by enumerating the sampler's procedure."""
+    n = len(p)
+    marginal = [0.0] * n
+    for hits in itertools.product([False, True], repeat=n):
+        prob = math.prod(pi if h else 1 - pi for pi, h in zip(p, hits))
+        chosen = [i for i in range(n) if hits[i]]
+        if not chosen:
+            for i in range(n):
+                marginal[i] += prob * p[i] / sum(p)
+        elif len(chosen) <= budget:
+            for i in chosen:
+                marginal[i] += prob
+        else:  # weighted draws without replacement, in order
+            for order in itertools.permutations(chosen, budget):
+                q, left = prob, sum(p[i] for i in chosen)
+                for i in order:
+                    q *= p[i] / left
+                    left -= p[i]
+                for i in order:
+                    marginal[i] += q
+    return marginal
+
+
+def test_later_blocks_are_dropped_more_often():
+    n, draws = 6, 6000
+    sampler = DepthSampler(
+        [nn.Identity() for _ in range(n)],
+        num_groups=2,
+        drop_rate=0.6,
+        growth=4.0,
+        max_drop_fraction=0.34,
+        seed=0,
+    )
+    p = sampler.drop_probabilities.tolist()
+    assert p == pytest.approx([0.6 * 4.0 ** (i / (n - 1) - 1) for i in range(n)], rel=1e-12)
+    counts = torch.zeros(n)
+    for _ in range(draws):
+        counts += ~sampler.draw(include_full=False).active_mask()
+    frequency = counts / draws
+    exact = torch.tensor(exact_first_step_marginals(p, budget=2), dtype=torch.float32)
+    assert torch.all(exact[1:] > exact[:-1])
+    tolerance = 4.5 * torch.sqrt(exact * (1 - exact) / draws)
+    assert torch.all((frequency - exact).abs() < tolerance), (frequency, exact)
+    assert frequency[-1] > 2 * frequency[0]
+
+
+def test_defaults_do_not_hollow_out_a_shallow_net():
+    sampler = DepthSampler([nn.Identity() for _ in range(7)], seed=0)  # a ResNet-20's blocks
+    assert sampler.max_dropped == 3
+    for _ in range(300):
+        assert sampler.draw().num_active >= 4
+    with pytest.raises(
+        ValueError,
+        match=r"`num_groups` must be at most 1 \+ floor\(max_drop_fraction \* len\(blocks\)\) = 2",
+    ):
+        DepthSampler([nn.Identity() for _ in range(3)])
+
+
+# --------------------------------------------------------------------------------------------
+# Running sub-networks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_subnet_equals_hand_built_model(device, dtype):
+    model = SmallResNet().to(device, dtype).eval()
+    sampler = DepthSampler.from_model(model, seed=5)
+    x = torch.randn(3, 3, 8, 8, device=device, dtype=dtype)
+    exact = dict(rtol=0, atol=0) if device == "cpu" else {}  # same kernels: bit for bit on CPU
+    with torch.no_grad():
+        full = model(x)
+        for _ in range(6):
+            with sampler.sample() as subnet:
+                out = model(x)
+            assert out.dtype == dtype and out.device == x.device
+            torch.testing.assert_close(out, hand_built_forward(model, subnet.active)(x), **exact)
+        torch.testing.assert_close(model(x), full, **exact)
+
+
+def test_transformer_subnet_equals_hand_built_model(device):
+    model = TinyTransformer(depth=4).to(device).eval()
+    sampler = DepthSampler.from_model(model, seed=0)
+    x = torch.randn(2, 5, 6, device=device)
+    mask = torch.tensor([True, False, False, True])
+    with sampler.apply(mask) as subnet, torch.no_grad():
+        out = model(x)
+    assert subnet.group == -1 and subnet.active == (True, False, False, True)
+    reference = nn.Sequential(model.embed, model.blocks[0], model.blocks[3], model.norm)
+    torch.testing.assert_close(out, model.head(reference(x).mean(1)))
+
+
+def test_skipped_block_forward_is_not_called():
+    model = SmallResNet()
+    sampler = DepthSampler.from_model(model, seed=0)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(6):
+        before = [b.calls for b in sampler.blocks]
+        with sampler.sample() as subnet:
+            model(x)
+        after = [b.calls for b in sampler.blocks]
+        assert [a - b for a, b in zip(after, before)] == [int(k) for k in subnet.active]
+
+
+def test_full_model_restored_also_after_exception():
+    model = SmallResNet().eval()
+    sampler = DepthSampler.from_model(model, seed=0)
+    patched = sampler.blocks[2]
+    user_forward = patched.forward  # a user's own instance-level patch must survive
+    patched.forward = lambda x: user_forward(x)
+
+    def state(block):  # everything but the call counter
+        return {k: v for k, v in block.__dict__.items() if k != "calls"}
+
+    snapshot = [state(b) for b in sampler.blocks]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        full = model(x)
+        with pytest.raises(KeyError):
+            with sampler.apply([False] * len(sampler.blocks)):
+                assert model(x).shape == full.shape
+                raise KeyError("boom")
+        assert [state(b) for b in sampler.blocks] == snapshot
+        assert (
+            "forward" not in sampler.blocks[0].__dict__ and BasicBlock.forward.__name__ == "forward"
+        )
+        torch.testing.assert_close(model(x), full, rtol=0, atol=0)
+        with sampler.sample():  # the sampler is usable again
+            pass
+
+
+def test_full_apply_and_nesting_rules():
+    model = SmallResNet()
+    sampler = DepthSampler.from_model(model, seed=0)
+    with sampler.full() as subnet:
+        assert subnet.group == 0 and all(subnet.active)
+    assert sampler.next_group == 0  # full() does not advance the cycle
+    subnet = sampler.draw()
+    assert sampler.next_group == 1
+    with sampler.apply(subnet) as applied:
+        assert applied is subnet
+        with pytest.raises(RuntimeError, match="cannot be nested"):
+            with sampler.full():
+                pass
+    with pytest.raises(ValueError, match="`subnet` must be a SubNetwork or a mask of 4 bools"):
+        with sampler.apply([True, False]):
+            pass
+    with pytest.raises(TypeError, match="`subnet` must be a SubNetwork or a bool Tensor"):
+        with sampler.apply(torch.ones(4)):
+            pass
+    other = DepthSampler.from_model(SmallResNet(), seed=0)
+    with pytest.raises(ValueError, match="`subnet` must come from this sampler"):
+        with sampler.apply(other.draw()):
+            pass
+
+
+def test_subnetwork_helpers():
+    model = SmallResNet()
+    sampler = DepthSampler.from_model(model, seed=0)
+    subnet = sampler.apply([True, False, True, False])
+    with subnet as applied:
+        assert isinstance(applied, SubNetwork)
+    assert applied.num_active == 2 and applied.active_fraction == 0.5
+    assert applied.active_mask().tolist() == [True, False, True, False]
+    skipped = {id(p) for b in (sampler.blocks[1], sampler.blocks[3]) for p in b.parameters()}
+    assert {id(p) for p in applied.skipped_parameters()} == skipped
+    loss = torch.tensor(2.5, requires_grad=True)
+    with sampler.full() as full:
+        assert full.zero_touch(loss) is loss  # nothing skipped: nothing to touch
+
+
+def test_constructor_validation():
+    blocks = [nn.Identity() for _ in range(8)]
+    with pytest.raises(ValueError, match="`blocks` must hold at least one"):
+        DepthSampler([])
+    with pytest.raises(TypeError, match=r"`blocks\[1\]` must be an nn.Module"):
+        DepthSampler([nn.Identity(), 3])
+    with pytest.raises(ValueError, match="must not contain the same module twice"):
+        DepthSampler([blocks[0]] * 2, num_groups=1)
+    with pytest.raises(TypeError, match="DepthSampler.from_model\\(model\\) finds them"):
+        DepthSampler(SmallResNet())
+    with pytest.raises(ValueError, match=r"`drop_rate` must lie in \(0, 1\], but got 0"):
+        DepthSampler(blocks, drop_rate=0.0)
+    with pytest.raises(ValueError, match=r"`growth` must lie in \[1, inf\], but got 0.5"):
+        DepthSampler(blocks, growth=0.5)
+    with pytest.raises(ValueError, match=r"`max_drop_fraction` must lie in \(0, 1\], but got 1.5"):
+        DepthSampler(blocks, max_drop_fraction=1.5)
+    with pytest.raises(ValueError, match="`num_groups` must be an int >= 1, but got 0"):
+        DepthSampler(blocks, num_groups=0)
+    with pytest.raises(ValueError, match="either `generator` or `seed`"):
+        DepthSampler(blocks, seed=1, generator=torch.Generator())
+    with pytest.raises(TypeError, match="`generator` must be a CPU torch.Generator"):
+        DepthSampler(blocks, generator=3)
+
+
+def test_state_dict_round_trip():
+    def run(sampler, k):
+        return [(s.group, s.active) for s in (sampler.draw() for _ in range(k))]
+
+    sampler = DepthSampler([nn.Identity() for _ in range(20)], num_groups=4, seed=7)
+    run(sampler, 6)
+    buffer = io.BytesIO()
+    torch.save(sampler.state_dict(), buffer)
+    expected = run(sampler, 10)
+    resumed = DepthSampler([nn.Identity() for _ in range(20)], num_groups=4, seed=999)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    assert resumed.next_group == 2
+    assert run(resumed, 10) == expected
+    with pytest.raises(ValueError, match="`state\\['chain'\\]` must have 20 entries"):
+        resumed.load_state_dict({**sampler.state_dict(), "chain": torch.ones(3, dtype=torch.bool)})
+
+
+def test_default_seed_follows_torch_manual_seed():
+    blocks = [nn.Identity() for _ in range(16)]
+
+    def draws(sampler):
+        return [sampler.draw().active for _ in range(9)]
+
+    torch.manual_seed(11)
+    first = draws(DepthSampler(blocks))
+    later = draws(DepthSampler(blocks))
+    torch.manual_seed(11)
+    assert draws(DepthSampler(blocks)) == first != later
+
+
+def test_autocast_bfloat16_cpu():
+    model = SmallResNet().eval()
+    sampler = DepthSampler.from_model(model, seed=0)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        sampler.draw()
+        with sampler.sample() as subnet:
+            out = model(x)
+        reference = hand_built_forward(model, subnet.active)(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients of skipped blocks, optimiser effects, DDP
+# --------------------------------------------------------------------------------------------
+
+
+def _sub_network_step(model, sampler, subnet, optimizer, touch):
+    x = torch.randn(4, 3, 8, 8)
+    optimizer.zero_grad()  # set_to_none=True
+    with sampler.apply(subnet) as applied:
+        loss = model(x).square().mean()
+        if touch:
+            touched = applied.zero_touch(loss)
+            assert torch.equal(touched, loss)
+            loss = touched
+        loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("touch", [False, True])
+def test_skipped_parameters_gradients_and_optimizer(touch):
+    model = SmallResNet()
+    sampler = DepthSampler.from_model(model, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    full = sampler.draw()
+    _sub_network_step(model, sampler, full, optimizer, touch)  # fills every momentum buffer
+    subnet = sampler.draw()
+    skipped = subnet.skipped_parameters()
+    assert skipped and len(skipped) == sum(
+        len(list(b.parameters())) for b, a in zip(sampler.blocks, subnet.active) if not a
+    )
+    before = [p.detach().clone() for p in skipped]
+    _sub_network_step(model, sampler, subnet, optimizer, touch)
+    if touch:  # zero gradients: SGD still applies weight decay and momentum
+        assert all(p.grad is not None and not p.grad.any() for p in skipped)
+        assert all(not torch.equal(p, q) for p, q in zip(skipped, before))
+    else:  # no gradients: SGD leaves them exactly where they were
+        assert all(p.grad is None for p in skipped)
+        assert all(torch.equal(p, q) for p, q in zip(skipped, before))
+
+
+def _ddp_worker(rank, world_size, folder):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)  # two processes share the CI machine's two cores
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size
+    )
+    try:
+        torch.manual_seed(100 + rank)  # different global RNG on every rank
+        model = SmallResNet()
+        sampler = DepthSampler.from_model(model)  # seed drawn on rank 0, broadcast
+        draws = [sampler.draw() for _ in range(30)]
+        results = {"draws": [d.active for d in draws], "global": torch.rand(4)}
+        for find_unused in (True, False):
+            net = copy.deepcopy(model)
+            ddp_sampler = DepthSampler.from_model(net, seed=1)
+            ddp = DDP(net, find_unused_parameters=find_unused)
+            flags = []
+            for _ in range(2):  # DDP complains on the second iteration if the first was wrong
+                subnet = ddp_sampler.draw(include_full=False)
+                net.zero_grad()
+                with ddp_sampler.apply(subnet):
+                    loss = ddp(torch.randn(2, 3, 8, 8)).square().mean()
+                    if not find_unused:
+                        loss = subnet.zero_touch(loss)
+                    loss.backward()
+                skipped = subnet.skipped_parameters()
+                flags.append(
+                    [
+                        "none" if p.grad is None else ("zero" if not p.grad.any() else "value")
+                        for p in skipped
+                    ]
+                )
+            results[f"find_unused={find_unused}"] = flags
+            results[f"grads={find_unused}"] = [
+                None if p.grad is None else p.grad.clone() for p in net.parameters()
+            ]
+        torch.save(results, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+def test_ddp_shared_draws_two_gloo_processes(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert not torch.equal(r0["global"], r1["global"])  # the ranks' global RNGs differ ...
+    assert r0["draws"] == r1["draws"]  # ... yet the sampler's draws agree
+    assert len(set(r0["draws"])) > 3
+    assert all(flag == "none" for step in r0["find_unused=True"] for flag in step)
+    assert all(flag == "zero" for step in r0["find_unused=False"] for flag in step)
+    for key in ("grads=True", "grads=False"):  # averaged gradients agree across ranks
+        for g0, g1 in zip(r0[key], r1[key]):
+            assert (g0 is None and g1 is None) or torch.allclose(g0, g1)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile (pytorch#95425): the compiled model must follow the sampled depth
+# --------------------------------------------------------------------------------------------
+
+
+def test_compiled_model_runs_the_sampled_depth(device):
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile unavailable")
+    torch._dynamo.reset()
+    model = TinyTransformer(depth=4).to(device).eval()
+    backend = "inductor" if device == "cuda" else "eager"  # eager: dynamo guards, no C compiler
+    compiled = torch.compile(model, backend=backend)
+    sampler = DepthSampler.from_model(model, seed=0)
+    x = torch.randn(2, 5, 6, device=device)
+    outputs = []
+    with torch.no_grad():
+        for _ in range(6):
+            with sampler.sample() as subnet:
+                out = compiled(x)
+                reference = model(x)
+            torch.testing.assert_close(out, reference)
+            outputs.append((subnet.active, out))
+        torch.testing.assert_close(compiled(x), model(x))
+    distinct = {active: out for active, out in outputs}
+    assert len(distinct) >= 3  # several depths ran, with different outputs
+    values = list(distinct.values())
+    assert all(not torch.allclose(a, b) for a, b in itertools.combinations(values, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm recalibration
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recalibrate_batchnorm_matches_direct_statistics(device, dtype):
+    model = nn.Sequential(
+        nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+    )
+    model = model.to(device, dtype)
+    model[0].momentum = 0.3
+    model.eval()
+    model[2].train()  # an individual training flag must survive too
+    for _ in range(3):  # pollute the running statistics
+        model[0].train(), model[2].train()
+        model(torch.randn(4, 3, 5, 5, device=device, dtype=dtype) * 5 + 2)
+    model.eval()
+    model[2].train()
+    sizes = [5, 7, 6]
+    batches = [
+        (torch.randn(b, 3, 5, 5, device=device, dtype=dtype) * 2 + 1, torch.zeros(b)) for b in sizes
+    ]
+    assert recalibrate_batchnorm(model, batches, num_samples=15) == 15
+
+    used = [batches[0][0], batches[1][0], batches[2][0][:3]]
+    weights = torch.tensor([5.0, 7.0, 3.0], dtype=torch.float64) / 15
+
+    def reference(inputs):
+        means = torch.stack([x.double().mean((0, 2, 3)) for x in inputs])
+        variances = torch.stack([x.double().var((0, 2, 3), unbiased=True) for x in inputs])
+        return weights @ means.cpu(), weights @ variances.cpu()
+
+    mean0, var0 = reference(used)
+    with torch.no_grad():
+        second = [
+            model[1](nn.functional.batch_norm(x, None, None, model[0].weight, model[0].bias, True))
+            for x in used
+        ]
+    mean2, var2 = reference(second)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for bn, mean, var in ((model[0], mean0, var0), (model[2], mean2, var2)):
+        torch.testing.assert_close(bn.running_mean.cpu().double(), mean, **tol)
+        torch.testing.assert_close(bn.running_var.cpu().double(), var, **tol)
+    assert model[0].momentum == 0.3 and model[2].momentum == 0.1
+    assert [m.training for m in model] == [False, False, True, False] and not model.training
+    assert recalibrate_batchnorm(model, (x for x, _ in batches), num_samples=None) == 18
+    with pytest.raises(ValueError, match="`num_samples` must be an int >= 1, but got 0"):
+        recalibrate_batchnorm(model, batches, num_samples=0)
+    with pytest.raises(TypeError, match="`batches` must yield tensors"):
+        recalibrate_batchnorm(model, [["a"]])
+    assert model[0].momentum == 0.3  # restored after the error too
+
+
+def test_recalibrate_batchnorm_repairs_sub_network_pollution():
+    model = SmallResNet()
+    sampler = DepthSampler.from_model(model, seed=0)
+    data = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    recalibrate_batchnorm(model, data)
+    clean = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.train()
+    for x in data:  # sub-network passes in train mode shift the statistics
+        with sampler.sample():
+            model(x)
+    polluted = {k: v for k, v in model.state_dict().items() if "running" in k}
+    assert any(not torch.allclose(clean[k], polluted[k]) for k in clean)
+    recalibrate_batchnorm(model, data)
+    for k, v in model.state_dict().items():
+        if "running" in k:
+            torch.testing.assert_close(v, clean[k])
