@@ -141,11 +141,12 @@ def test_qp_matches_clarabel_and_never_has_a_worse_objective(seed, num_classes, 
         # by that side's weight; the solver-free KKT test above is the tight check.
         torch.testing.assert_close(out.a[row : row + 1], ref_a, atol=1e-5 + 1e-9 / lam, rtol=0)
         torch.testing.assert_close(out.b[row : row + 1], ref_b, atol=1e-5 + 1e-9 / (1 - lam), rtol=0)
-        # Never worse, beyond what the reference gains by violating the mixing identity.
+        # Never worse, beyond what the reference gains by violating the mixing identity and,
+        # within its 1e-12 feasibility tolerance, the sum and box constraints (seen: 4e-12).
         slack = float((lam * ref_a + (1 - lam) * ref_b - rows[0]).abs().sum())
         mine = objective(out.a[row : row + 1], out.b[row : row + 1], rows[1], rows[2], rows[3])
         theirs = objective(ref_a, ref_b, rows[1], rows[2], rows[3])
-        assert float(mine) <= float(theirs) + 1e-12 + 10 * slack
+        assert float(mine) <= float(theirs) + 1e-10 + 10 * slack
 
 
 def test_qp_large_batch_extreme_weights_is_exact():
