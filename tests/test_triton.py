@@ -1,0 +1,445 @@
+"""Tests of the fused Triton QP fraction (mkfkit/_triton.py).
+
+The kernels run compiled on CUDA tensors and, without a GPU, under Triton's interpreter on CPU
+tensors. The interpreter is chosen when Triton is imported, so this module sets
+``TRITON_INTERPRET=1`` before importing it on machines without CUDA. If Triton was already
+imported in compiled mode by an earlier module (no CUDA to run it on), one test reruns this
+file in a fresh interpreter subprocess instead.
+
+On a GPU machine run ``python -m pytest tests/test_triton.py`` (compiled kernels, CUDA
+tensors; the larger cases marked ``cuda`` run there only).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from mkfkit import _triton  # noqa: E402
+from mkfkit.fraction import qp_fraction as torch_qp_fraction  # noqa: E402
+
+KERNEL_DEVICES = (["cpu"] if _triton.available("cpu") else []) + (
+    ["cuda"] if torch.cuda.is_available() else []
+)
+
+
+def pytest_generate_tests(metafunc):
+    if "kernel_device" in metafunc.fixturenames:
+        metafunc.parametrize("kernel_device", KERNEL_DEVICES)
+
+
+@pytest.fixture(autouse=True)
+def _one_program_under_interpreter(monkeypatch):
+    # The interpreter pays per program, not per element: pack all rows into one program.
+    # Compiled runs keep the tuned launch shape.
+    if _triton._INTERPRETED:
+        monkeypatch.setattr(_triton, "_TILE", 1 << 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent float64 reference: bisection on tau to machine precision, then tau in closed form
+# over the free set found there (autograd through it gives the projection's exact Jacobian).
+
+
+def _project_by_bisection(v, lo, hi):
+    with torch.no_grad():
+        t_lo, t_hi = (lo - v).min(-1).values, (hi - v).max(-1).values
+        for _ in range(200):
+            mid = 0.5 * (t_lo + t_hi)
+            f = torch.minimum(torch.maximum(v + mid[:, None], lo), hi).sum(-1) - 1
+            t_lo, t_hi = torch.where(f < 0, mid, t_lo), torch.where(f < 0, t_hi, mid)
+        shifted = v + t_hi[:, None]
+        free = (shifted > lo) & (shifted < hi)
+        upper = shifted >= hi
+    bound = torch.where(upper, hi, lo)
+    count = free.sum(-1, keepdim=True)
+    clamped_sum = torch.where(free, 0, bound).sum(-1, keepdim=True)
+    free_sum = torch.where(free, v, 0).sum(-1, keepdim=True)
+    tau = (1 - clamped_sum - free_sum) / count.clamp_min(1)
+    return torch.where(free, v + tau, bound)
+
+
+def reference_fraction(mixed, base_a, base_b, lam):
+    """The exact QP fraction in float64 (METHOD.md, "Knowledge fraction")."""
+    p, base_a, base_b, lam = (t.double() for t in (mixed, base_a, base_b, lam))
+    weight_a, weight_b = lam[:, None], 1 - lam[:, None]
+    residual = p - weight_a * base_a - weight_b * base_b
+    target = p.clamp(0, 1)
+
+    def side(base, weight, other_weight):
+        safe = torch.where(weight > 0, weight, 1)
+        lo = ((target - other_weight) / safe).clamp_min(0)
+        hi = (target / safe).clamp_max(1)
+        return torch.where(weight > 0, _project_by_bisection(base + residual, lo, hi), base)
+
+    return side(base_a, weight_a, weight_b), side(base_b, weight_b, weight_a)
+
+
+def make_instance(batch, num_classes, kind="related", seed=0, device="cpu", dtype=torch.float32):
+    """mixed = lam p_a + (1 - lam) p_b with bases K_a, K_b; returns (mixed, base_a, base_b, lam).
+
+    kind: "related" (bases are noisy versions of the clean responses), "unrelated", "peaked"
+    (sharp rows), "one_hot" (one-hot clean responses and bases).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def rows(scale):
+        logits = torch.randn(batch, num_classes, generator=gen, dtype=torch.float64)
+        return torch.softmax(scale * logits, -1)
+
+    def one_hot():
+        labels = torch.randint(num_classes, (batch,), generator=gen)
+        return torch.nn.functional.one_hot(labels, num_classes).double()
+
+    if kind == "one_hot":
+        p_a, p_b, base_a, base_b = one_hot(), one_hot(), one_hot(), one_hot()
+    else:
+        scale = 6.0 if kind == "peaked" else 2.0
+        p_a, p_b = rows(scale), rows(scale)
+        if kind == "unrelated":
+            base_a, base_b = rows(scale), rows(scale)
+        else:
+            base_a = 0.7 * p_a + 0.3 * rows(scale)
+            base_b = 0.7 * p_b + 0.3 * rows(scale)
+    lam = torch.rand(batch, generator=gen, dtype=torch.float64)
+    mixed = lam[:, None] * p_a + (1 - lam[:, None]) * p_b
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return to(mixed), to(base_a), to(base_b), lam.to(device=device, dtype=dtype)
+
+
+def tangential(grad):
+    """The part of a gradient along the simplex (row mean removed).
+
+    At a degenerate vertex (every coordinate at a bound, with the bounds summing to 1 for any
+    mixed row on the simplex) the Jacobian's component across the simplex is not unique; both
+    one-sided choices agree on the tangential part, which is all a softmax passes back.
+    """
+    return grad - grad.mean(-1, keepdim=True)
+
+
+def assert_fraction_close(result, expected, atol):
+    for got, want in zip(result, expected):
+        assert got.shape == want.shape
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want.double().to(got.device), atol=atol, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+
+
+@pytest.mark.parametrize(
+    "batch, num_classes, kind",
+    [
+        (1, 1, "related"),
+        (7, 2, "unrelated"),
+        (7, 3, "peaked"),
+        (64, 100, "related"),
+        (7, 100, "unrelated"),
+        (7, 1000, "peaked"),
+        (1, 5000, "related"),
+    ],
+)
+def test_matches_reference(kernel_device, batch, num_classes, kind):
+    mixed, base_a, base_b, lam = make_instance(batch, num_classes, kind, device=kernel_device)
+    a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    assert a.dtype == b.dtype == torch.float32
+    assert_fraction_close((a, b), reference_fraction(mixed, base_a, base_b, lam), atol=2e-6)
+    # Feasibility of the QP: simplex rows and the mixing identity.
+    for x in (a, b):
+        assert (x >= 0).all() and (x <= 1).all()
+        torch.testing.assert_close(x.double().sum(-1), torch.ones_like(lam, dtype=torch.float64))
+    torch.testing.assert_close(lam[:, None] * a + (1 - lam[:, None]) * b, mixed, atol=2e-6, rtol=0)
+    # Agreement with the sort-based pure-torch solver of mkfkit.fraction.
+    expected = torch_qp_fraction(mixed, base_a, base_b, lam, backend="torch")
+    assert_fraction_close((a, b), (expected.a, expected.b), atol=2e-6)
+
+
+@settings(max_examples=25)
+@given(
+    batch=st.integers(1, 9),
+    num_classes=st.integers(1, 40),
+    kind=st.sampled_from(["related", "unrelated", "peaked", "one_hot"]),
+    lam_choice=st.sampled_from(["random", "extreme"]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference_property(kernel_device, batch, num_classes, kind, lam_choice, seed):
+    mixed, base_a, base_b, lam = make_instance(batch, num_classes, kind, seed, device=kernel_device)
+    if lam_choice == "extreme":
+        extremes = torch.tensor([0.0, 1.0, 1e-6, 1 - 1e-6, 0.5], device=kernel_device)
+        lam = extremes[torch.arange(batch) % 5]  # mixed need not come from this lam
+    a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    assert_fraction_close((a, b), reference_fraction(mixed, base_a, base_b, lam), atol=2e-6)
+
+
+def test_float64_is_exact_to_rounding(kernel_device):
+    mixed, base_a, base_b, lam = make_instance(
+        7, 300, "unrelated", device=kernel_device, dtype=torch.float64
+    )
+    a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    assert a.dtype == torch.float64
+    assert_fraction_close((a, b), reference_fraction(mixed, base_a, base_b, lam), atol=1e-13)
+
+
+def test_lam_exactly_zero_or_one(kernel_device):
+    mixed, base_a, base_b, lam = make_instance(4, 50, "unrelated", device=kernel_device)
+    lam = torch.tensor([0.0, 1.0, 0.0, 1.0], device=kernel_device)
+    a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    # The side of weight 0 keeps its base exactly; the other side is the mixed output exactly.
+    zero, one = lam == 0, lam == 1
+    assert torch.equal(a[zero], base_a[zero]) and torch.equal(b[zero], mixed[zero])
+    assert torch.equal(a[one], mixed[one]) and torch.equal(b[one], base_b[one])
+    assert (_triton._iteration_counts(mixed, base_a, base_b, lam) == 0).all()
+
+
+@pytest.mark.parametrize("lam_value", [1e-7, 1e-3, 1 - 1e-3, 1 - 1e-7])
+def test_lam_near_zero_or_one(kernel_device, lam_value):
+    mixed, base_a, base_b, _ = make_instance(7, 40, "unrelated", device=kernel_device)
+    lam = torch.full((7,), lam_value, device=kernel_device)
+    a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    assert_fraction_close((a, b), reference_fraction(mixed, base_a, base_b, lam), atol=2e-6)
+
+
+def test_one_hot_rows(kernel_device):
+    mixed, base_a, base_b, lam = make_instance(16, 10, "one_hot", device=kernel_device)
+    lam[:4] = torch.tensor([0.0, 1.0, 0.5, 0.25])
+    inputs = [t.clone().requires_grad_(True) for t in (mixed, base_a, base_b, lam)]
+    a, b = _triton.qp_fraction(*inputs)
+    assert_fraction_close((a, b), reference_fraction(mixed, base_a, base_b, lam), atol=2e-6)
+    (a.square().sum() + (b * torch.arange(10.0, device=kernel_device)).sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_compute_in_float32(kernel_device, dtype):
+    mixed, base_a, base_b, lam = make_instance(7, 100, "related", device=kernel_device, dtype=dtype)
+    a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    assert a.dtype == b.dtype == dtype
+    # The kernel upcasts on load, so the result is the float32 one rounded once: to nearest on
+    # a GPU, while Triton's interpreter truncates float32 -> bfloat16 (one ulp at most).
+    a32, b32 = _triton.qp_fraction(mixed.float(), base_a.float(), base_b.float(), lam.float())
+    one_ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(a, a32.to(dtype), atol=0, rtol=one_ulp)
+    torch.testing.assert_close(b, b32.to(dtype), atol=0, rtol=one_ulp)
+
+
+def test_strided_inputs(kernel_device):
+    mixed, base_a, base_b, lam = make_instance(5, 30, "unrelated", device=kernel_device)
+    expected = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    # Column stride 2, transposed storage and a stride-0 lam.
+    wide = torch.zeros(5, 60, device=kernel_device)
+    wide[:, ::2] = mixed
+    lam_expanded = torch.tensor(0.3, device=kernel_device).expand(5)
+    result = _triton.qp_fraction(wide[:, ::2], base_a.t().contiguous().t(), base_b, lam_expanded)
+    lam_full = torch.full((5,), 0.3, device=kernel_device)
+    reference = _triton.qp_fraction(mixed, base_a, base_b, lam_full)
+    for got, want in zip(result, reference):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not torch.equal(expected[0], result[0])  # lam did change
+
+
+def test_chunked_rows_match_single_block(kernel_device, monkeypatch):
+    # Rows longer than _MAX_BLOCK loop over chunks; force it on small rows, last chunk partial.
+    mixed, base_a, base_b, lam = make_instance(3, 37, "peaked", device=kernel_device)
+    lam[0] = 0.0
+    inputs = [t.clone().requires_grad_(True) for t in (mixed, base_a, base_b, lam)]
+    weights = torch.randn(2, 3, 37, device=kernel_device)
+
+    def run():
+        a, b = _triton.qp_fraction(*inputs)
+        grads = torch.autograd.grad((a * weights[0]).sum() + (b * weights[1]).sum(), inputs)
+        return (a, b) + grads
+
+    single = run()
+    monkeypatch.setattr(_triton, "_MAX_BLOCK", 16)
+    monkeypatch.setattr(_triton, "_CHUNK", 16)
+    assert _triton._launch_config(3, 37)[1:3] == (16, False)
+    chunked = run()
+    for got, want in zip(chunked, single):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert_fraction_close(chunked[:2], reference_fraction(mixed, base_a, base_b, lam), atol=2e-6)
+
+
+def test_iteration_counts_are_small(kernel_device):
+    mixed, base_a, base_b, lam = make_instance(64, 100, "unrelated", device=kernel_device)
+    passes = _triton._iteration_counts(mixed, base_a, base_b, lam)
+    # Safeguarded Newton on the piecewise-linear row sum: a handful of passes, never the cap.
+    assert passes.float().mean() <= 6 and passes.max() <= 12
+
+
+def test_empty_batch(kernel_device):
+    empty = torch.empty(0, 5, device=kernel_device)
+    a, b = _triton.qp_fraction(empty, empty, empty, torch.empty(0, device=kernel_device))
+    assert a.shape == b.shape == (0, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+
+
+def _vjp(fraction, inputs, weights):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    a, b = fraction(*inputs)
+    return torch.autograd.grad((a * weights[0]).sum() + (b * weights[1]).sum(), inputs)
+
+
+@pytest.mark.parametrize("batch, num_classes", [(7, 3), (64, 100), (1, 1000)])
+def test_gradients_match_reference_autograd(kernel_device, batch, num_classes):
+    inputs = make_instance(
+        batch, num_classes, "unrelated", device=kernel_device, dtype=torch.float64
+    )
+    inputs[3][0] = 0.0
+    if batch > 1:
+        inputs[3][1] = 1.0
+    weights = torch.randn(2, batch, num_classes, dtype=torch.float64, device=kernel_device)
+    got = _vjp(_triton.qp_fraction, inputs, weights)
+    want = _vjp(reference_fraction, inputs, weights)
+    torch.testing.assert_close(tangential(got[0]), tangential(want[0]), atol=1e-9, rtol=1e-9)
+    for name, g, w in zip(("base_a", "base_b"), got[1:3], want[1:3]):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9, msg=name)
+    # lam: exact inside (0, 1); zero by convention where lam is exactly 0 or 1 (not
+    # differentiable there: the box of the other side collapses to a point).
+    inside = (inputs[3] > 0) & (inputs[3] < 1)
+    torch.testing.assert_close(got[3][inside], want[3][inside], atol=1e-9, rtol=1e-9)
+    assert (got[3][~inside] == 0).all()
+    # The same against the sort-based pure-torch solver of mkfkit.fraction.
+    plain = _vjp(lambda *x: tuple(torch_qp_fraction(*x, backend="torch")[:2]), inputs, weights)
+    torch.testing.assert_close(tangential(got[0]), tangential(plain[0]), atol=1e-9, rtol=1e-9)
+    for g, w in zip(got[1:3], plain[1:3]):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(got[3][inside], plain[3][inside], atol=1e-9, rtol=1e-9)
+    # The float32 kernel agrees with the float64 gradients to float32 accuracy. (On unrelated
+    # small rows, a row can sit exactly at a kink of the active set, e.g. a = (0, 1, 0) with
+    # hi = 1, where float32 rounding may pick the other, equally valid, one-sided Jacobian.)
+    inputs = make_instance(batch, num_classes, "related", device=kernel_device, dtype=torch.float64)
+    got32 = _vjp(_triton.qp_fraction, [t.float() for t in inputs], weights.float())
+    want = _vjp(reference_fraction, inputs, weights)
+    torch.testing.assert_close(
+        tangential(got32[0]).double(), tangential(want[0]), atol=1e-4, rtol=1e-4
+    )
+    for name, g, w in zip(("base_a", "base_b", "lam"), got32[1:], want[1:]):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_gradcheck(kernel_device):
+    # Generic instance (no coordinate at a kink), 0 < lam < 1, float64 finite differences.
+    mixed, base_a, base_b, _ = make_instance(
+        3, 6, "unrelated", seed=1, device=kernel_device, dtype=torch.float64
+    )
+    lam = torch.tensor([0.3, 0.55, 0.8], dtype=torch.float64, device=kernel_device)
+    inputs = [t.clone().requires_grad_(True) for t in (mixed, base_a, base_b, lam)]
+    assert torch.autograd.gradcheck(_triton.qp_fraction, inputs, fast_mode=True)
+
+
+def test_gradients_finite_for_tiny_lam(kernel_device):
+    inputs = make_instance(7, 20, "related", device=kernel_device)
+    inputs[3].fill_(1e-30)
+    weights = torch.randn(2, 7, 20, device=kernel_device)
+    grads = _vjp(_triton.qp_fraction, inputs, weights)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration, dispatch, errors
+
+
+def test_custom_op_registration(kernel_device):
+    inputs = make_instance(3, 5, "unrelated", device=kernel_device)
+    lam = inputs[3]
+    lam[0] = 0.0
+    args = [t.clone().requires_grad_(True) for t in inputs]
+    torch.library.opcheck(torch.ops.mkfkit.qp_fraction.default, args)
+    a, b, tau = torch.ops.mkfkit.qp_fraction(*inputs)
+    grads = (torch.randn_like(a), torch.randn_like(b))
+    torch.library.opcheck(torch.ops.mkfkit.qp_fraction_backward.default, (*grads, *inputs, tau))
+
+
+def test_torch_compile_fullgraph(kernel_device):
+    mixed, base_a, base_b, lam = make_instance(4, 8, "unrelated", device=kernel_device)
+    base_a.requires_grad_(True)
+
+    def loss(mixed, base_a, base_b, lam):
+        a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+        return (a * b).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(mixed, base_a, base_b, lam)
+    (grad,) = torch.autograd.grad(got, base_a)
+    want = loss(mixed, base_a, base_b, lam)
+    (want_grad,) = torch.autograd.grad(want, base_a)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, want_grad)
+
+
+def test_fraction_backend_triton_dispatches_here(kernel_device):
+    mixed, base_a, base_b, lam = make_instance(5, 20, "related", device=kernel_device)
+    fused = torch_qp_fraction(mixed, base_a, base_b, lam, backend="triton")
+    plain = torch_qp_fraction(mixed, base_a, base_b, lam, backend="torch")
+    assert_fraction_close(fused[:2], plain[:2], atol=2e-6)
+    assert torch.equal(fused.mask_a, plain.mask_a) and torch.equal(fused.mask_b, plain.mask_b)
+
+
+def test_available():
+    assert _triton.available("cpu") == _triton._INTERPRETED
+    assert _triton.available("cuda")
+    assert not _triton.available("meta")
+
+
+def test_bad_arguments():
+    device = "cpu"  # the checks run before any launch
+    rows = torch.full((2, 3), 1 / 3, device=device)
+    lam = torch.full((2,), 0.5, device=device)
+    message = r"`base_a` must have the shape of `mixed` \(2, 3\), but got \(2, 4\)"
+    with pytest.raises(ValueError, match=message):
+        _triton.qp_fraction(rows, torch.full((2, 4), 0.25, device=device), rows, lam)
+    message = r"`base_b` must have the dtype of `mixed` \(torch.float32\)"
+    with pytest.raises(TypeError, match=message):
+        _triton.qp_fraction(rows, rows, rows.double(), lam)
+    with pytest.raises(ValueError, match=r"`lam` must be a Tensor\[B\], but got shape \(3,\)"):
+        _triton.qp_fraction(rows, rows, rows, torch.full((3,), 0.5, device=device))
+    with pytest.raises(ValueError, match=r"`mixed` must be a Tensor\[B, C\], but got shape \(3,\)"):
+        _triton.qp_fraction(rows[0], rows[0], rows[0], lam)
+
+
+# ----------------------------------------------------------------------------------------------
+# Larger sizes on a GPU only (the interpreter would take minutes)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch, num_classes", [(512, 1000), (64, 21843), (256, 10)])
+def test_large_on_cuda(batch, num_classes):
+    inputs = make_instance(batch, num_classes, "peaked", device="cuda")
+    weights = torch.randn(2, batch, num_classes, device="cuda")
+    a, b = _triton.qp_fraction(*inputs)
+    expected = torch_qp_fraction(*inputs, backend="torch")
+    assert_fraction_close((a, b), (expected.a, expected.b), atol=5e-6)
+    got = _vjp(_triton.qp_fraction, inputs, weights)
+    want = _vjp(lambda *x: tuple(torch_qp_fraction(*x, backend="torch")[:2]), inputs, weights)
+    torch.testing.assert_close(tangential(got[0]), tangential(want[0]), atol=1e-4, rtol=1e-4)
+    for g, w in zip(got[1:3], want[1:3]):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fallback: Triton already imported in compiled mode and no GPU in this process
+
+
+if not KERNEL_DEVICES:
+
+    def test_under_interpreter_in_subprocess():
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
