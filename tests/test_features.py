@@ -100,8 +100,8 @@ def test_bad_arguments():
 
 def test_data_parallel_names_with_and_without_prefix():
     model = make_model()
-    wrapped = nn.DataParallel(model)  # on CPU it simply calls the module
-    x = torch.randn(2, 3, 4, 4)
+    wrapped = nn.DataParallel(model)  # on CPU it simply calls the module; with CUDA it moves it
+    x = torch.randn(2, 3, 4, 4, device=next(model.parameters()).device)
     with FeatureCollector(wrapped, ["module.0", "1"]) as feats:
         wrapped(x)
     assert list(feats) == ["module.0", "1"]
