@@ -30,56 +30,23 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
-import statistics
-import time
-from typing import Callable, Dict, List, Optional
+import sys
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
 
-import mkfkit
-from mkfkit.bank import KnowledgeBank
-from mkfkit.fraction import LinearFraction, QPFraction
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import device_report, median_time, print_table, write_json  # noqa: E402
+
+import mkfkit  # noqa: E402
+from mkfkit.bank import KnowledgeBank  # noqa: E402
+from mkfkit.fraction import LinearFraction, QPFraction  # noqa: E402
+
 DATASETS = [("CIFAR-100", 50_000, 100), ("Tiny ImageNet", 100_000, 200), ("ImageNet", 1_281_167, 1000)]
 MEMORY_LAYOUTS = [("float32", None), ("bfloat16", None), ("float16", None), ("topk", 8), ("topk", 32), ("topk", 64)]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
-
-
-def median_time(fn: Callable[[], None], device: str, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` in seconds (CUDA synchronised around every call)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def layout_name(storage: str, k: Optional[int]) -> str:
@@ -136,12 +103,17 @@ def memory_rows(quick: bool, max_measure_gb: float) -> List[dict]:
 
 
 def print_memory(rows: List[dict]) -> None:
-    print("\nMemory of a bank with T = 3 (GB = 1e9 bytes; measured = resident-memory growth on allocation)")
-    print(f"{'dataset':<14} {'N x C':>14} {'layout':<11} {'computed GB':>12} {'measured GB':>12}")
-    for row in rows:
-        measured = "-" if row["measured_bytes"] is None else f"{row['measured_bytes'] / 1e9:.4f}"
-        size = f"{row['samples']} x {row['classes']}"
-        print(f"{row['dataset']:<14} {size:>14} {row['layout']:<11} {row['computed_bytes'] / 1e9:>12.4f} {measured:>12}")
+    print_table(
+        rows,
+        [
+            ("dataset", "dataset", "<"),
+            ("N x C", lambda row: f"{row['samples']} x {row['classes']}", ""),
+            ("layout", "layout", "<"),
+            ("computed GB", lambda row: row["computed_bytes"] / 1e9, ".4f"),
+            ("measured GB", lambda row: None if row["measured_bytes"] is None else row["measured_bytes"] / 1e9, ".4f"),
+        ],
+        "Memory of a bank with T = 3 (GB = 1e9 bytes; measured = resident-memory growth on allocation)",
+    )
 
 
 # ----------------------------------------------------------------------------------- speed
@@ -179,17 +151,16 @@ def speed_rows(device: str, quick: bool) -> List[dict]:
             }
             with mkfkit.value_checks(False):
                 for operation, fn in operations.items():
-                    seconds = median_time(fn, caller, repeats)
                     rows.append(dict(device=caller, placement=where, operation=operation,
-                                     layout=layout_name(storage, k), ms=seconds * 1e3))
+                                     layout=layout_name(storage, k), ms=median_time(fn, caller, repeats, 2)))
             if storage == "float32" and bank_device == device:
-                seconds = median_time(operations["update mixed, linear"], caller, repeats)
+                ms = median_time(operations["update mixed, linear"], caller, repeats, 2)
                 rows.append(dict(device=caller, placement=where, operation="update mixed, linear (value checks on)",
-                                 layout="float32", ms=seconds * 1e3))
+                                 layout="float32", ms=ms))
                 store = torch.full((samples, classes), 1 / classes, device=device)
-                seconds = median_time(lambda: naive_update(store, probs, index_a, 0.5), caller, max(3, repeats // 4), 1)
+                ms = median_time(lambda: naive_update(store, probs, index_a, 0.5), caller, max(3, repeats // 4), 1)
                 rows.append(dict(device=caller, placement=where, operation="update unmixed, per-row Python loop",
-                                 layout="float32", ms=seconds * 1e3))
+                                 layout="float32", ms=ms))
             del bank
     reference = {(r["placement"], r["operation"]): r["ms"] for r in rows if r["layout"] == "float32"}
     for row in rows:
@@ -200,11 +171,12 @@ def speed_rows(device: str, quick: bool) -> List[dict]:
 
 
 def print_speed(rows: List[dict]) -> None:
-    print("\nSpeed, B = 512, C = 1000, T = 3 (median ms; ratio to the float32 bank, same operation)")
-    print(f"{'placement':<25} {'operation':<40} {'layout':<10} {'ms':>9} {'x float32':>10}")
-    for row in rows:
-        ratio = "-" if row["vs_float32"] is None else f"{row['vs_float32']:.2f}"
-        print(f"{row['placement']:<25} {row['operation']:<40} {row['layout']:<10} {row['ms']:>9.3f} {ratio:>10}")
+    print_table(
+        rows,
+        [("placement", "placement", "<"), ("operation", "operation", "<"), ("layout", "layout", "<"),
+         ("ms", "ms", ".3f"), ("x float32", "vs_float32", ".2f")],
+        "Speed, B = 512, C = 1000, T = 3 (median ms; ratio to the float32 bank, same operation)",
+    )
 
 
 # ----------------------------------------------------------------------------------- top-k error
@@ -293,11 +265,13 @@ def kl_rows(p: Tensor, q: Tensor) -> Tensor:
 
 
 def print_topk(rows: List[dict]) -> None:
-    print("\nError of compact layouts on training outputs: KL(target_float32 || target_layout), nats")
-    print(f"{'source':<26} {'layout':<10} {'mean KL':>10} {'p99 KL':>10} {'max KL':>10} {'KD loss':>9} {'train acc':>9}")
-    for row in rows:
-        print(f"{row['source']:<26} {row['layout']:<10} {row['kl_mean']:>10.2e} {row['kl_p99']:>10.2e} "
-              f"{row['kl_max']:>10.2e} {row['kd_loss']:>9.3f} {row['train_accuracy']:>9.3f}")
+    print_table(
+        rows,
+        [("source", "source", "<"), ("layout", "layout", "<"), ("mean KL", "kl_mean", ".2e"),
+         ("p99 KL", "kl_p99", ".2e"), ("max KL", "kl_max", ".2e"), ("KD loss", "kd_loss", ".3f"),
+         ("train acc", "train_accuracy", ".3f")],
+        "Error of compact layouts on training outputs: KL(target_float32 || target_layout), nats",
+    )
 
 
 def main() -> None:
@@ -312,7 +286,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"torch {torch.__version__}; " + "; ".join(f"{d}: {device_name(d)}" for d in devices))
+    for device in devices:
+        print(f"{device}: {device_report(device)}")
     memory = memory_rows(args.quick, args.max_measure_gb)
     print_memory(memory)
     speed = [row for device in devices for row in speed_rows(device, args.quick)]
@@ -320,11 +295,7 @@ def main() -> None:
     topk = topk_error_rows(args.quick)
     print_topk(topk)
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"torch": torch.__version__, "devices": {d: device_name(d) for d in devices},
-                   "quick": args.quick, "memory": memory, "speed": speed, "topk_error": topk}, f, indent=2)
-    print(f"wrote {args.json}")
+    write_json(args.json, {"quick": args.quick, "memory": memory, "speed": speed, "topk_error": topk})
 
 
 if __name__ == "__main__":

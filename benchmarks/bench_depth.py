@@ -21,48 +21,20 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import time
+import sys
 from typing import Callable, Dict, List
 
 import torch
 from torch import nn
 
-from mkfkit.depth import DepthSampler
-from mkfkit.models import ResNet
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import device_name, device_report, median_time, print_table, write_json  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
-
-
-def timed(fn: Callable[[], None], device: str) -> float:
-    """Wall time of one call of ``fn`` in seconds (CUDA synchronised around it)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+from mkfkit.depth import DepthSampler  # noqa: E402
+from mkfkit.models import ResNet  # noqa: E402
 
 
 def build_models(quick: bool) -> Dict[str, tuple]:
@@ -82,13 +54,13 @@ def build_models(quick: bool) -> Dict[str, tuple]:
 
 
 def paired_times(fn: Callable[[], None], sampler: DepthSampler, subnet, device: str, repeats: int):
-    """Median times of ``fn`` on the full network and on ``subnet``, measured alternately."""
+    """Median times (ms) of ``fn`` on the full network and on ``subnet``, one call of each in turn."""
     full, sub = [], []
     for i in range(repeats + 1):  # the first round warms both up
         with sampler.full():
-            t_full = timed(fn, device)
+            t_full = median_time(fn, device, repeats=1, warmup=0)
         with sampler.apply(subnet):
-            t_sub = timed(fn, device)
+            t_sub = median_time(fn, device, repeats=1, warmup=0)
         if i > 0:
             full.append(t_full)
             sub.append(t_sub)
@@ -135,10 +107,10 @@ def bench_model(
         record["fraction"].append(subnet.active_fraction)
         for mode, fn, training in (("forward", forward, False), ("train", train_step, True)):
             model.train(training)
-            full_s, sub_s = paired_times(fn, sampler, subnet, device, args.repeats)
-            record[f"{mode}_full"].append(full_s)
-            record[f"{mode}_sub"].append(sub_s)
-            record[f"{mode}_ratio"].append(sub_s / full_s)
+            full_ms, sub_ms = paired_times(fn, sampler, subnet, device, args.repeats)
+            record[f"{mode}_full"].append(full_ms)
+            record[f"{mode}_sub"].append(sub_ms)
+            record[f"{mode}_ratio"].append(sub_ms / full_ms)
     rows = []
     for group, record in per_group.items():
         row = {
@@ -153,27 +125,21 @@ def bench_model(
             "active_fraction": statistics.mean(record["fraction"]),
         }
         for mode in ("forward", "train"):
-            row[f"{mode}_ms"] = 1e3 * statistics.median(record[f"{mode}_sub"])
-            row[f"{mode}_full_ms"] = 1e3 * statistics.median(record[f"{mode}_full"])
+            row[f"{mode}_ms"] = statistics.median(record[f"{mode}_sub"])
+            row[f"{mode}_full_ms"] = statistics.median(record[f"{mode}_full"])
             row[f"{mode}_ratio"] = statistics.median(record[f"{mode}_ratio"])
         rows.append(row)
     return rows
 
 
-def print_table(rows: List[dict]) -> None:
-    header = (
-        f"{'model':<15} {'device':<6} {'batch':>5} {'group':>5} {'active':>7} {'fwd ms':>9} "
-        f"{'full ms':>9} {'ratio':>6} {'train ms':>9} {'full ms':>9} {'ratio':>6}"
+def print_rows(rows: List[dict]) -> None:
+    print_table(
+        rows,
+        [("model", "model", "<"), ("device", "device", "<"), ("batch", "batch", ""), ("group", "group", ""),
+         ("active", "active_fraction", ".3f"), ("fwd ms", "forward_ms", ".2f"), ("full ms", "forward_full_ms", ".2f"),
+         ("ratio", "forward_ratio", ".3f"), ("train ms", "train_ms", ".2f"), ("full ms", "train_full_ms", ".2f"),
+         ("ratio", "train_ratio", ".3f")],
     )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['model']:<15} {r['device']:<6} {r['batch']:>5} {r['group']:>5} "
-            f"{r['active_fraction']:>7.3f} {r['forward_ms']:>9.2f} {r['forward_full_ms']:>9.2f} "
-            f"{r['forward_ratio']:>6.3f} {r['train_ms']:>9.2f} {r['train_full_ms']:>9.2f} "
-            f"{r['train_ratio']:>6.3f}"
-        )
 
 
 def main() -> None:
@@ -192,10 +158,8 @@ def main() -> None:
     if devices and devices[-1] == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    print(
-        f"torch {torch.__version__}; devices: "
-        + "; ".join(f"{d}: {device_name(d)}" for d in devices)
-    )
+    for device in devices:
+        print(f"{device}: {device_report(device)}")
     print(
         "DepthSampler defaults (drop_rate=0.25, growth=4, max_drop_fraction=0.5), "
         f"num_groups={args.groups}"
@@ -204,11 +168,8 @@ def main() -> None:
     for device in devices:
         for name, (factory, shape) in build_models(args.quick).items():
             rows += bench_model(name, factory, shape, device, args)
-    print_table(rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"torch": torch.__version__, "quick": args.quick, "rows": rows}, f, indent=2)
-    print(f"wrote {args.json}")
+    print_rows(rows)
+    write_json(args.json, {"quick": args.quick, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ Compares, on the same random instances (float32, value checks off while timing):
 * ``cvx_scs`` / ``cvx_clarabel`` -- the same QP through cvxpylayers (the paper's route)
 
 for B in {64, 256, 512} and C in {10, 100, 1000}, forward and forward+backward, on CPU and CUDA.
-Times are medians; ratios are to OPT2 (raw) and to the exact QP. Accuracy: max |error| of each
+Times are medians; ratios are to OPT2 (raw) and to the exact QP. Two timings per cell: "sync"
+synchronises the device around every call (latency of one call, launch overhead included);
+"loop" times 20 back-to-back calls between two CUDA events (throughput in a training loop,
+where the host queues the next call while the GPU runs). cvxpylayers gets the "sync" timing only. Accuracy: max |error| of each
 strategy's (a, b) against the exact QP solved in float64, and the share of raw OPT2 rows that
 leave [0, 1].
 
@@ -20,31 +23,18 @@ leave [0, 1].
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import time
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-import mkfkit
-from mkfkit.fraction import LinearFraction, QPFraction
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import device_report, loop_time, median_time, print_table, write_json  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+import mkfkit  # noqa: E402
+from mkfkit.fraction import LinearFraction, QPFraction  # noqa: E402
 
 
 def make_instance(batch, num_classes, device, seed=0):
@@ -67,21 +57,6 @@ def triton_status(device: str) -> tuple[bool, str]:
     if not _triton.available(torch.device(device)):
         return False, f"Triton not available on {device}"
     return True, ""
-
-
-def time_call(fn, device: str, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs, with device synchronisation."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run_strategy(strategy, inputs, backward: bool):
@@ -133,16 +108,9 @@ def main() -> None:
         except ImportError:
             print("cvxpylayers: skipped (not installed; pip install mkfkit[qp])")
 
-    environment = {
-        "torch": torch.__version__,
-        "cpu": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "quick": args.quick,
-        "repeats": repeats,
-        "cvxpylayers_repeats": cvx_repeats,
-    }
-    print(f"torch {environment['torch']} | CPU: {environment['cpu']} ({environment['threads']} threads) | GPU: {environment['gpu']}")
+    settings = {"quick": args.quick, "repeats": repeats, "cvxpylayers_repeats": cvx_repeats}
+    for device in devices:
+        print(f"{device}: {device_report(device)}")
     results = []
     warnings.simplefilter("ignore")  # cvxpylayers/cvxpy chatter
     for device in devices:
@@ -175,7 +143,7 @@ def main() -> None:
                                           f"estimated {estimate:.0f} s per call > --cvx-budget {cvx_budget:g} s")
                                     row[key] = None
                                     continue
-                            seconds = time_call(
+                            seconds = 1e-3 * median_time(
                                 lambda: outputs.append(run_strategy(strategy, inputs32, backward)),
                                 device,
                                 cvx_repeats if name in cvx else repeats,
@@ -183,6 +151,10 @@ def main() -> None:
                             )
                             per_row.setdefault((num_classes, backward, name), seconds / batch)
                             row[key] = seconds
+                            if name not in cvx:
+                                row[key.replace("_s", "_loop_s")] = 1e-3 * loop_time(
+                                    lambda: run_strategy(strategy, inputs32, backward), device, repeats
+                                )
                         if outputs:
                             out = outputs[0]
                             row[f"{name}_max_err"] = max(
@@ -191,11 +163,8 @@ def main() -> None:
                             )
                 results.append(row)
                 print_row(row, list(device_strategies) + list(cvx))
-    print_table(results, list(strategies) + ["triton"] + list(cvx))
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": environment, "results": results}, indent=2))
-    print(f"wrote {os.path.relpath(path)}")
+    print_tables(results, list(strategies) + ["triton"] + list(cvx))
+    write_json(args.json, {"settings": settings, "results": results})
 
 
 def print_row(row, names) -> None:
@@ -203,35 +172,39 @@ def print_row(row, names) -> None:
     print(f"[{row['device']}] B={row['B']:4d} C={row['C']:5d} fwd: " + " ".join(cells), flush=True)
 
 
-def print_table(results, names) -> None:
+def print_tables(results, names) -> None:
     def fmt_ms(value):
         return "-" if value is None else f"{value * 1e3:9.3f}"
 
     def ratio(value, base):
         return "-" if value is None or not base else f"{value / base:8.1f}x"
 
-    for mode in ("fwd", "fwdbwd"):
-        print(f"\nMedian time in ms ({'forward' if mode == 'fwd' else 'forward + backward'}); "
-              "ratio to OPT2 raw / to exact QP")
-        present = [n for n in names if any(r.get(f"{n}_{mode}_s") is not None for r in results)]
-        header = f"{'device':6} {'B':>4} {'C':>5} | " + " | ".join(f"{n:>30}" for n in present)
-        print(header)
-        print("-" * len(header))
-        for r in results:
-            base, exact = r.get(f"opt2_raw_{mode}_s"), r.get(f"exact_{mode}_s")
-            cells = []
-            for n in present:
-                value = r.get(f"{n}_{mode}_s")
-                cells.append(f"{fmt_ms(value)} {ratio(value, base)} {ratio(value, exact)}".rjust(30))
-            print(f"{r['device']:6} {r['B']:>4} {r['C']:>5} | " + " | ".join(cells))
-    print("\nAccuracy: max |error| vs the exact QP in float64 (inputs float32); share of raw OPT2 rows leaving [0, 1]")
+    def timing(name, key):
+        def cell(r):
+            value = r.get(f"{name}_{key}")
+            base, exact = r.get(f"opt2_raw_{key}"), r.get(f"exact_{key}")
+            return f"{fmt_ms(value)} {ratio(value, base)} {ratio(value, exact)}"
+
+        return cell
+
+    instance = [("device", "device", "<"), ("B", "B", ""), ("C", "C", "")]
+    timings = {"s": "synchronised around every call", "loop_s": "20 calls back to back, no sync"}
+    for suffix, how in timings.items():
+        for mode in ("fwd", "fwdbwd"):
+            key = f"{mode}_{suffix}"
+            present = [n for n in names if any(r.get(f"{n}_{key}") is not None for r in results)]
+            print_table(
+                results,
+                instance + [(n, timing(n, key), "") for n in present],
+                f"Median time per call in ms ({'forward' if mode == 'fwd' else 'forward + backward'}; "
+                f"{how}); ratio to OPT2 raw / to exact QP",
+            )
     present = [n for n in names if any(f"{n}_max_err" in r for r in results)]
-    header = f"{'device':6} {'B':>4} {'C':>5} | {'OPT2 rows out':>13} | " + " | ".join(f"{n:>12}" for n in present)
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        cells = [f"{r[f'{n}_max_err']:12.2e}" if f"{n}_max_err" in r else f"{'-':>12}" for n in present]
-        print(f"{r['device']:6} {r['B']:>4} {r['C']:>5} | {r['opt2_rows_leaving_01']:13.1%} | " + " | ".join(cells))
+    print_table(
+        results,
+        instance + [("OPT2 rows out", "opt2_rows_leaving_01", ".1%")] + [(n, f"{n}_max_err", ".2e") for n in present],
+        "Accuracy: max |error| vs the exact QP in float64 (inputs float32); share of raw OPT2 rows leaving [0, 1]",
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ host synchronisation is impossible. Shape, dtype and device checks cost nothing 
 from __future__ import annotations
 
 import contextlib
+from collections import abc
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -231,3 +232,56 @@ def as_lam(lam: Union[float, Tensor], batch: int, like: Tensor, name: str = "lam
         return lam.to(like.dtype)
     check_in_range(lam, name, 0.0, 1.0)
     return torch.full((batch,), float(lam), dtype=like.dtype, device=like.device)
+
+
+def check_tensor_list(
+    values: object,
+    name: str,
+    spec: Optional[str] = None,
+    ndim: Optional[int] = None,
+    *,
+    item: str = "tensor",
+    minimum: int = 1,
+    count: Optional[int] = None,
+    per: str = "branch",
+    same: Optional[str] = None,
+    any_iterable: bool = False,
+) -> list[Tensor]:
+    """Check a list of tensors and return it as a list.
+
+    ``values`` must be a list or tuple (with ``any_iterable=True``: any iterable but a tensor)
+    holding exactly ``count`` entries ("one ``item`` per ``per``") or, without ``count``, at
+    least ``minimum`` of them. With ``spec`` (e.g. ``"Tensor[B, K]"``) and ``ndim``, every entry
+    must be a floating-point tensor of ``ndim`` dimensions on the device of entry 0, and
+    ``same="batch"`` / ``"shape"`` asks for the batch size / the whole shape of entry 0.
+    Without ``spec`` only the container and the count are checked.
+    """
+    container = "sequence" if any_iterable else "list or tuple"
+    allowed = isinstance(values, abc.Iterable) if any_iterable else isinstance(values, (list, tuple))
+    if isinstance(values, Tensor) or not allowed:
+        raise TypeError(f"`{name}` must be a {container} of {spec or item + 's'}, but got {describe(values)}")
+    values = list(values)
+    if count is not None and len(values) != count:
+        raise ValueError(f"`{name}` must hold one {item} per {per} ({count}), but got {len(values)}")
+    if len(values) < minimum:
+        number = "one" if minimum == 1 else str(minimum)
+        raise ValueError(
+            f"`{name}` must hold at least {number} {item}{'s' if minimum > 1 else ''}, but got {len(values)}"
+        )
+    if spec is None:
+        return values
+    check_choice(same, "same", (None, "batch", "shape"))
+    first = f"{name}[0]"
+    for index, value in enumerate(values):
+        entry = f"{name}[{index}]"
+        check_floating(value, entry)
+        check_shape(value, entry, (None,) * ndim, spec)
+        if same == "shape":
+            check_same_shape(value, entry, values[0], first)
+        elif same == "batch" and value.shape[0] != values[0].shape[0]:
+            raise ValueError(
+                f"`{entry}` must have the batch size of `{first}` ({values[0].shape[0]}), "
+                f"but got {value.shape[0]}"
+            )
+        check_same_device(value, entry, values[0], first)
+    return values

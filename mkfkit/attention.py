@@ -27,7 +27,7 @@ from mkfkit._checks import (
     check_positive_int,
     check_same_device,
     check_shape,
-    describe,
+    check_tensor_list,
 )
 from mkfkit.distill import compute_dtype
 
@@ -46,23 +46,9 @@ def _check_feature_map(features: Tensor, name: str) -> Tensor:
 
 
 def _check_feature_list(features: Iterable[Tensor], name: str, minimum: int) -> list[Tensor]:
-    if isinstance(features, Tensor) or not isinstance(features, Iterable):
-        raise TypeError(f"`{name}` must be a sequence of Tensor[B, C, H, W], but got {describe(features)}")
-    features = list(features)
-    if len(features) < minimum:
-        raise ValueError(
-            f"`{name}` must hold at least {minimum} feature map{'s' if minimum > 1 else ''}, "
-            f"but got {len(features)}"
-        )
-    for index, feature in enumerate(features):
-        _check_feature_map(feature, f"{name}[{index}]")
-        if feature.shape[0] != features[0].shape[0]:
-            raise ValueError(
-                f"`{name}[{index}]` must have the batch size of `{name}[0]` ({features[0].shape[0]}), "
-                f"but got {feature.shape[0]}"
-            )
-        check_same_device(feature, f"{name}[{index}]", features[0], f"{name}[0]")
-    return features
+    return check_tensor_list(
+        features, name, "Tensor[B, C, H, W]", 4, item="feature map", minimum=minimum, same="batch", any_iterable=True
+    )
 
 
 def _check_p(p: float) -> float:

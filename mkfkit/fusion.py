@@ -24,6 +24,7 @@ from mkfkit._checks import (
     check_positive_int,
     check_same_device,
     check_shape,
+    check_tensor_list,
     describe,
 )
 from mkfkit.distill import compute_dtype, kd_loss
@@ -37,28 +38,9 @@ __all__ = [
 ]
 
 
-def _check_list(values: Sequence[Tensor], name: str, count: Optional[int] = None) -> list[Tensor]:
-    if isinstance(values, Tensor) or not isinstance(values, (list, tuple)):
-        raise TypeError(f"`{name}` must be a list or tuple of tensors, but got {describe(values)}")
-    if len(values) == 0 or (count is not None and len(values) != count):
-        expected = "at least one tensor" if count is None else f"one tensor per branch ({count})"
-        raise ValueError(f"`{name}` must hold {expected}, but got {len(values)}")
-    return list(values)
-
-
 def _check_logits_list(logits: Sequence[Tensor], name: str, count: Optional[int] = None) -> Tensor:
     """Validate a list of Tensor[B, K] and return them stacked as Tensor[n, B, K]."""
-    logits = _check_list(logits, name, count)
-    for index, value in enumerate(logits):
-        check_floating(value, f"{name}[{index}]")
-        check_shape(value, f"{name}[{index}]", (None, None), "Tensor[B, K]")
-        if value.shape != logits[0].shape:
-            raise ValueError(
-                f"`{name}[{index}]` must have the shape of `{name}[0]` {tuple(logits[0].shape)}, "
-                f"but got {tuple(value.shape)}"
-            )
-        check_same_device(value, f"{name}[{index}]", logits[0], f"{name}[0]")
-    return torch.stack(logits)
+    return torch.stack(check_tensor_list(logits, name, "Tensor[B, K]", 2, count=count, same="shape"))
 
 
 class FeatureFusionTeacher(nn.Module):
@@ -149,7 +131,7 @@ class FeatureFusionTeacher(nn.Module):
         self.detach_logits = detach_logits
 
     def forward(self, features: Sequence[Tensor], logits: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        features = _check_list(features, "features", self.num_branches)
+        features = check_tensor_list(features, "features", count=self.num_branches)
         for index, (feature, channels) in enumerate(zip(features, self.in_channels)):
             name = f"features[{index}]"
             check_floating(feature, name)

@@ -50,3 +50,55 @@ def test_as_lam_broadcasts_number_and_checks_tensor():
     assert lam.dtype == torch.float64 and lam.tolist() == [0.25] * 3
     with pytest.raises(ValueError, match=r"`lam` must be a number or Tensor\[B\] with B = 3"):
         _checks.as_lam(torch.zeros(2), 3, like)
+
+
+def test_tensor_list_returns_a_list_of_the_same_tensors():
+    a, b = torch.zeros(2, 3), torch.ones(2, 3)
+    checked = _checks.check_tensor_list((a, b), "xs", "Tensor[B, K]", 2, same="shape")
+    assert isinstance(checked, list) and len(checked) == 2
+    assert checked[0] is a and checked[1] is b
+    # any_iterable accepts a generator; without spec only the container and count are checked
+    generated = _checks.check_tensor_list((t for t in (a, b)), "xs", any_iterable=True)
+    assert generated[0] is a and generated[1] is b
+    assert _checks.check_tensor_list([torch.zeros(3, dtype=torch.long)], "xs", count=1)[0].dtype == torch.long
+
+
+def test_tensor_list_container_and_count_messages():
+    x = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match=r"`xs` must be a list or tuple of tensors, but got Tensor"):
+        _checks.check_tensor_list(x, "xs")
+    with pytest.raises(TypeError, match=r"`xs` must be a list or tuple of Tensor\[B, K\], but got"):
+        _checks.check_tensor_list((t for t in [x]), "xs", "Tensor[B, K]", 2)
+    with pytest.raises(TypeError, match=r"`xs` must be a sequence of tensors, but got 3 \(int\)"):
+        _checks.check_tensor_list(3, "xs", any_iterable=True)
+    with pytest.raises(ValueError, match=r"`xs` must hold at least one tensor, but got 0"):
+        _checks.check_tensor_list([], "xs")
+    with pytest.raises(ValueError, match=r"`xs` must hold at least 3 maps, but got 2"):
+        _checks.check_tensor_list([x, x], "xs", item="map", minimum=3)
+    with pytest.raises(ValueError, match=r"`xs` must hold one tensor per head \(2\), but got 1"):
+        _checks.check_tensor_list([x], "xs", count=2, per="head")
+
+
+def test_tensor_list_entry_messages():
+    x = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match=r"`xs\[1\]` must be a torch.Tensor, but got 1.0 \(float\)"):
+        _checks.check_tensor_list([x, 1.0], "xs", "Tensor[B, K]", 2)
+    with pytest.raises(TypeError, match=r"`xs\[0\]` must have a floating-point dtype, but got torch.int64"):
+        _checks.check_tensor_list([x.long()], "xs", "Tensor[B, K]", 2)
+    with pytest.raises(ValueError, match=r"`xs\[1\]` must be a Tensor\[B, K\], but got shape \(3,\)"):
+        _checks.check_tensor_list([x, x[0]], "xs", "Tensor[B, K]", 2)
+    with pytest.raises(ValueError, match=r"`xs\[1\]` must have the shape of `xs\[0\]` \(2, 3\), but got \(2, 4\)"):
+        _checks.check_tensor_list([x, torch.zeros(2, 4)], "xs", "Tensor[B, K]", 2, same="shape")
+    with pytest.raises(ValueError, match=r"`xs\[1\]` must have the batch size of `xs\[0\]` \(2\), but got 5"):
+        _checks.check_tensor_list([x, torch.zeros(5, 4)], "xs", "Tensor[B, K]", 2, same="batch")
+    # same="batch" lets the other sizes differ; same=None lets the batch size differ too
+    assert len(_checks.check_tensor_list([x, torch.zeros(2, 4)], "xs", "Tensor[B, K]", 2, same="batch")) == 2
+    assert len(_checks.check_tensor_list([x, torch.zeros(5, 4)], "xs", "Tensor[B, K]", 2)) == 2
+    with pytest.raises(ValueError, match=r"`same` must be one of None, 'batch', 'shape', but got 'size'"):
+        _checks.check_tensor_list([x], "xs", "Tensor[B, K]", 2, same="size")
+
+
+def test_tensor_list_device_message():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"`xs\[1\]` must be on the device of `xs\[0\]` \(cpu\), but got meta"):
+        _checks.check_tensor_list([x, x.to("meta")], "xs", "Tensor[B, K]", 2, same="shape")
