@@ -8,7 +8,10 @@
    fraction, where every row appears twice, once per side) and ``target`` (mixed), per storage
    layout, on the CPU and on CUDA when available (value checks off: the hot-path setting; one
    row with checks on). Also a bank on the CPU serving a CUDA caller, and the per-row Python loop
-   of PS-KD-style code as a baseline.
+   of PS-KD-style code as a baseline. A dense bank on CUDA takes the fused Triton path there
+   (``backend="auto"``); a second table compares it with ``backend="torch"`` (CUDA only; skipped
+   with a printed reason otherwise), timed per call with a synchronisation and as 20
+   back-to-back calls between CUDA events.
 3. **Top-k error**: the KL divergence ``KL(target_float32 || target_layout)`` of composite
    targets (random partners, ``lam ~ Beta(1, 1)``) after training, where every bank was fed the
    same outputs. The outputs are real training outputs of small models trained here with
@@ -39,7 +42,7 @@ from torch import Tensor, nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import device_report, median_time, print_table, write_json  # noqa: E402
+from _common import device_report, loop_time, median_time, print_table, write_json  # noqa: E402
 
 import mkfkit  # noqa: E402
 from mkfkit.bank import KnowledgeBank  # noqa: E402
@@ -179,6 +182,62 @@ def print_speed(rows: List[dict]) -> None:
     )
 
 
+def fused_rows(quick: bool) -> List[dict]:
+    """The fused Triton path (backend="triton") against the torch path, bank and batch on CUDA."""
+    try:
+        from mkfkit import _triton
+    except ImportError as error:
+        print(f"fused bank path: skipped (mkfkit._triton not importable: {error})")
+        return []
+    if not torch.cuda.is_available() or not _triton.available("cuda"):
+        print("fused bank path: skipped (needs a CUDA device and Triton)")
+        return []
+    samples, classes, batch = (10_000 if quick else 50_000), 1000, 512
+    repeats = 5 if quick else 20
+    generator = torch.Generator().manual_seed(0)
+    index_a = torch.randperm(samples, generator=generator)[:batch].cuda()
+    index_b = index_a[torch.randperm(batch, generator=generator).cuda()]
+    lam = torch.distributions.Beta(1.0, 1.0).sample((batch,)).cuda()
+    probs = torch.softmax(3 * torch.randn(batch, classes, generator=generator), dim=1).cuda()
+    warm = torch.softmax(torch.randn(samples, classes, generator=generator), 1).cuda()
+    linear, qp = LinearFraction(), QPFraction()
+    rows = []
+    for storage in ("float32", "bfloat16"):
+        banks = {}
+        for backend in ("torch", "triton"):
+            banks[backend] = KnowledgeBank(samples, classes, 3, storage=storage, device="cuda", backend=backend)
+            banks[backend].update(1, warm, torch.arange(samples, device="cuda"))
+        for operation, call in {
+            "update unmixed": lambda bank: bank.update(1, probs, index_a),
+            "update mixed, linear": lambda bank: bank.update(1, probs, index_a, index_b, lam, linear),
+            "update mixed, exact QP": lambda bank: bank.update(1, probs, index_a, index_b, lam, qp),
+            "target mixed": lambda bank: bank.target(1, index_a, index_b, lam),
+        }.items():
+            row = dict(layout=storage, operation=operation)
+            with mkfkit.value_checks(False):
+                for backend, bank in banks.items():
+                    row[f"{backend}_ms"] = median_time(lambda: call(bank), "cuda", repeats, 2)
+                    row[f"{backend}_loop_ms"] = loop_time(lambda: call(bank), "cuda", repeats)
+            row["speedup"] = row["torch_ms"] / row["triton_ms"]
+            row["speedup_loop"] = row["torch_loop_ms"] / row["triton_loop_ms"]
+            rows.append(row)
+        del banks
+    return rows
+
+
+def print_fused(rows: List[dict]) -> None:
+    if rows:
+        print_table(
+            rows,
+            [("layout", "layout", "<"), ("operation", "operation", "<"),
+             ("torch ms", "torch_ms", ".3f"), ("fused ms", "triton_ms", ".3f"), ("speedup", "speedup", ".1f"),
+             ("torch loop", "torch_loop_ms", ".3f"), ("fused loop", "triton_loop_ms", ".3f"),
+             ("speedup", "speedup_loop", ".1f")],
+            "Fused Triton path vs torch path, bank on CUDA, B = 512, C = 1000 (median ms per call; "
+            "'ms': synchronised around each call, 'loop': 20 calls back to back between CUDA events)",
+        )
+
+
 # ----------------------------------------------------------------------------------- top-k error
 
 
@@ -292,10 +351,12 @@ def main() -> None:
     print_memory(memory)
     speed = [row for device in devices for row in speed_rows(device, args.quick)]
     print_speed(speed)
+    fused = fused_rows(args.quick)
+    print_fused(fused)
     topk = topk_error_rows(args.quick)
     print_topk(topk)
 
-    write_json(args.json, {"quick": args.quick, "memory": memory, "speed": speed, "topk_error": topk})
+    write_json(args.json, {"quick": args.quick, "memory": memory, "speed": speed, "fused": fused, "topk_error": topk})
 
 
 if __name__ == "__main__":

@@ -49,8 +49,11 @@ one that writes the gradients. The gradient with respect to ``lam`` is zero in r
 
 Arithmetic is float32 for float32/bfloat16/float16 inputs (float64 stays float64); outputs
 have the input dtype. No host-device synchronisation, no atomics; the forward and the
-backward are one launch each, registered as the custom ops ``mkfkit::qp_fraction`` and
-``mkfkit::qp_fraction_backward`` so ``torch.compile(fullgraph=True)`` keeps them in its graph.
+backward are one launch each. Under ``torch.compile`` they are the custom ops
+``mkfkit::qp_fraction`` and ``mkfkit::qp_fraction_backward`` (so ``fullgraph=True`` keeps them
+in its graph); in eager mode the same launches run from a plain ``torch.autograd.Function``
+(or directly, when no input needs a gradient), which costs far less host time per call than
+a trip through the dispatcher to a Python custom op.
 
 CPU tensors are accepted only under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 Triton is imported; slow, meant for tests without a GPU).
@@ -59,10 +62,12 @@ Triton is imported; slow, meant for tests without a GPU).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from mkfkit._checks import (
     check_floating,
@@ -89,6 +94,9 @@ _CHUNK = 2048
 _TILE = 1024
 # Safeguard on the number of passes; bisection alone needs about 25 (float32) or 54 (float64).
 _MAX_ITERATIONS = {torch.float32: 64, torch.float64: 128}
+_SOLVER_CONSTANTS = {
+    dtype: dict(EPS=torch.finfo(dtype).eps, MAX_ITERATIONS=cap) for dtype, cap in _MAX_ITERATIONS.items()
+}
 _TL_DTYPES = {} if triton is None else {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -442,7 +450,10 @@ def _qp_fraction_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launching
+# Launching. The eager path (an autograd.Function, or a bare launch when no gradient is needed)
+# and the custom ops that torch.compile sees call the same two launch helpers. The per-call
+# host work is kept to allocating the outputs and one kernel launch: launch settings are cached
+# per shape and dtype, and the current-device guard is skipped when it is already right.
 
 # Under TRITON_INTERPRET=1 (read when Triton is imported) triton.jit returns interpreted kernels.
 _INTERPRETED = triton is not None and not isinstance(_qp_fraction_fwd_kernel, JITFunction)
@@ -460,7 +471,17 @@ def _launch_config(n_rows: int, n_cols: int) -> Tuple[int, int, bool, int]:
     return rows, block, single_block, min(max(rows * block // 256, 1), 16)
 
 
-def _kernel(name: str, device: torch.device):
+@functools.lru_cache(maxsize=1024)
+def _launch_settings(n_rows: int, n_cols: int, dtype: torch.dtype) -> Tuple[Tuple[int], dict]:
+    """Grid and constexpr/launch keywords shared by the forward and backward kernels."""
+    rows, block, single_block, num_warps = _launch_config(n_rows, n_cols)
+    compute = _compute_dtype(dtype)
+    meta = dict(COMPUTE=_TL_DTYPES[compute], ROWS=rows, BLOCK=block, SINGLE_BLOCK=single_block,
+                num_warps=num_warps)
+    return (triton.cdiv(n_rows, rows),), meta
+
+
+def _check_runnable(device: torch.device) -> None:
     if triton is None:
         raise ImportError("mkfkit's fused kernels need Triton: pip install 'mkfkit[triton]'")
     if device.type != "cuda" and not _INTERPRETED:
@@ -469,42 +490,83 @@ def _kernel(name: str, device: torch.device):
             f"interpreter (TRITON_INTERPRET=1 set before Triton is imported), but got a "
             f"{device.type} tensor"
         )
-    return globals()[name]
+
+
+_NO_GUARD = contextlib.nullcontext()
 
 
 def _on_device(device: torch.device):
-    # Triton launches on the current CUDA device; make it the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it the tensors' device (if it is not)."""
+    _check_runnable(device)
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
 
 
 def _launch_forward(
     mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, count_iterations: bool = False
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    kernel = _kernel("_qp_fraction_fwd_kernel", mixed.device)
+    """``(a, b, tau, iterations)``; ``iterations`` is written only with ``count_iterations``."""
     n_rows, n_cols = mixed.shape
     compute = _compute_dtype(mixed.dtype)
     a = mixed.new_empty((n_rows, n_cols))
     b = mixed.new_empty((n_rows, n_cols))
     tau = mixed.new_empty((2, n_rows), dtype=compute)
-    # Written only when counting; otherwise `tau` stands in for the unused pointer.
+    # Otherwise `tau` stands in for the unused pointer.
     iterations = mixed.new_empty((n_rows,), dtype=torch.int32) if count_iterations else tau
     if n_rows == 0:
         return a, b, tau, iterations
-    rows, block, single_block, num_warps = _launch_config(n_rows, n_cols)
+    grid, meta = _launch_settings(n_rows, n_cols, mixed.dtype)
     with _on_device(mixed.device):
-        kernel[(triton.cdiv(n_rows, rows),)](
+        _qp_fraction_fwd_kernel[grid](
             mixed, base_a, base_b, lam, a, b, tau, iterations,
             n_rows, n_cols, *mixed.stride(), *base_a.stride(), *base_b.stride(), lam.stride(0),
-            COMPUTE=_TL_DTYPES[compute], EPS=torch.finfo(compute).eps,
-            MAX_ITERATIONS=_MAX_ITERATIONS[compute], ROWS=rows, BLOCK=block,
-            SINGLE_BLOCK=single_block, COUNT_ITERATIONS=count_iterations, num_warps=num_warps,
+            COUNT_ITERATIONS=count_iterations, **_SOLVER_CONSTANTS[compute], **meta,
         )
     return a, b, tau, iterations
+
+
+def _launch_backward(
+    grad_a: Tensor, grad_b: Tensor, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor,
+    tau: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``mixed``, ``base_a``, ``base_b`` and ``lam``."""
+    n_rows, n_cols = mixed.shape
+    d_mixed = mixed.new_empty((n_rows, n_cols))
+    d_base_a = mixed.new_empty((n_rows, n_cols))
+    d_base_b = mixed.new_empty((n_rows, n_cols))
+    d_lam = lam.new_empty((n_rows,))
+    if n_rows == 0:
+        return d_mixed, d_base_a, d_base_b, d_lam
+    grid, meta = _launch_settings(n_rows, n_cols, mixed.dtype)
+    with _on_device(mixed.device):
+        _qp_fraction_bwd_kernel[grid](
+            grad_a, grad_b, mixed, base_a, base_b, lam, tau, d_mixed, d_base_a, d_base_b, d_lam,
+            n_rows, n_cols, *grad_a.stride(), *grad_b.stride(), *mixed.stride(),
+            *base_a.stride(), *base_b.stride(), lam.stride(0), **meta,
+        )
+    return d_mixed, d_base_a, d_base_b, d_lam
 
 
 def _iteration_counts(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Tensor:
     """Passes the forward kernel made over each row (Tensor[B] int32); for tests, benchmarks."""
     return _launch_forward(mixed, base_a, base_b, lam, count_iterations=True)[3]
+
+
+class _QPFractionFunction(torch.autograd.Function):
+    """Eager autograd around the two launches (cheaper to call than the custom op)."""
+
+    @staticmethod
+    def forward(ctx, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor):
+        a, b, tau, _ = _launch_forward(mixed, base_a, base_b, lam)
+        ctx.save_for_backward(mixed, base_a, base_b, lam, tau)
+        return a, b
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_a: Tensor, grad_b: Tensor):
+        # Missing output gradients arrive as zeros (materialised by autograd).
+        return _launch_backward(grad_a, grad_b, *ctx.saved_tensors)
 
 
 @torch.library.custom_op("mkfkit::qp_fraction", mutates_args=())
@@ -526,24 +588,7 @@ def _qp_fraction_backward_op(
     grad_a: Tensor, grad_b: Tensor, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor,
     tau: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    kernel = _kernel("_qp_fraction_bwd_kernel", mixed.device)
-    n_rows, n_cols = mixed.shape
-    d_mixed = mixed.new_empty((n_rows, n_cols))
-    d_base_a = mixed.new_empty((n_rows, n_cols))
-    d_base_b = mixed.new_empty((n_rows, n_cols))
-    d_lam = lam.new_empty((n_rows,))
-    if n_rows == 0:
-        return d_mixed, d_base_a, d_base_b, d_lam
-    rows, block, single_block, num_warps = _launch_config(n_rows, n_cols)
-    with _on_device(mixed.device):
-        kernel[(triton.cdiv(n_rows, rows),)](
-            grad_a, grad_b, mixed, base_a, base_b, lam, tau, d_mixed, d_base_a, d_base_b, d_lam,
-            n_rows, n_cols, *grad_a.stride(), *grad_b.stride(), *mixed.stride(),
-            *base_a.stride(), *base_b.stride(), lam.stride(0),
-            COMPUTE=_TL_DTYPES[_compute_dtype(mixed.dtype)], ROWS=rows, BLOCK=block,
-            SINGLE_BLOCK=single_block, num_warps=num_warps,
-        )
-    return d_mixed, d_base_a, d_base_b, d_lam
+    return _launch_backward(grad_a, grad_b, mixed, base_a, base_b, lam, tau)
 
 
 @_qp_fraction_backward_op.register_fake
@@ -572,6 +617,268 @@ def _backward(ctx, grad_a: Tensor, grad_b: Tensor, grad_tau: Tensor):
 
 
 torch.library.register_autograd("mkfkit::qp_fraction", _backward, setup_context=_setup_context)
+
+
+def _qp_fraction(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`qp_fraction` without the argument checks (for callers that ran them already)."""
+    if torch.compiler.is_compiling():
+        a, b, _ = torch.ops.mkfkit.qp_fraction(mixed, base_a, base_b, lam)
+        return a, b
+    if torch.is_grad_enabled() and (
+        mixed.requires_grad or base_a.requires_grad or base_b.requires_grad or lam.requires_grad
+    ):
+        return _QPFractionFunction.apply(mixed, base_a, base_b, lam)
+    a, b, _, _ = _launch_forward(mixed, base_a, base_b, lam)
+    return a, b
+
+
+# ----------------------------------------------------------------------------------------------
+# Knowledge bank: fused reads (bases, composite target) and the deterministic EMA write-back
+#
+# The bank keeps its rows in a dense Tensor[N, C] (float32, bfloat16 or float16) and a seen
+# flag per row (bool, read and written as uint8). Half-precision rows are renormalised to sum
+# 1 when read, as KnowledgeBank's torch path does. One program per batch row (reads) or per
+# sorted entry (write-back); rows are walked in chunks of at most _BANK_BLOCK classes.
+# Floating-point contraction is switched off (`enable_fp_fusion=False`) and quotients are
+# IEEE-rounded (`div_rn`), so every elementwise step rounds as torch's separate kernels do.
+
+_BANK_BLOCK = 4096
+
+
+@_jit
+def _bank_row_sum(store_ptr, row, cols, n_cols, BLOCK: tl.constexpr, NORMALIZE: tl.constexpr):
+    """Divisor that decodes stored row ``row``: its float32 sum for half storage, else 1."""
+    if NORMALIZE:
+        total = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            chunk = start + cols
+            total += tl.load(store_ptr + row * n_cols + chunk, mask=chunk < n_cols, other=0.0).to(
+                tl.float32)
+        return tl.sum(total, 0)
+    return 1.0
+
+
+@_jit
+def _bank_read_kernel(
+    store_ptr, seen_ptr, index_a_ptr, index_b_ptr, lam_ptr, out_a_ptr, out_b_ptr, flag_ptr,
+    n_cols, stride_index_a, stride_index_b, stride_lam,
+    HAS_B: tl.constexpr, MIX: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per batch row: K[I1] (and K[I2]) decoded to float32.
+
+    MIX: out_a = lam K[I1] + (1 - lam) K[I2], flag = (seen[I1] | lam == 0) & (seen[I2] | lam == 1).
+    Otherwise: out_a = K[I1], out_b = K[I2], flag = seen[I1] & seen[I2] (the bases of a split).
+    Without HAS_B: out_a = K[I1], flag = seen[I1].
+    """
+    pair = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    row_a = tl.load(index_a_ptr + pair * stride_index_a).to(tl.int64)
+    seen_a = tl.load(seen_ptr + row_a) != 0
+    sum_a = _bank_row_sum(store_ptr, row_a, cols, n_cols, BLOCK, NORMALIZE)
+    if HAS_B:
+        row_b = tl.load(index_b_ptr + pair * stride_index_b).to(tl.int64)
+        seen_b = tl.load(seen_ptr + row_b) != 0
+        sum_b = _bank_row_sum(store_ptr, row_b, cols, n_cols, BLOCK, NORMALIZE)
+        lam = tl.load(lam_ptr + pair * stride_lam).to(tl.float32)
+        if MIX:
+            flag = (seen_a | (lam == 0.0)) & (seen_b | (lam == 1.0))
+        else:
+            flag = seen_a & seen_b
+    else:
+        flag = seen_a
+    for start in range(0, n_cols, BLOCK):
+        chunk = start + cols
+        in_row = chunk < n_cols
+        known_a = tl.load(store_ptr + row_a * n_cols + chunk, mask=in_row, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            known_a = tl.math.div_rn(known_a, sum_a)
+        if HAS_B:
+            known_b = tl.load(store_ptr + row_b * n_cols + chunk, mask=in_row, other=0.0).to(
+                tl.float32)
+            if NORMALIZE:
+                known_b = tl.math.div_rn(known_b, sum_b)
+            if MIX:
+                tl.store(out_a_ptr + pair * n_cols + chunk, lam * known_a + (1.0 - lam) * known_b,
+                         mask=in_row)
+            else:
+                tl.store(out_a_ptr + pair * n_cols + chunk, known_a, mask=in_row)
+                tl.store(out_b_ptr + pair * n_cols + chunk, known_b, mask=in_row)
+        else:
+            tl.store(out_a_ptr + pair * n_cols + chunk, known_a, mask=in_row)
+    tl.store(flag_ptr + pair, flag.to(tl.uint8))
+
+
+@_jit
+def _bank_entry(order_ptr, k, lam_ptr, stride_lam, pair_seen_ptr, n_pairs, HAS_B: tl.constexpr):
+    """Entry at sorted position ``k``: (batch row, is it a b-side entry, is p~ itself the
+    estimate, does it count)."""
+    entry = tl.load(order_ptr + k)
+    if HAS_B:
+        side_b = entry >= n_pairs
+        pair = tl.where(side_b, entry - n_pairs, entry)
+        lam = tl.load(lam_ptr + pair * stride_lam).to(tl.float32)
+        both_seen = tl.load(pair_seen_ptr + pair) != 0
+        # A side of weight 1 is p~ itself; a side of weight 0 carries no information; a side
+        # whose partner has a positive weight needs both bases known.
+        use_probs = tl.where(side_b, lam == 0.0, lam == 1.0)
+        valid = tl.where(side_b, lam < 1.0, lam > 0.0) & (use_probs | both_seen)
+    else:
+        # Unmixed: every entry is a row of p counting for itself (the comparisons give the
+        # same types as above).
+        pair = entry
+        side_b = entry < 0
+        use_probs = entry >= 0
+        valid = entry >= 0
+    return pair, side_b, use_probs, valid
+
+
+@_jit
+def _bank_write_kernel(
+    store_ptr, seen_ptr, sorted_rows_ptr, order_ptr, probs_ptr, a_ptr, b_ptr, lam_ptr,
+    pair_seen_ptr, n_entries, n_pairs, n_cols, stride_probs_row, stride_probs_col, stride_lam,
+    momentum, keep,
+    HAS_B: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One EMA step per bank row with the mean of its valid estimates in this call.
+
+    The program at the head of each run of equal rows in ``sorted_rows`` owns that row: it
+    sums the run's valid estimates in sorted order (a stable sort keeps batch order, a-side
+    entries before b-side entries), so the result depends only on that row's own estimates,
+    with no atomics; then new = m * mean + (1 - m) * old (old decoded), or mean for a row
+    never written, and sets its seen flag. Other programs return at once.
+    """
+    head = tl.program_id(0).to(tl.int64)
+    row = tl.load(sorted_rows_ptr + head)
+    previous = tl.load(sorted_rows_ptr + tl.maximum(head - 1, 0))
+    if (head == 0) | (previous != row):
+        # The run is [head, end); count its valid entries.
+        end = head + 1
+        count = tl.full([], 0, tl.int32)
+        more = end < n_entries
+        while more:
+            more = tl.load(sorted_rows_ptr + end) == row
+            end = tl.where(more, end + 1, end)
+            more = more & (end < n_entries)
+        for k in range(head, end):
+            _, _, _, valid = _bank_entry(order_ptr, k, lam_ptr, stride_lam, pair_seen_ptr,
+                                         n_pairs, HAS_B)
+            count += valid.to(tl.int32)
+        if count > 0:
+            cols = tl.arange(0, BLOCK)
+            seen = tl.load(seen_ptr + row) != 0
+            old_sum = _bank_row_sum(store_ptr, row, cols, n_cols, BLOCK, NORMALIZE)
+            for start in range(0, n_cols, BLOCK):
+                chunk = start + cols
+                in_row = chunk < n_cols
+                total = tl.zeros([BLOCK], tl.float32)
+                for k in range(head, end):
+                    pair, side_b, use_probs, valid = _bank_entry(
+                        order_ptr, k, lam_ptr, stride_lam, pair_seen_ptr, n_pairs, HAS_B)
+                    # At most one of the three loads reads memory (none for an entry that does
+                    # not count); adding the zeros of the others is exact. (Scalar conditions
+                    # join the column mask through tl.where: the interpreter mistypes `&`.)
+                    from_probs = tl.load(
+                        probs_ptr + pair * stride_probs_row + chunk * stride_probs_col,
+                        mask=tl.where(valid & use_probs, in_row, False), other=0.0)
+                    from_a = tl.load(a_ptr + pair * n_cols + chunk,
+                                     mask=tl.where(valid & ~use_probs & ~side_b, in_row, False),
+                                     other=0.0)
+                    from_b = tl.load(b_ptr + pair * n_cols + chunk,
+                                     mask=tl.where(valid & ~use_probs & side_b, in_row, False),
+                                     other=0.0)
+                    total += (from_probs + from_a) + from_b
+                mean = tl.math.div_rn(total, count.to(tl.float32))
+                old = tl.load(store_ptr + row * n_cols + chunk, mask=in_row, other=0.0).to(
+                    tl.float32)
+                if NORMALIZE:
+                    old = tl.math.div_rn(old, old_sum)
+                new = tl.where(seen, momentum * mean + keep * old, mean)
+                tl.store(store_ptr + row * n_cols + chunk,
+                         new.to(store_ptr.dtype.element_ty), mask=in_row)
+            tl.store(seen_ptr + row, tl.full([], 1, tl.uint8))
+
+
+def _bank_settings(n_cols: int) -> dict:
+    block = min(triton.next_power_of_2(n_cols), _BANK_BLOCK)
+    return dict(BLOCK=block, num_warps=min(max(block // 256, 1), 8), enable_fp_fusion=False)
+
+
+def bank_read(
+    store: Tensor, seen: Tensor, index_a: Tensor, index_b: Tensor | None = None,
+    lam: Tensor | None = None,
+) -> Tuple[Tensor, Tensor | None, Tensor]:
+    """Rows of a dense bank, decoded to float32, in one launch (no checks; for KnowledgeBank).
+
+    Args:
+        store: Tensor[N, C] (float32/bfloat16/float16), rows of one group.
+        seen: bool Tensor[N].
+        index_a, index_b: int Tensor[B] rows ``I1`` and ``I2`` (``index_b`` may be None).
+        lam: float Tensor[B]: with it, the composite ``lam K[I1] + (1 - lam) K[I2]``.
+
+    Returns:
+        ``(first, second, flag)``, float32 Tensor[B, C], Tensor[B, C] or None, bool Tensor[B]:
+        with ``lam``: (composite, None, every side of positive weight seen); with ``index_b``
+        only: (K[I1], K[I2], both seen); with neither: (K[I1], None, seen[I1]).
+    """
+    n_pairs, n_cols = index_a.shape[0], store.shape[1]
+    has_b, mix = index_b is not None, lam is not None
+    first = torch.empty((n_pairs, n_cols), dtype=torch.float32, device=store.device)
+    second = torch.empty_like(first) if has_b and not mix else None
+    flag = torch.empty((n_pairs,), dtype=torch.bool, device=store.device)
+    if n_pairs == 0:
+        return first, second, flag
+    with _on_device(store.device):
+        _bank_read_kernel[(n_pairs,)](
+            store, seen.view(torch.uint8), index_a, index_b if has_b else index_a,
+            lam if mix else first, first, second if second is not None else first,
+            flag.view(torch.uint8), n_cols, index_a.stride(0),
+            index_b.stride(0) if has_b else 0, lam.stride(0) if mix else 0,
+            HAS_B=has_b, MIX=mix, NORMALIZE=store.dtype != torch.float32, **_bank_settings(n_cols),
+        )
+    return first, second, flag
+
+
+def bank_update(
+    store: Tensor, seen: Tensor, probs: Tensor, index_a: Tensor, momentum: float,
+    index_b: Tensor | None = None, lam: Tensor | None = None, split=None,
+) -> None:
+    """KnowledgeBank's update of one group in place, fused (no checks; for KnowledgeBank).
+
+    Unmixed (``index_b`` None): each row named in ``index_a`` takes one EMA step with the mean
+    of its ``probs`` rows. Mixed: ``split(probs, K[I1], K[I2], lam) -> (a, b)`` gives the
+    estimates (a fraction with ``mask_a = lam > 0``, ``mask_b = lam < 1``); the a side counts
+    where ``lam > 0`` and (``lam == 1`` or both rows seen), with ``probs`` itself where
+    ``lam == 1``; the b side mirrors it. Launches: one read of both bases (mixed only), the
+    split, a stable sort of the destination rows (torch), one write-back kernel.
+
+    Args:
+        store: Tensor[N, C] (float32/bfloat16/float16), rows of one group, updated in place.
+        seen: bool Tensor[N], updated in place.
+        probs: float32 Tensor[B, C].
+        index_a, index_b: int64 Tensor[B] on the device of ``store``.
+        momentum: EMA weight of the new estimate.
+        lam: float32 Tensor[B] (mixed only).
+        split: the fraction, ``split(probs, base_a, base_b, lam) -> (a, b)`` (mixed only).
+    """
+    n_pairs, n_cols = probs.shape
+    if n_pairs == 0:
+        return
+    has_b = index_b is not None
+    if has_b:
+        base_a, base_b, both_seen = bank_read(store, seen, index_a, index_b)
+        a, b = split(probs, base_a, base_b, lam)
+        rows = torch.cat((index_a, index_b))
+    else:
+        a = b = probs
+        both_seen, lam, rows = seen, probs, index_a
+    sorted_rows, order = torch.sort(rows, stable=True)
+    with _on_device(store.device):
+        _bank_write_kernel[(rows.shape[0],)](
+            store, seen.view(torch.uint8), sorted_rows, order, probs, a.contiguous(),
+            b.contiguous(), lam, both_seen.view(torch.uint8), rows.shape[0], n_pairs, n_cols,
+            *probs.stride(), lam.stride(0) if has_b else 0, float(momentum), 1.0 - float(momentum),
+            HAS_B=has_b, NORMALIZE=store.dtype != torch.float32, **_bank_settings(n_cols),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,5 +921,4 @@ def qp_fraction(
     check_floating(lam, "lam")
     check_shape(lam, "lam", (mixed.shape[0],), "Tensor[B]")
     check_same_device(lam, "lam", mixed, "mixed")
-    a, b, _ = torch.ops.mkfkit.qp_fraction(mixed, base_a, base_b, lam)
-    return a, b
+    return _qp_fraction(mixed, base_a, base_b, lam)

@@ -27,12 +27,13 @@ from mkfkit._checks import (
     value_checks_enabled,
 )
 from mkfkit.distributed import all_gather_uneven, distributed_world_size
-from mkfkit.fraction import Fraction, LinearFraction
+from mkfkit.fraction import Fraction, LinearFraction, QPFraction
 
 __all__ = ["BankTarget", "KnowledgeBank"]
 
 STORAGES = ("float32", "bfloat16", "float16", "topk")
 SYNCS = ("none", "all_gather")
+BACKENDS = ("auto", "torch", "triton")
 
 FractionStrategy = Callable[[Tensor, Tensor, Tensor, Tensor], Fraction]
 
@@ -229,6 +230,24 @@ class KnowledgeBank(nn.Module):
     Moving a model that holds the bank with ``.half()``/``.to(dtype)`` moves the bank but
     never converts its storage.
 
+    **Fused GPU path** (``backend``). For a dense layout (float32, bfloat16, float16) on a CUDA
+    device, :meth:`target` is one Triton kernel (gather both rows, decode, mix), and
+    :meth:`update` is a read kernel (both bases and their seen flags), the fraction (the fused
+    exact QP kernel for ``QPFraction(solver="exact")`` with backend "auto"/"triton", torch for
+    ``LinearFraction``), a stable sort of the destination rows and one write-back kernel whose
+    program at the head of each row's run averages that row's estimates in sorted order and
+    takes the EMA step: no atomics, no host synchronisation (CUDA-graph capturable), the same
+    rules as above. It computes what the torch path computes; the results differ only by
+    rounding: the mean of three or more estimates for one row is summed left to right (the
+    torch path's scan associates differently), half-precision rows are renormalised with a
+    differently ordered sum, and the exact QP kernel finds its ``tau`` by Newton steps instead
+    of sorting (both within about 1e-6 in float32). Within the fused path the bitwise rules
+    hold as well: ``lam = 1`` through the mixed path equals the unmixed call, and duplicates
+    give results that do not depend on the rest of the batch. ``backend="auto"`` takes it when it
+    applies (CUDA bank and caller on the same device, dense storage, one of those fractions,
+    Triton importable), ``"torch"`` never, ``"triton"`` always (an error where it cannot run;
+    on CPU it needs Triton's interpreter, for tests).
+
     **Which group teaches which** is the caller's choice: :meth:`target` takes any group. The
     paper trains group ``t`` (smaller for larger ``t``) with ``target(t - 1)``, the knowledge
     of the next larger network. The full network (group 0) has no larger group; we recommend
@@ -273,6 +292,7 @@ class KnowledgeBank(nn.Module):
         device: device of the storage (default CPU).
         sync: ``"none"`` or ``"all_gather"`` (see above).
         process_group: process group for ``sync="all_gather"`` (default: the world).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``: the fused GPU path (see above).
 
     Example:
         >>> import torch
@@ -300,6 +320,7 @@ class KnowledgeBank(nn.Module):
         device: Optional[Union[str, torch.device]] = None,
         sync: str = "none",
         process_group: Optional[object] = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.num_samples = check_positive_int(num_samples, "num_samples")
@@ -313,6 +334,10 @@ class KnowledgeBank(nn.Module):
         check_choice(sync, "sync", SYNCS)
         self.sync = sync
         self.process_group = process_group
+        check_choice(backend, "backend", BACKENDS)
+        if backend == "triton" and storage == "topk":
+            raise ValueError("`backend` 'triton' needs a dense storage (float32, bfloat16, float16), but got storage='topk'")
+        self.backend = backend
         empty = self._layout.empty(num_groups, num_samples, num_classes)
         self._storage_names = tuple(empty)
         for name, tensor in empty.items():
@@ -401,6 +426,40 @@ class KnowledgeBank(nn.Module):
         if lam is None:
             raise ValueError("`lam` must be given with `index_b`, but got None")
 
+    def _fused_kernels(self, device: torch.device, fraction: Optional[FractionStrategy] = None):
+        """``(kernels, split)`` for the fused path on ``device``, or ``(None, None)``.
+
+        ``split(probs, base_a, base_b, lam) -> (a, b)`` is the fraction (None for a read).
+        """
+        if self.backend == "torch":
+            return None, None
+        split = None
+        if isinstance(fraction, QPFraction) and fraction.solver == "exact" and fraction.backend != "torch":
+            split = "qp"
+        elif isinstance(fraction, LinearFraction):
+            split = lambda *inputs: tuple(fraction(*inputs)[:2])  # noqa: E731
+        try:
+            from mkfkit import _triton
+        except ImportError:
+            _triton = None
+        usable = (
+            _triton is not None
+            and self.storage != "topk"
+            and device == self.device
+            and _triton.available(device)
+            and (fraction is None or split is not None)
+        )
+        if self.backend == "triton" and not usable:
+            raise RuntimeError(
+                "`backend` 'triton' needs Triton, the bank and the batch on one CUDA device (or "
+                "the CPU under TRITON_INTERPRET=1) and a LinearFraction or QPFraction(solver='exact') "
+                f"fraction, but got a bank on {self.device}, a batch on {device} and {fraction!r}; "
+                "use backend='auto' or 'torch'"
+            )
+        if not usable or (self.backend == "auto" and device.type != "cuda"):
+            return None, None
+        return _triton, (_triton._qp_fraction if split == "qp" else split)
+
     def target(
         self,
         group: int,
@@ -428,6 +487,14 @@ class KnowledgeBank(nn.Module):
         batch = index_a.shape[0] if isinstance(index_a, Tensor) else 0
         self._check_pair(index_a, index_b, lam, batch)
         out = torch.device(device) if device is not None else index_a.device
+        kernels, _ = self._fused_kernels(out)
+        if kernels is not None:
+            weight = None if index_b is None else as_lam(lam, batch, torch.empty(0, device=out))
+            probs, _, mask = kernels.bank_read(
+                self.knowledge[group], self.seen[group], index_a.to(out),
+                None if index_b is None else index_b.to(out), weight,
+            )
+            return BankTarget(probs, mask)
         raw_a, seen_a = self._gather(group, index_a, out)
         knowledge_a = self._layout.decode(raw_a)
         if index_b is None:
@@ -490,6 +557,13 @@ class KnowledgeBank(nn.Module):
             probs = probs / probs.sum(dim=1, keepdim=True)
         probs = probs.float()
 
+        kernels, split = self._fused_kernels(device, None if index_b is None else fraction)
+        if kernels is not None:
+            kernels.bank_update(
+                self.knowledge[group], self.seen[group], probs, index_a.to(device, torch.int64),
+                self.momentum, None if index_b is None else index_b.to(device, torch.int64), lam, split,
+            )
+            return
         raw_a, seen_a = self._gather(group, index_a, device)
         if index_b is None:
             rows, raw_old, seen_old = index_a.to(device, torch.int64), raw_a, seen_a

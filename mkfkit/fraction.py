@@ -96,7 +96,8 @@ def _prepare(
         check_distribution_rows(value, name, atol=atol)
     compute = torch.float32 if mixed.dtype in (torch.float16, torch.bfloat16) else mixed.dtype
     dtype = mixed.dtype
-    mixed, base_a, base_b = mixed.to(compute), base_a.to(compute), base_b.to(compute)
+    if compute != dtype:
+        mixed, base_a, base_b = mixed.to(compute), base_a.to(compute), base_b.to(compute)
     return mixed, base_a, base_b, as_lam(lam, mixed.shape[0], mixed), dtype
 
 
