@@ -212,7 +212,8 @@ class MultiBranchResNet(nn.Module):
             0 <= shared_stages < len(blocks)
         ):
             raise ValueError(
-                f"`shared_stages` must be an int in [0, {len(blocks) - 1}], but got {shared_stages!r}"
+                f"`shared_stages` must be an int in [0, {len(blocks) - 1}], "
+                f"but got {shared_stages!r}"
             )
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])

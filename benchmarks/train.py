@@ -1,0 +1,579 @@
+"""Train a small residual network with the baseline, MKF and KD-ATFF, and compare them.
+
+This is mkfkit's usage example: a plain training loop in which every mkfkit block is called
+by hand. Read `mkf_step` for MKF and `kdatff_step` for KD-ATFF.
+
+    python benchmarks/train.py                        # digits, 4 methods x 3 seeds, a few minutes
+    python benchmarks/train.py --dataset fashion-mnist --epochs 15 --train-subset 10000 \\
+        --methods baseline mkf-opt2 mkf-qp mkf-nofraction mkf-nomix mix-only
+    python benchmarks/train.py --dataset cifar100 --data-dir ~/data/cifar-100-python \\
+        --blocks 5 5 5 --epochs 200 --batch-size 128 --lr 0.1
+
+Methods (``--methods``; the first four run by default):
+
+* ``baseline``: cross-entropy on the full network.
+* ``mkf-opt2``: MKF (compound mixing, depth sub-networks, knowledge bank, distillation from
+  the next larger group) with the paper's linear fraction OPT2.
+* ``mkf-qp``: MKF with the exact QP fraction (the paper's OPT1, solved in closed form).
+* ``kdatff``: two branches with attention transfer, a feature-fusion teacher and online
+  distillation; the accuracy reported is branch 0's (same size as the baseline network),
+  the fused ensemble's is in the JSON.
+* ablations in the spirit of the MKF paper's Table 4: ``mkf-nofraction`` (the mixed output
+  updates the dominant image's knowledge as is), ``mkf-nomix`` (no compound mixing),
+  ``mix-only`` (compound mixing and cross-entropy, no distillation).
+
+Choices the MKF paper leaves open (METHOD.md, "Open points of the training loop"):
+
+* ``--mkf-loop cycle`` (default, the paper's text): one sampled sub-network per step, the group
+  cycling 0 (full net), 1, 2; the full network trains on every third step. ``stimulative``
+  (Stimulative Training's loop): the full network trains on every step, then one sampled
+  sub-network (group 1 or 2) on the same batch; both losses are summed. It costs about two
+  steps per step.
+* ``--full-teacher self`` (default): the full network (group 0) distils from its own stored
+  knowledge, the EMA of its past predictions (as PS-KD does). ``none``: group 0 gets
+  cross-entropy only. Groups t > 0 always distil from group t - 1.
+* BatchNorm statistics are re-estimated from 2,000 training images before every evaluation
+  of a method that trains sub-networks (``recalibrate_batchnorm``).
+
+Output: a progress bar, a table (top-1 mean and sample standard deviation over seeds, training
+seconds per epoch, time relative to the baseline), and in ``--out`` a JSON file and a PNG plot
+of the test accuracy curves. ``--checkpoint PATH`` saves the whole study (finished runs and
+the state of the current one) after every epoch; ``--resume`` continues it exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from datasets import DATASETS, DatasetError, ImageData, load_dataset  # noqa: E402
+
+from mkfkit.attention import AttentionTransferLoss  # noqa: E402
+from mkfkit.bank import KnowledgeBank  # noqa: E402
+from mkfkit.depth import DepthSampler, recalibrate_batchnorm  # noqa: E402
+from mkfkit.distill import kd_loss  # noqa: E402
+from mkfkit.fraction import DominantFraction, LinearFraction, QPFraction  # noqa: E402
+from mkfkit.fusion import FeatureFusionTeacher, online_distillation_loss  # noqa: E402
+from mkfkit.mixing import CompoundMix, mixed_cross_entropy  # noqa: E402
+from mkfkit.models import MultiBranchResNet, ResNet  # noqa: E402
+
+DEFAULT_METHODS = ["baseline", "mkf-opt2", "mkf-qp", "kdatff"]
+ALL_METHODS = DEFAULT_METHODS + ["mkf-nofraction", "mkf-nomix", "mix-only"]
+FRACTIONS = {
+    "mkf-opt2": LinearFraction,
+    "mkf-qp": QPFraction,
+    "mkf-nofraction": DominantFraction,
+    "mkf-nomix": LinearFraction,
+}
+CHECKPOINT_MAGIC = b"mkfkit-train-checkpoint-v1\n"
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--dataset", default="digits", choices=DATASETS)
+    add("--data-dir", default=None,
+        help="dataset folder (fashion-mnist: the IDX files; cifar100: the pickle release)")
+    add("--train-subset", type=int, default=None, help="use only the first N training images")
+    add("--methods", nargs="+", default=DEFAULT_METHODS, choices=ALL_METHODS)
+    add("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    add("--epochs", type=int, default=20)
+    add("--batch-size", type=int, default=64)
+    add("--lr", type=float, default=0.05)
+    add("--weight-decay", type=float, default=5e-4)
+    add("--blocks", nargs="+", type=int, default=[2, 2, 2], help="basic blocks per stage")
+    add("--widths", nargs="+", type=int, default=[16, 32, 64], help="channels per stage")
+    add("--beta", type=float, default=2.0, help="MKF: weight of the distillation loss")
+    add("--bank-momentum", type=float, default=0.5, help="MKF: EMA weight of new knowledge")
+    add("--groups", type=int, default=3, help="MKF: depth groups per cycle (T)")
+    add("--warmup", type=float, default=0.1, help="fraction of the steps without mixing")
+    add("--mkf-loop", default="cycle", choices=["cycle", "stimulative"])
+    add("--full-teacher", default="self", choices=["self", "none"])
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add("--out", default=str(Path(__file__).resolve().parent / "out"))
+    add("--checkpoint", default=None, help="save the study here after every epoch")
+    add("--resume", action="store_true", help="continue the study saved in --checkpoint")
+    add("--checkpoint-every", type=int, default=None, help="also save every N steps")
+    add("--stop-after", type=int, default=None, help="stop after N steps (to test --resume)")
+    add("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.resume and not args.checkpoint:
+        parser.error("--resume needs --checkpoint")
+    if len(args.blocks) != len(args.widths):
+        parser.error("--blocks and --widths need one value per stage each")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: whole datasets live in memory as tensors; batches are slices of a seeded permutation.
+
+
+def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Shift each image by up to ``padding`` pixels (zero padding), the standard augmentation."""
+    size, channels, height, width = images.shape
+    padded = F.pad(images, [padding] * 4)
+    shift_y, shift_x = torch.randint(0, 2 * padding + 1, (2, size, 1, 1, 1), generator=generator)
+    rows = (torch.arange(height).view(1, 1, height, 1) + shift_y).to(images.device)
+    cols = (torch.arange(width).view(1, 1, 1, width) + shift_x).to(images.device)
+    batch = torch.arange(size, device=images.device).view(size, 1, 1, 1)
+    channel = torch.arange(channels, device=images.device).view(1, channels, 1, 1)
+    return padded[batch, channel, rows, cols]
+
+
+def augment(images: Tensor, dataset: str, generator: torch.Generator) -> Tensor:
+    images = random_crop(images, padding=max(1, images.shape[-1] // 8), generator=generator)
+    if dataset == "cifar100":  # digits and clothes are not mirror-symmetric
+        flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    return images
+
+
+def in_batches(images: Tensor, batch_size: int = 1000):
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
+
+
+# ---------------------------------------------------------------------------------------------
+# One run = one method with one seed. `Run` holds every stateful object of the training loop.
+
+
+@dataclasses.dataclass
+class Run:
+    method: str
+    seed: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data_generator: torch.Generator  # epoch permutations and augmentation
+    mix: Optional[CompoundMix] = None
+    sampler: Optional[DepthSampler] = None
+    bank: Optional[KnowledgeBank] = None
+    fraction: Any = None
+    attention: Optional[AttentionTransferLoss] = None
+    fusion: Optional[FeatureFusionTeacher] = None
+    # loop state
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    order: Optional[Tensor] = None  # the current epoch's permutation
+    train_seconds: float = 0.0
+    loss_sum: Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))
+    history: List[Dict[str, float]] = dataclasses.field(default_factory=list)
+
+    def stateful(self) -> Dict[str, Any]:
+        """Every object with a state_dict, by name (None for those this method does not use)."""
+        names = ["model", "optimizer", "scheduler", "mix", "sampler", "bank", "attention", "fusion"]
+        return {name: getattr(self, name) for name in names}
+
+
+def build_run(method: str, seed: int, args: argparse.Namespace, data: ImageData) -> Run:
+    device = torch.device(args.device)
+    torch.manual_seed(seed)  # the model's initial weights
+    steps = args.epochs * steps_per_epoch(data, args)
+    warmup_steps = round(args.warmup * steps)
+    common = dict(num_classes=data.num_classes, in_channels=data.in_channels,
+                  blocks=args.blocks, widths=args.widths)
+    if method == "kdatff":
+        model = MultiBranchResNet(num_branches=2, **common).to(device)
+    else:
+        model = ResNet(**common).to(device)
+    run = Run(method, seed, model, None, None, torch.Generator().manual_seed(seed))  # type: ignore
+    parameters = list(model.parameters())
+
+    if method.startswith("mkf") or method == "mix-only":
+        mix_prob = 0.0 if method == "mkf-nomix" else 0.5
+        run.mix = CompoundMix(mix_prob=mix_prob, warmup_steps=warmup_steps,
+                              generator=torch.Generator().manual_seed(seed + 1))
+    if method.startswith("mkf"):
+        run.sampler = DepthSampler.from_model(model, num_groups=args.groups, seed=seed + 2)
+        run.bank = KnowledgeBank(len(data.train_labels), data.num_classes, args.groups,
+                                 momentum=args.bank_momentum, device=device)
+        run.fraction = FRACTIONS[method]()
+    if method == "kdatff":
+        run.attention = AttentionTransferLoss(warmup_steps=warmup_steps)
+        run.fusion = FeatureFusionTeacher(model.feature_channels, model.num_branches).to(device)
+        parameters += list(run.fusion.parameters())
+
+    run.optimizer = torch.optim.SGD(parameters, lr=args.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=args.weight_decay)
+    run.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(run.optimizer, T_max=steps)
+    return run
+
+
+def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
+    return -(-len(data.train_labels) // args.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training steps. Each takes one batch and returns the loss; the caller steps the optimiser.
+
+
+def baseline_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
+                  args: argparse.Namespace) -> Tensor:
+    if run.mix is None:
+        loss = F.cross_entropy(run.model(images), labels)
+    else:  # mix-only
+        batch = run.mix(images, labels, indices)
+        loss = mixed_cross_entropy(run.model(batch.images), batch)
+    loss.backward()
+    return loss
+
+
+def mkf_loss(run: Run, logits: Tensor, batch, group: int, args: argparse.Namespace) -> Tensor:
+    """Mixed CE + beta * KL(composite knowledge of the next larger group || output); then the
+    output is split by the fraction and folded into this group's knowledge."""
+    loss = mixed_cross_entropy(logits, batch)
+    teacher_group = group - 1 if group > 0 else (0 if args.full_teacher == "self" else None)
+    if teacher_group is not None:
+        # Read the teacher before this group's update, so it never contains the current output.
+        teacher = run.bank.target(teacher_group, batch.index_a, batch.index_b, batch.lam)
+        # Rows whose knowledge is not known yet (mask False) carry no teacher.
+        loss = loss + args.beta * kd_loss(logits, teacher.probs, teacher_kind="probs",
+                                          weight=teacher.mask)
+    probs = logits.detach().float().softmax(dim=1)
+    run.bank.update(group, probs, batch.index_a, batch.index_b, batch.lam, fraction=run.fraction)
+    return loss
+
+
+def mkf_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
+             args: argparse.Namespace) -> Tensor:
+    batch = run.mix(images, labels, indices)  # unmixed batches come back with lam = 1
+    if args.mkf_loop == "cycle":
+        with run.sampler.sample() as subnet:  # groups 0, 1, 2, 0, 1, 2, ...
+            loss = mkf_loss(run, run.model(batch.images), batch, subnet.group, args)
+            loss.backward()
+        return loss
+    # stimulative: the full network on every step, then a sampled sub-network (group 1 or 2).
+    full_loss = mkf_loss(run, run.model(batch.images), batch, 0, args)
+    full_loss.backward()
+    with run.sampler.sample(include_full=False) as subnet:
+        sub_loss = mkf_loss(run, run.model(batch.images), batch, subnet.group, args)
+        sub_loss.backward()
+    return full_loss + sub_loss
+
+
+def kdatff_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
+                args: argparse.Namespace) -> Tensor:
+    out = run.model(images)  # logits of each branch and the output of each branch block
+    attention = sum(run.attention(block_features) for block_features in out.features)
+    last_block = [block_features[-1] for block_features in out.features]
+    teacher_logits, _ = run.fusion(last_block, out.logits)
+    loss = online_distillation_loss(out.logits, teacher_logits, labels, temperature=3.0,
+                                    attention_loss=attention).total
+    loss.backward()
+    run.attention.step()  # advances the attention loss's warm-up ramp
+    return loss
+
+
+def train_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
+               args: argparse.Namespace) -> Tensor:
+    run.optimizer.zero_grad()
+    if run.method == "kdatff":
+        loss = kdatff_step(run, images, labels, indices, args)
+    elif run.method.startswith("mkf"):
+        loss = mkf_step(run, images, labels, indices, args)
+    else:
+        loss = baseline_step(run, images, labels, indices, args)
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(run: Run, data: ImageData) -> Dict[str, float]:
+    if run.sampler is not None:
+        # Sub-network passes shifted the BatchNorm statistics; re-estimate them for the full net.
+        recalibrate_batchnorm(run.model, in_batches(data.train_images, 500), num_samples=2000)
+    modules = [module for module in (run.model, run.fusion) if module is not None]
+    for module in modules:
+        module.eval()
+    correct: Dict[str, int] = {}
+    for images, labels in zip(in_batches(data.test_images), in_batches(data.test_labels)):
+        if run.method == "kdatff":
+            out = run.model(images)
+            teacher_logits, _ = run.fusion([f[-1] for f in out.features], out.logits)
+            outputs = {"top1": out.logits[0], "ensemble_top1": teacher_logits}
+        else:
+            outputs = {"top1": run.model(images)}
+        for name, logits in outputs.items():
+            correct[name] = correct.get(name, 0) + int((logits.argmax(1) == labels).sum())
+    for module in modules:
+        module.train()
+    return {name: 100.0 * count / len(data.test_labels) for name, count in correct.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: the whole study in one file, with a SHA-256 of its content. Everything is
+# validated (and loaded into fresh objects) before training starts or anything is written.
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, corrupted, or belongs to another configuration."""
+
+
+CONFIG_KEYS = ["dataset", "train_subset", "methods", "seeds", "epochs", "batch_size", "lr",
+               "weight_decay", "blocks", "widths", "beta", "bank_momentum", "groups", "warmup",
+               "mkf_loop", "full_teacher"]
+
+
+def run_state(run: Run) -> Dict[str, Any]:
+    state = {name: obj.state_dict() for name, obj in run.stateful().items() if obj is not None}
+    state.update(
+        method=run.method, seed=run.seed, epoch=run.epoch, batch_in_epoch=run.batch_in_epoch,
+        order=run.order, data_generator=run.data_generator.get_state(),
+        train_seconds=run.train_seconds, loss_sum=run.loss_sum, history=run.history,
+        torch_rng=torch.get_rng_state(),
+    )
+    return state
+
+
+def restore_run(run: Run, state: Dict[str, Any]) -> None:
+    for name, obj in run.stateful().items():
+        if obj is not None:
+            obj.load_state_dict(state[name])
+    run.data_generator.set_state(state["data_generator"])
+    run.epoch, run.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+    run.order, run.train_seconds = state["order"], float(state["train_seconds"])
+    run.loss_sum, run.history = state["loss_sum"], list(state["history"])
+    torch.set_rng_state(state["torch_rng"])
+
+
+def save_checkpoint(path: str, study: Dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(study, buffer)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as file:
+        file.write(CHECKPOINT_MAGIC + digest + b"\n" + payload)
+    os.replace(temporary, path)  # atomic: an interruption never leaves a half-written file
+
+
+def load_checkpoint(path: str, args: argparse.Namespace) -> Dict[str, Any]:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({error.strerror})") from None
+    header = len(CHECKPOINT_MAGIC)
+    digest, payload = raw[header : header + 64], raw[header + 65 :]
+    if not raw.startswith(CHECKPOINT_MAGIC):
+        raise CheckpointError(f"{path}: not a checkpoint of benchmarks/train.py")
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CheckpointError(f"{path}: the checkpoint is corrupted (SHA-256 mismatch)")
+    try:
+        # On the CPU: generator states must stay there; load_state_dict moves the rest.
+        study = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as error:  # a valid digest but unreadable content: another torch version
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({error})") from None
+    if not isinstance(study, dict) or set(study) != {"config", "results", "steps_done", "current"}:
+        raise CheckpointError(f"{path}: not a checkpoint of benchmarks/train.py")
+    saved, given = study["config"], config_of(args)
+    different = [f"--{k.replace('_', '-')} {saved.get(k)} (saved) vs {given[k]} (given)"
+                 for k in CONFIG_KEYS if saved.get(k) != given[k]]
+    if different:
+        raise CheckpointError(f"{path}: saved with other settings: " + "; ".join(different))
+    return study
+
+
+def config_of(args: argparse.Namespace) -> Dict[str, Any]:
+    return {key: getattr(args, key) for key in CONFIG_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------
+# The study: every method with every seed, then a table, a JSON file and a plot.
+
+
+def train_run(run: Run, data: ImageData, args: argparse.Namespace, study: Dict[str, Any],
+              progress) -> bool:
+    """Train ``run`` to the end (True) or until ``--stop-after`` steps (False)."""
+    device = torch.device(args.device)
+    per_epoch = steps_per_epoch(data, args)
+    while run.epoch < args.epochs:
+        if run.order is None:
+            run.order = torch.randperm(len(data.train_labels), generator=run.data_generator)
+        start = time.perf_counter()
+        while run.batch_in_epoch < per_epoch:
+            first = run.batch_in_epoch * args.batch_size
+            indices = run.order[first : first + args.batch_size].to(device)
+            images = augment(data.train_images[indices], args.dataset, run.data_generator)
+            loss = train_step(run, images, data.train_labels[indices], indices, args)
+            run.loss_sum = run.loss_sum + loss  # a tensor: no host synchronisation per step
+            run.batch_in_epoch += 1
+            progress.update(1)
+            study["steps_done"] += 1
+            if args.checkpoint_every and study["steps_done"] % args.checkpoint_every == 0:
+                run.train_seconds += pause(start, device)
+                save_checkpoint(args.checkpoint, {**study, "current": run_state(run)})
+                start = time.perf_counter()
+            if args.stop_after is not None and study["steps_done"] >= args.stop_after:
+                run.train_seconds += pause(start, device)
+                if args.checkpoint:
+                    save_checkpoint(args.checkpoint, {**study, "current": run_state(run)})
+                return False
+        run.train_seconds += pause(start, device)
+        mean_loss = float(run.loss_sum) / per_epoch
+        run.epoch, run.batch_in_epoch, run.order = run.epoch + 1, 0, None
+        run.loss_sum = torch.zeros(())
+        accuracy = evaluate(run, data)
+        run.history.append({"epoch": run.epoch, "train_loss": mean_loss, **accuracy})
+        progress.set_postfix(method=run.method, epoch=run.epoch, top1=f"{accuracy['top1']:.2f}")
+        if args.checkpoint:
+            save_checkpoint(args.checkpoint, {**study, "current": run_state(run)})
+    return True
+
+
+def pause(start: float, device: torch.device) -> float:
+    """Seconds since ``start``, after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def summarise(results: Dict[str, Dict[str, Any]], methods: List[str]) -> List[Dict[str, Any]]:
+    rows = []
+    for method in methods:
+        runs = [r for r in results.values() if r["method"] == method]
+        accuracy = [r["top1"] for r in runs]
+        seconds = statistics.mean(r["seconds_per_epoch"] for r in runs)
+        rows.append({"method": method, "top1_mean": statistics.mean(accuracy),
+                     "top1_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
+                     "seeds": len(runs), "seconds_per_epoch": seconds})
+    baseline = next((row for row in rows if row["method"] == "baseline"), None)
+    for row in rows:
+        row["time_vs_baseline"] = (row["seconds_per_epoch"] / baseline["seconds_per_epoch"]
+                                   if baseline else None)
+    return rows
+
+
+def print_table(rows: List[Dict[str, Any]]) -> None:
+    print(f"\n{'method':<16}{'top-1 (%)':>18}{'s/epoch':>10}{'x baseline':>12}")
+    for row in rows:
+        accuracy = f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f}"
+        relative = f"{row['time_vs_baseline']:.2f}" if row["time_vs_baseline"] else "-"
+        print(f"{row['method']:<16}{accuracy:>18}{row['seconds_per_epoch']:>10.3f}{relative:>12}")
+    print(f"(mean ± sample standard deviation over {rows[0]['seeds']} seed(s))")
+
+
+def plot(results: Dict[str, Dict[str, Any]], methods: List[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for method in methods:
+        curves = torch.tensor([[h["top1"] for h in r["history"]]
+                               for r in results.values() if r["method"] == method])
+        epochs = range(1, curves.shape[1] + 1)
+        axes.plot(epochs, curves.mean(0), label=method)
+        axes.fill_between(epochs, curves.min(0).values, curves.max(0).values, alpha=0.2)
+    axes.set(xlabel="epoch", ylabel="test top-1 (%)", title=title)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def device_report(device: str) -> str:
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = platform.processor() or platform.machine()
+        name += f", {torch.get_num_threads()} threads"
+    return f"{name}, torch {torch.__version__}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_dataset(args.dataset, args.data_dir)
+    if args.train_subset:
+        data = data._replace(train_images=data.train_images[: args.train_subset],
+                             train_labels=data.train_labels[: args.train_subset])
+    data = ImageData(*(tensor.to(args.device) for tensor in data))
+
+    study = {"config": config_of(args), "results": {}, "steps_done": 0, "current": None}
+    current = None
+    if args.resume:
+        study = load_checkpoint(args.checkpoint, args)
+        if study["current"] is not None:
+            state = study["current"]
+            try:
+                current = build_run(state["method"], state["seed"], args, data)
+                restore_run(current, state)
+            except (KeyError, ValueError, RuntimeError, TypeError) as error:
+                raise CheckpointError(
+                    f"{args.checkpoint}: the saved run does not fit this configuration ({error})"
+                ) from None
+    elif args.checkpoint and Path(args.checkpoint).exists():
+        raise CheckpointError(f"{args.checkpoint} exists: pass --resume to continue it, or "
+                              "remove it to start over")
+
+    runs = [(method, seed) for method in args.methods for seed in args.seeds]
+    total = len(runs) * args.epochs * steps_per_epoch(data, args)
+    progress = tqdm(total=total, initial=study["steps_done"], unit="step",
+                    disable=args.no_progress, dynamic_ncols=True)
+    for method, seed in runs:
+        key = f"{method}/seed{seed}"
+        if key in study["results"]:
+            continue
+        if current is not None and (current.method, current.seed) == (method, seed):
+            run = current
+        else:
+            run = build_run(method, seed, args, data)
+        finished = train_run(run, data, args, study, progress)
+        if not finished:
+            progress.close()
+            print(f"stopped after {study['steps_done']} steps; continue with --resume")
+            return 0
+        study["results"][key] = {
+            "method": method, "seed": seed, "history": run.history,
+            "top1": run.history[-1]["top1"], "seconds_per_epoch": run.train_seconds / args.epochs,
+        }
+        if args.checkpoint:
+            save_checkpoint(args.checkpoint, {**study, "current": run_state(run)})
+    progress.close()
+
+    rows = summarise(study["results"], args.methods)
+    print_table(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"device": device_report(args.device), "config": config_of(args),
+              "summary": rows, "runs": list(study["results"].values())}
+    json_path, png_path = out / f"train_{args.dataset}.json", out / f"train_{args.dataset}.png"
+    json_path.write_text(json.dumps(report, indent=2))
+    plot(study["results"], args.methods, png_path, f"{args.dataset}: test accuracy")
+    print(f"device: {report['device']}\nwrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (DatasetError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

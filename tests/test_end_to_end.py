@@ -1,0 +1,183 @@
+"""The training script end to end: every method runs, and a study resumes bit for bit.
+
+One uninterrupted study (every method, one seed) is compared with the same study stopped in the
+middle of an MKF run (model, optimiser, scheduler, bank, CompoundMix and DepthSampler all in
+play) and resumed in a fresh Python process. Then broken checkpoints must be refused before
+anything is written.
+"""
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("tqdm")
+pytest.importorskip("matplotlib")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import train  # noqa: E402
+
+# The MKF run with the exact QP is last, so the final checkpoint holds its complete state.
+METHODS = ["baseline", "kdatff", "mix-only", "mkf-nomix", "mkf-nofraction", "mkf-opt2", "mkf-qp"]
+# 192 images, batch 32: 6 steps per epoch, 12 per run; mixing starts after 1 warm-up step.
+TINY = ["--train-subset", "192", "--batch-size", "32", "--epochs", "2", "--seeds", "0",
+        "--blocks", "2", "2", "2", "--widths", "8", "16", "16", "--no-progress",
+        "--methods", *METHODS]
+STEPS_PER_RUN = 12
+STOP = 6 * STEPS_PER_RUN + 9  # inside the second epoch of the last run (mkf-qp)
+
+
+def run_script(*arguments, cwd):
+    """``benchmarks/train.py`` in a fresh Python process (single-threaded: bitwise repeatable)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train.py"), *TINY, *arguments],
+        cwd=cwd, env=environment, capture_output=True, text=True, timeout=300,
+    )
+
+
+def equal(a, b):
+    """Exact equality of nested state dicts (tensors compared bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """The uninterrupted study and the stopped-then-resumed one (checkpoints and outputs)."""
+    root = tmp_path_factory.mktemp("studies")
+    whole = run_script("--checkpoint", "whole.pt", "--out", "whole", cwd=root)
+    assert whole.returncode == 0, whole.stderr
+    stopped = run_script("--checkpoint", "resumed.pt", "--out", "resumed", "--stop-after",
+                         str(STOP), cwd=root)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"stopped after {STOP} steps" in stopped.stdout
+    assert not (root / "resumed").exists()  # no results before the study is complete
+    interrupted = (root / "resumed.pt").read_bytes()
+    resumed = run_script("--checkpoint", "resumed.pt", "--out", "resumed", "--resume", cwd=root)
+    assert resumed.returncode == 0, resumed.stderr
+    return root, whole, resumed, interrupted
+
+
+def load(path):
+    args = train.parse_args(TINY + ["--device", "cpu"])
+    return train.load_checkpoint(str(path), args)
+
+
+def test_smoke_every_method_trains_and_reports(studies):
+    root, whole, _, _ = studies
+    for method in METHODS:
+        assert any(line.startswith(method) for line in whole.stdout.splitlines()), method
+    assert "top-1 (%)" in whole.stdout and "x baseline" in whole.stdout
+    report = json.loads((root / "whole" / "train_digits.json").read_text())
+    assert [row["method"] for row in report["summary"]] == METHODS
+    for run in report["runs"]:
+        assert len(run["history"]) == 2 and 0 <= run["top1"] <= 100
+        assert run["seconds_per_epoch"] > 0
+    kdatff = next(run for run in report["runs"] if run["method"] == "kdatff")
+    assert "ensemble_top1" in kdatff["history"][-1]
+    assert (root / "whole" / "train_digits.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_resume_in_a_fresh_process_is_bitwise_identical(studies):
+    root, _, _, interrupted = studies
+    whole, resumed = load(root / "whole.pt"), load(root / "resumed.pt")
+    final = whole["current"]
+    assert final["method"] == "mkf-qp" and final["epoch"] == 2
+    for name in ("model", "bank", "optimizer", "scheduler", "mix", "sampler"):
+        assert equal(final[name], resumed["current"][name]), name
+    assert equal(final["data_generator"], resumed["current"]["data_generator"])
+    # every run's accuracy and loss curve, before and after the interruption
+    histories = {key: run["history"] for key, run in whole["results"].items()}
+    assert histories == {key: run["history"] for key, run in resumed["results"].items()}
+
+    # The interruption really was in the middle of the MKF run, with mixing and banking going on.
+    Path(root / "interrupted.pt").write_bytes(interrupted)
+    middle = load(root / "interrupted.pt")["current"]
+    assert middle["method"] == "mkf-qp" and (middle["epoch"], middle["batch_in_epoch"]) == (1, 3)
+    assert middle["mix"]["step"] == 9 and bool(middle["bank"]["seen"].any())
+    assert not equal(middle["model"], final["model"])
+    assert not equal(middle["bank"]["knowledge"], final["bank"]["knowledge"])
+
+
+def rewrite_checkpoint(path, change):
+    """Apply ``change`` to a checkpoint's content and save it with a valid digest."""
+    raw = path.read_bytes()
+    payload = raw[len(train.CHECKPOINT_MAGIC) + 65 :]
+    study = torch.load(io.BytesIO(payload), weights_only=True)
+    change(study)
+    train.save_checkpoint(str(path), study)
+
+
+@pytest.mark.parametrize(
+    "damage, extra, message",
+    [
+        ("flip", [], "corrupted \\(SHA-256 mismatch\\)"),
+        ("truncate", [], "corrupted \\(SHA-256 mismatch\\)"),
+        ("garbage", [], "not a checkpoint of benchmarks/train.py"),
+        (None, ["--beta", "1.0"], "saved with other settings: --beta 2.0 \\(saved\\) vs 1.0"),
+        ("bank", [], "the saved run does not fit this configuration"),
+        ("model", [], "the saved run does not fit this configuration"),
+    ],
+)
+def test_a_bad_checkpoint_is_refused_before_anything_is_written(
+    studies, tmp_path, damage, extra, message, capsys
+):
+    root, *_ = studies
+    path = tmp_path / "study.pt"
+    path.write_bytes((root / "interrupted.pt").read_bytes())
+    if damage == "flip":
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        path.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "garbage":
+        path.write_bytes(b"PK\x03\x04 something else")
+    elif damage == "bank":
+        rewrite_checkpoint(path, lambda s: s["current"]["bank"].update(
+            knowledge=s["current"]["bank"]["knowledge"][:, :10]))
+    elif damage == "model":
+        rewrite_checkpoint(path, lambda s: s["current"]["model"].pop("fc.weight"))
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    with pytest.raises(train.CheckpointError, match=message):
+        train.main(TINY + extra + ["--checkpoint", str(path), "--resume", "--out", str(out),
+                                   "--device", "cpu"])
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert not out.exists()
+    assert not Path(f"{path}.tmp").exists()
+
+
+def test_script_exit_code_and_message_for_bad_inputs(tmp_path):
+    with pytest.raises(train.CheckpointError, match="none.pt: cannot read the checkpoint"):
+        train.main(TINY + ["--checkpoint", str(tmp_path / "none.pt"), "--resume"])
+    no_data = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train.py"), "--dataset", "fashion-mnist",
+         "--data-dir", str(tmp_path / "nowhere")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert no_data.returncode == 2 and "Traceback" not in no_data.stderr
+    assert no_data.stderr.startswith("error: ")
+    assert "expected train-images-idx3-ubyte or train-images-idx3-ubyte.gz" in no_data.stderr
+
+
+def test_existing_checkpoint_is_not_overwritten_without_resume(studies, tmp_path):
+    root, *_ = studies
+    path = tmp_path / "study.pt"
+    path.write_bytes((root / "whole.pt").read_bytes())
+    with pytest.raises(train.CheckpointError, match="exists: pass --resume to continue it"):
+        train.main(TINY + ["--checkpoint", str(path), "--out", str(tmp_path / "out")])
