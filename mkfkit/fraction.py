@@ -416,30 +416,30 @@ def _qp_layer(num_classes: int):
 def _cvxpylayers_qp(
     mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, conic_solver: str, solver_args: dict
 ) -> tuple[Tensor, Tensor]:
-    """The QP through cvxpylayers (float64 inside)."""
+    """The QP through cvxpylayers (float64 on the CPU inside, where its conic solvers run)."""
     layer = _qp_layer(mixed.shape[1])
+    mixed64, base_a64, base_b64, lam_host = (t.double().cpu() for t in (mixed, base_a, base_b, lam))
     # The layer's equality constraints are infeasible unless each row of `mixed` sums to 1
     # exactly; rows within the input tolerance are renormalised (in float64) first.
-    mixed64 = mixed.double()
     mixed64 = mixed64 / mixed64.sum(-1, keepdim=True)
     # Weights 0 and 1 make sqrt's gradient infinite and the QP degenerate, and their answer is
     # known (below): solve a harmless stand-in on those rows.
-    lam64 = torch.where((lam > 0) & (lam < 1), lam, 0.5).double()
+    lam64 = torch.where((lam_host > 0) & (lam_host < 1), lam_host, 0.5)
     root_a, root_b = lam64.sqrt(), (1 - lam64).sqrt()
     a, b = layer(
         lam64,
         1 - lam64,
         root_a,
         root_b,
-        root_a[:, None] * base_a.double(),
-        root_b[:, None] * base_b.double(),
+        root_a[:, None] * base_a64,
+        root_b[:, None] * base_b64,
         mixed64,
         solver_args={"solve_method": conic_solver, **solver_args},
     )
     # A side of full weight is the mixed output itself (the other side keeps its base later).
-    a = torch.where((lam == 1)[:, None], mixed64, a)
-    b = torch.where((lam == 0)[:, None], mixed64, b)
-    return a.to(mixed.dtype), b.to(mixed.dtype)
+    a = torch.where((lam_host == 1)[:, None], mixed64, a)
+    b = torch.where((lam_host == 0)[:, None], mixed64, b)
+    return a.to(mixed.device, mixed.dtype), b.to(mixed.device, mixed.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
