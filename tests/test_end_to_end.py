@@ -28,7 +28,7 @@ import train  # noqa: E402
 # The MKF run with the exact QP is last, so the final checkpoint holds its complete state.
 METHODS = ["baseline", "kdatff", "mix-only", "mkf-nomix", "mkf-nofraction", "mkf-opt2", "mkf-qp"]
 # 192 images, batch 32: 6 steps per epoch, 12 per run; mixing starts after 1 warm-up step.
-TINY = ["--train-subset", "192", "--batch-size", "32", "--epochs", "2", "--seeds", "0",
+TINY = ["--device", "cpu", "--train-subset", "192", "--batch-size", "32", "--epochs", "2", "--seeds", "0",
         "--blocks", "2", "2", "2", "--widths", "8", "16", "16", "--no-progress",
         "--methods", *METHODS]
 STEPS_PER_RUN = 12

@@ -579,15 +579,20 @@ def test_fused_bank_large_and_graph_capturable_on_cuda(storage):
 @pytest.mark.parametrize("batch, num_classes", [(512, 1000), (64, 21843), (256, 10)])
 def test_large_on_cuda(batch, num_classes):
     inputs = make_instance(batch, num_classes, "peaked", device="cuda")
-    weights = torch.randn(2, batch, num_classes, device="cuda")
     a, b = _triton.qp_fraction(*inputs)
     expected = torch_qp_fraction(*inputs, backend="torch")
     assert_fraction_close((a, b), (expected.a, expected.b), atol=5e-6)
+    # Gradients in float64: peaked float32 rows hold entries ~1e-9 whose bounds p / lam sit
+    # within rounding of v + tau, where the projection has a kink; there any two float32
+    # solvers may pick different one-sided derivatives (seen on an H100: the kernel matched
+    # the right-hand finite difference, the sort-based path neither side).
+    inputs = make_instance(batch, num_classes, "peaked", device="cuda", dtype=torch.float64)
+    weights = torch.randn(2, batch, num_classes, device="cuda", dtype=torch.float64)
     got = _vjp(_triton.qp_fraction, inputs, weights)
     want = _vjp(lambda *x: tuple(torch_qp_fraction(*x, backend="torch")[:2]), inputs, weights)
-    torch.testing.assert_close(tangential(got[0]), tangential(want[0]), atol=1e-4, rtol=1e-4)
-    for g, w in zip(got[1:3], want[1:3]):
-        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tangential(got[0]), tangential(want[0]), atol=1e-9, rtol=1e-9)
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
