@@ -47,6 +47,7 @@ from mkfkit._checks import (
     check_tensor,
     describe,
 )
+from mkfkit._transfer import to_device
 
 __all__ = [
     "CompoundMix",
@@ -484,12 +485,12 @@ class CompoundMix:
         alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
         lam = sample_beta(alpha, alpha, self.generator)
         partner_cpu = _random_partner(size, self.generator)
-        partner = partner_cpu.to(images.device)
+        partner = to_device(partner_cpu, images.device)
 
         def partners_of(values: Tensor) -> Tensor:
             # targets and indices may live on another device than the images
             on_device = partner if values.device == partner.device else partner_cpu
-            return values.index_select(0, on_device.to(values.device))
+            return values.index_select(0, to_device(on_device, values.device))
 
         box: Optional[Box] = None
         if use_cutmix:

@@ -1,0 +1,22 @@
+"""Host-to-device copies that do not stall the host."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import Tensor
+
+
+def to_device(tensor: Tensor, device: Union[str, torch.device]) -> Tensor:
+    """Copy ``tensor`` to ``device``; a small host tensor bound for CUDA goes asynchronously.
+
+    A copy from pageable host memory synchronises the CUDA stream before it starts, so one such
+    copy per training step makes the host wait for all queued GPU work and the next kernels
+    launch late. Staged in pinned memory (PyTorch's caching host allocator, which also keeps the
+    buffer alive until the copy has run) the copy simply queues behind that work.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
