@@ -67,6 +67,7 @@ def studies(tmp_path_factory):
     assert f"stopped after {STOP} steps" in stopped.stdout
     assert not (root / "resumed").exists()  # no results before the study is complete
     interrupted = (root / "resumed.pt").read_bytes()
+    (root / "interrupted.pt").write_bytes(interrupted)  # the checkpoint as it was mid-study
     resumed = run_script("--checkpoint", "resumed.pt", "--out", "resumed", "--resume", cwd=root)
     assert resumed.returncode == 0, resumed.stderr
     return root, whole, resumed, interrupted
@@ -93,7 +94,7 @@ def test_smoke_every_method_trains_and_reports(studies):
 
 
 def test_resume_in_a_fresh_process_is_bitwise_identical(studies):
-    root, _, _, interrupted = studies
+    root, *_ = studies
     whole, resumed = load(root / "whole.pt"), load(root / "resumed.pt")
     final = whole["current"]
     assert final["method"] == "mkf-qp" and final["epoch"] == 2
@@ -105,7 +106,6 @@ def test_resume_in_a_fresh_process_is_bitwise_identical(studies):
     assert histories == {key: run["history"] for key, run in resumed["results"].items()}
 
     # The interruption really was in the middle of the MKF run, with mixing and banking going on.
-    Path(root / "interrupted.pt").write_bytes(interrupted)
     middle = load(root / "interrupted.pt")["current"]
     assert middle["method"] == "mkf-qp" and (middle["epoch"], middle["batch_in_epoch"]) == (1, 3)
     assert middle["mix"]["step"] == 9 and bool(middle["bank"]["seen"].any())
