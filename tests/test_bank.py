@@ -158,6 +158,7 @@ def test_mixed_updates_match_reference(storage, k, fraction, device):
 
 
 def test_cvxpylayers_fraction_plugs_in():
+    pytest.importorskip("cvxpylayers")
     bank, reference = make_pair("float32", None, "cpu", samples=4, classes=3, groups=1)
     strategy = QPFraction(solver="cvxpylayers")
     probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.3, 0.4, 0.3]])
