@@ -533,7 +533,8 @@ class KnowledgeBank(nn.Module):
                 device of ``probs``; required with ``index_b``.
             fraction: strategy splitting a mixed output into the two clean estimates,
                 ``fraction(mixed, base_a, base_b, lam) -> Fraction`` (``LinearFraction``,
-                ``QPFraction``, ``DominantFraction``, or your own).
+                ``QPFraction``, ``DominantFraction``, or your own). The paper's raw OPT2,
+                ``LinearFraction(project=False)``, is refused: its rows leave the simplex.
         """
         self._check_group(group)
         check_floating(probs, "probs")
@@ -545,6 +546,13 @@ class KnowledgeBank(nn.Module):
         device = probs.device
         if index_b is not None:
             lam = as_lam(lam, batch, torch.empty(0, device=device))
+            if isinstance(fraction, LinearFraction) and not fraction.project:
+                # Its rows leave the simplex (negative entries): stored, they would poison every
+                # later KL target and fail the next fraction's input check far from the cause.
+                raise ValueError(
+                    "`fraction` must return probability rows for the bank to store, but got "
+                    "LinearFraction(project=False), the paper's raw OPT2; use LinearFraction()"
+                )
 
         probs = probs.detach()
         if self.sync == "all_gather" and distributed_world_size(self.process_group) > 1:

@@ -526,6 +526,12 @@ BAD_UPDATES = [
     (dict(index_b=torch.tensor([1, 2, 3]), lam=torch.tensor([0.5, -0.1, 1.0])), ValueError, r"`lam` must lie in \[0, 1\], but got -0.1"),
     (dict(index_b=torch.tensor([1, 2, 3])), ValueError, r"`lam` must be given with `index_b`"),
     (dict(lam=0.5), ValueError, r"`lam` must be None when `index_b` is None"),
+    (
+        dict(index_b=torch.tensor([1, 2, 3]), lam=0.5, fraction=LinearFraction(project=False)),
+        ValueError,
+        r"`fraction` must return probability rows for the bank to store, but got "
+        r"LinearFraction\(project=False\)",
+    ),
 ]
 
 
