@@ -250,8 +250,8 @@ def test_mixed_pair_naming_one_row_twice_averages_both_sides():
     # Dominant gives side a (lam >= 0.5) the mixed output; side b is skipped.
     assert torch.equal(bank.target(0, torch.tensor([1])).probs, 0.5 * mixed + 0.5 * base)
     known = 0.5 * mixed + 0.5 * base
-    split = LinearFraction(project=False)(mixed, known, known, 0.5)
-    bank.update(0, mixed, torch.tensor([1]), torch.tensor([1]), 0.5, LinearFraction(project=False))
+    split = LinearFraction()(mixed, known, known, 0.5)
+    bank.update(0, mixed, torch.tensor([1]), torch.tensor([1]), 0.5, LinearFraction())
     expected = 0.5 * ((split.a + split.b) / 2) + 0.5 * known
     torch.testing.assert_close(bank.target(0, torch.tensor([1])).probs, expected, atol=1e-7, rtol=0)
 
