@@ -1,8 +1,6 @@
 """What every benchmark script needs: the device report, a median timer, JSON output, a table.
 
-Used by ``bench_bank.py``, ``bench_depth.py`` and ``bench_fraction.py``. ``bench_step.py`` and
-``train.py`` still carry their own copies of these (``device_report``, the step timer, JSON
-writing) and should use this module too; the lead migrates them.
+Used by every script in ``benchmarks/``.
 
 A script run as ``python benchmarks/bench_x.py`` has ``benchmarks/`` on ``sys.path`` and imports
 this module as ``import _common``. Timing uses public tools only: ``time.perf_counter`` with
@@ -23,7 +21,9 @@ from typing import Any, Callable, Mapping, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["device_name", "device_report", "median_time", "loop_time", "write_json", "print_table"]
+__all__ = [
+    "device_name", "device_report", "synchronize", "median_time", "loop_time", "write_json", "print_table",
+]
 
 Device = Union[str, torch.device]
 # (header, row key or function of the row, format spec); a spec starting with "<" left-aligns.
@@ -54,7 +54,7 @@ def device_report(device: Device) -> str:
     return f"{device_name(device)}; torch {torch.__version__}"
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -70,10 +70,10 @@ def median_time(fn: Callable[[], Any], device: Device, repeats: int, warmup: int
         fn()
     times = []
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
@@ -91,7 +91,7 @@ def loop_time(fn: Callable[[], Any], device: Device, repeats: int, calls: int = 
         fn()
     times = []
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

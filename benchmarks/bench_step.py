@@ -25,8 +25,6 @@ training run: they synchronise the GPU.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402  (the training step being measured)
+from _common import synchronize, device_report, write_json  # noqa: E402
 
 import mkfkit  # noqa: E402
 from mkfkit.bank import KnowledgeBank  # noqa: E402
@@ -169,11 +168,6 @@ def fill_bank(bank: KnowledgeBank, indices: torch.Tensor) -> None:
 # Timing
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Stepper:
     """One variant ready to step: its model, blocks, batch and dataset indices."""
 
@@ -235,22 +229,6 @@ def time_setting(setting: Dict, variants: List[str], device: torch.device, repea
     return {variant: result[variant] for variant in variants}
 
 
-def device_report(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        name += f", {torch.get_num_threads()} threads"
-    return f"{name}; torch {torch.__version__}"
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer settings and repeats")
@@ -295,11 +273,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"  {variant:<20}{1000 * seconds:>10.2f}{ratio_text:>12}")
             rows.append(row)
 
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": device_report(device), "quick": args.quick,
-                                "value_checks": False, "rows": rows}, indent=2))
-    print(f"\nwrote {path}")
+    write_json(args.json, {"device": device_report(device), "quick": args.quick,
+                           "value_checks": False, "rows": rows})
     return 0
 
 

@@ -49,7 +49,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -62,6 +61,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_report  # noqa: E402
 from datasets import DATASETS, DatasetError, ImageData, load_dataset  # noqa: E402
 
 from mkfkit.attention import AttentionTransferLoss  # noqa: E402
@@ -497,15 +497,6 @@ def plot(results: Dict[str, Dict[str, Any]], methods: List[str], path: Path, tit
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def device_report(device: str) -> str:
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        name = platform.processor() or platform.machine()
-        name += f", {torch.get_num_threads()} threads"
-    return f"{name}, torch {torch.__version__}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -7,7 +7,6 @@ For each group ``t`` (sub-network size class) and each training sample ``I`` the
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
