@@ -101,6 +101,14 @@ def _prepare(
     return mixed, base_a, base_b, as_lam(lam, mixed.shape[0], mixed), dtype
 
 
+def _project_both(
+    v_a: Tensor, v_b: Tensor, lo_a: Tensor, lo_b: Tensor, hi_a: Tensor, hi_b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Both sides' projections in one batched call: half the kernel launches of two calls."""
+    stacked = project_box_simplex(torch.cat((v_a, v_b)), torch.cat((lo_a, lo_b)), torch.cat((hi_a, hi_b)))
+    return stacked[: v_a.shape[0]], stacked[v_a.shape[0] :]
+
+
 def _linear_divisor(weight: Tensor) -> Tensor:
     """``weight`` as OPT2's divisor, keeping every quotient and its gradient finite.
 
@@ -180,8 +188,7 @@ def linear_fraction(
     a = (mixed - weight_b * base_b) / _linear_divisor(weight_a)
     b = (mixed - weight_a * base_a) / _linear_divisor(weight_b)
     if project:
-        zeros, ones = torch.zeros_like(a), torch.ones_like(a)
-        a, b = project_box_simplex(a, zeros, ones), project_box_simplex(b, zeros, ones)
+        a, b = _project_both(a, b, *(torch.zeros_like(a),) * 2, *(torch.ones_like(a),) * 2)
     return _finish(a, b, base_a, base_b, lam, dtype)
 
 
@@ -349,16 +356,17 @@ def _exact_qp(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> tup
     # Entries of `mixed` outside [0, 1] (allowed within the row tolerance) would cross the bounds.
     target = mixed.clamp(0, 1)
 
-    def project_side(base: Tensor, weight: Tensor, other_weight: Tensor) -> Tensor:
+    def bounds(weight: Tensor, other_weight: Tensor) -> tuple[Tensor, Tensor]:
         # 0 <= other side <= 1 under the mixing identity, written as bounds on this side. The
         # ratios stay O(1) even for tiny weights (mixed is then tiny too), so divide exactly;
         # a side of weight 0 is replaced by its base afterwards.
         divisor = torch.where(weight > 0, weight, 1)
         lo = ((target - other_weight) / divisor).clamp(0, 1)  # rounding can overshoot 1
         hi = (target / divisor).clamp(0, 1)
-        return project_box_simplex(base + residual, lo, hi)
+        return lo, hi
 
-    return project_side(base_a, weight_a, weight_b), project_side(base_b, weight_b, weight_a)
+    (lo_a, hi_a), (lo_b, hi_b) = bounds(weight_a, weight_b), bounds(weight_b, weight_a)
+    return _project_both(base_a + residual, base_b + residual, lo_a, lo_b, hi_a, hi_b)
 
 
 def _fused_kernels(backend: str, like: Tensor):
