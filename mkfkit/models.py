@@ -75,7 +75,11 @@ def _stage(in_channels: int, out_channels: int, num_blocks: int, stride: int) ->
     return nn.Sequential(*blocks)
 
 
-def _check_architecture(blocks: Sequence[int], widths: Sequence[int]) -> None:
+def _check_architecture(
+    num_classes: int, in_channels: int, blocks: Sequence[int], widths: Sequence[int]
+) -> None:
+    check_positive_int(num_classes, "num_classes")
+    check_positive_int(in_channels, "in_channels")
     if len(blocks) != len(widths) or len(blocks) == 0:
         raise ValueError(
             "`blocks` and `widths` must be non-empty and of equal length (one entry per stage), "
@@ -84,6 +88,13 @@ def _check_architecture(blocks: Sequence[int], widths: Sequence[int]) -> None:
     for i, (num_blocks, width) in enumerate(zip(blocks, widths)):
         check_positive_int(num_blocks, f"blocks[{i}]")
         check_positive_int(width, f"widths[{i}]")
+
+
+def _add_stem(model: nn.Module, in_channels: int, width: int) -> None:
+    """The 3x3 convolution, BatchNorm and ReLU before the first stage (torchvision's names)."""
+    model.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    model.relu = nn.ReLU(inplace=True)
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -125,13 +136,8 @@ class ResNet(nn.Module):
         widths: Sequence[int] = (16, 32, 64),
     ) -> None:
         super().__init__()
-        check_positive_int(num_classes, "num_classes")
-        check_positive_int(in_channels, "in_channels")
-        _check_architecture(blocks, widths)
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.stages = nn.ModuleList()
+        _check_architecture(num_classes, in_channels, blocks, widths)
+        _add_stem(self, in_channels, widths[0])
         channels = widths[0]
         for i, (num_blocks, width) in enumerate(zip(blocks, widths)):
             stage = _stage(channels, width, num_blocks, stride=1 if i == 0 else 2)
@@ -202,10 +208,8 @@ class MultiBranchResNet(nn.Module):
         shared_stages: int | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int(num_classes, "num_classes")
-        check_positive_int(in_channels, "in_channels")
+        _check_architecture(num_classes, in_channels, blocks, widths)
         check_positive_int(num_branches, "num_branches")
-        _check_architecture(blocks, widths)
         if shared_stages is None:
             shared_stages = len(blocks) - 1
         if isinstance(shared_stages, bool) or not isinstance(shared_stages, int) or not (
@@ -215,9 +219,7 @@ class MultiBranchResNet(nn.Module):
                 f"`shared_stages` must be an int in [0, {len(blocks) - 1}], "
                 f"but got {shared_stages!r}"
             )
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
+        _add_stem(self, in_channels, widths[0])
         shared = []
         channels = widths[0]
         for i in range(shared_stages):
