@@ -23,6 +23,7 @@ from mkfkit._checks import (
     check_positive_int,
     check_shape,
     describe,
+    value_checks,
     value_checks_enabled,
 )
 from mkfkit.distributed import all_gather_uneven, distributed_world_size
@@ -564,6 +565,17 @@ class KnowledgeBank(nn.Module):
             probs = probs / probs.sum(dim=1, keepdim=True)
         probs = probs.float()
 
+        # Everything is checked above and the bases are the bank's own rows: the fraction's
+        # input checks would only repeat that work with three more host synchronisations.
+        with value_checks(False):
+            self._fold(group, probs, index_a, index_b, lam, fraction)
+
+    def _fold(
+        self, group: int, probs: Tensor, index_a: Tensor, index_b: Optional[Tensor],
+        lam: Optional[Tensor], fraction: FractionStrategy,
+    ) -> None:
+        """Fold checked float32 ``probs`` into ``group`` (fused or torch path)."""
+        device = probs.device
         kernels, split = self._fused_kernels(device, None if index_b is None else fraction)
         if kernels is not None:
             kernels.bank_update(
