@@ -12,12 +12,17 @@ for B in {64, 256, 512} and C in {10, 100, 1000}, forward and forward+backward, 
 Times are medians; ratios are to OPT2 (raw) and to the exact QP. Two timings per cell: "sync"
 synchronises the device around every call (latency of one call, launch overhead included);
 "loop" times 20 back-to-back calls between two CUDA events (throughput in a training loop,
-where the host queues the next call while the GPU runs). cvxpylayers gets the "sync" timing only. Accuracy: max |error| of each
-strategy's (a, b) against the exact QP solved in float64, and the share of raw OPT2 rows that
-leave [0, 1].
+where the host queues the next call while the GPU runs). cvxpylayers gets the "sync" timing
+only. Accuracy: max |error| of each strategy's (a, b) against the exact QP solved in float64,
+and the share of raw OPT2 rows that leave [0, 1].
+
+CPU threads: torch and cvxpylayers use the same number, ``--threads`` (default: torch's, all
+cores). cvxpylayers solves the rows of a batch in parallel on that many threads (diffcp's
+``n_jobs_forward``/``n_jobs_backward``); torch parallelises inside its operations.
 
     python benchmarks/bench_fraction.py --quick            # a short run
     python benchmarks/bench_fraction.py --device cpu       # the full grid on one device
+    python benchmarks/bench_fraction.py --device cpu --threads 1   # one core each
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ def main() -> None:
     parser.add_argument("--device", default="all", help="cpu, cuda, or all (default: cpu and cuda when present)")
     parser.add_argument("--json", default=str(HERE / "out" / "fraction.json"), help="where to write the results")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default 20, quick 5)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for both (torch default)")
     parser.add_argument("--skip-cvxpylayers", action="store_true", help="leave out the cvxpylayers columns")
     parser.add_argument(
         "--cvx-budget",
@@ -82,6 +88,9 @@ def main() -> None:
         "(estimated from the smallest batch of the same C; default 60, quick 5)",
     )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
 
     batches, classes = ([64, 256], [10, 100]) if args.quick else ([64, 256, 512], [10, 100, 1000])
     repeats = args.repeats or (5 if args.quick else 20)
@@ -101,14 +110,19 @@ def main() -> None:
         try:
             import cvxpylayers  # noqa: F401
 
+            # diffcp's forward-only entry point rejects `n_jobs_backward`: one layer per pass.
+            jobs = {False: {"n_jobs_forward": threads}, True: {"n_jobs_forward": threads, "n_jobs_backward": threads}}
             cvx = {
-                "cvx_scs": QPFraction(solver="cvxpylayers", conic_solver="SCS"),
-                "cvx_clarabel": QPFraction(solver="cvxpylayers", conic_solver="CLARABEL"),
+                f"cvx_{conic.lower()}": {
+                    backward: QPFraction(solver="cvxpylayers", conic_solver=conic, solver_args=jobs[backward])
+                    for backward in (False, True)
+                }
+                for conic in ("SCS", "CLARABEL")
             }
         except ImportError:
             print("cvxpylayers: skipped (not installed; pip install mkfkit[qp])")
 
-    settings = {"quick": args.quick, "repeats": repeats, "cvxpylayers_repeats": cvx_repeats}
+    settings = {"quick": args.quick, "repeats": repeats, "cvxpylayers_repeats": cvx_repeats, "threads": threads}
     for device in devices:
         print(f"{device}: {device_report(device)}")
     results = []
@@ -132,9 +146,10 @@ def main() -> None:
                 with mkfkit.value_checks(False):
                     for name, strategy in {**device_strategies, **cvx}.items():
                         if name in cvx:  # build (and cache) the layer for this C outside the timing
-                            strategy(*(t[:1] for t in inputs32))
+                            strategy[False](*(t[:1] for t in inputs32))
                         outputs = []
                         for backward in (False, True):
+                            layer = strategy[backward] if name in cvx else strategy
                             key = f"{name}_{'fwdbwd' if backward else 'fwd'}_s"
                             if name in cvx:
                                 estimate = per_row.get((num_classes, backward, name), 0.0) * batch
@@ -144,7 +159,7 @@ def main() -> None:
                                     row[key] = None
                                     continue
                             seconds = 1e-3 * median_time(
-                                lambda: outputs.append(run_strategy(strategy, inputs32, backward)),
+                                lambda: outputs.append(run_strategy(layer, inputs32, backward)),
                                 device,
                                 cvx_repeats if name in cvx else repeats,
                                 warmup=0 if name in cvx else 2,
@@ -153,7 +168,7 @@ def main() -> None:
                             row[key] = seconds
                             if name not in cvx:
                                 row[key.replace("_s", "_loop_s")] = 1e-3 * loop_time(
-                                    lambda: run_strategy(strategy, inputs32, backward), device, repeats
+                                    lambda: run_strategy(layer, inputs32, backward), device, repeats
                                 )
                         if outputs:
                             out = outputs[0]

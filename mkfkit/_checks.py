@@ -15,6 +15,7 @@ host synchronisation is impossible. Shape, dtype and device checks cost nothing 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import abc
 from typing import Iterator, Optional, Sequence, Union
 
@@ -155,19 +156,22 @@ def check_in_range(
     if isinstance(value, Tensor):
         if not value_checks_enabled(value) or value.numel() == 0:
             return
-        finite = torch.isfinite(value)
-        below = value <= low if low_open else value < low
-        above = value >= high if high_open else value > high
-        bad = ~finite | below | above
-        if bool(bad.any()):
-            first = value[bad].flatten()[0].item()
-            raise ValueError(f"`{name}` must lie in {interval}, but got {first:g}")
-        return
+        # Two extremes in one reduction; NaN propagates into them, so it fails here too.
+        extremes = torch.aminmax(value.detach())
+        if all(_inside(extreme.item(), low, high, low_open, high_open) for extreme in extremes):
+            return
+        first = value[~_inside(value, low, high, low_open, high_open)].flatten()[0].item()
+        raise ValueError(f"`{name}` must lie in {interval}, but got {first:g}")
     number = check_number(value, name)
-    below = number <= low if low_open else number < low
-    above = number >= high if high_open else number > high
-    if number != number or below or above:
+    if not _inside(number, low, high, low_open, high_open):
         raise ValueError(f"`{name}` must lie in {interval}, but got {number:g}")
+
+
+def _inside(value, low: float, high: float, low_open: bool, high_open: bool):
+    """Whether a number (or each entry of a tensor) lies in the interval; False for NaN."""
+    above_low = value > low if low_open else value >= low
+    below_high = value < high if high_open else value <= high
+    return above_low & below_high
 
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
@@ -188,18 +192,20 @@ def check_distribution_rows(value: Tensor, name: str, atol: float = 1e-3) -> Non
     """Check that every row of ``value`` (Tensor[..., C]) is a probability vector within ``atol``."""
     if not value_checks_enabled(value) or value.numel() == 0:
         return
-    check_finite(value, name)
-    low = value.min().item()
+    # Four reductions and one transfer to the host in the common, valid case.
+    sums = value.sum(dim=-1, dtype=torch.float64)
+    low, high, low_sum, high_sum = torch.stack([*torch.aminmax(value), *torch.aminmax(sums)]).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        check_finite(value, name)
     if low < -atol:
         raise ValueError(
             f"`{name}` must hold probability rows (entries >= 0), but got an entry {low:.3g}"
         )
-    sums = value.sum(dim=-1, dtype=torch.float64)
-    worst = (sums - 1).abs().max().item()
-    if worst > atol:
+    if max(high_sum - 1, 1 - low_sum) > atol:
+        worst = high_sum if high_sum - 1 >= 1 - low_sum else low_sum
         raise ValueError(
             f"`{name}` must hold probability rows (each summing to 1 within {atol:g}), "
-            f"but got a row summing to {1 + worst if bool((sums > 1).any()) else 1 - worst:.6g}"
+            f"but got a row summing to {worst:.6g}"
         )
 
 

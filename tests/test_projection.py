@@ -1,12 +1,18 @@
 """Tests of the exact projection onto {sum = 1, lo <= x <= hi} (mkfkit/_projection.py)."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mkfkit import _projection
 from mkfkit._projection import project_box_simplex
+
+# Both ways of finding the active sets must give the same projection.
+SEARCHES = ["sort", "newton"]
 
 
 def bisection_projection(v, lo, hi, iterations=200):
@@ -38,11 +44,12 @@ def random_box(generator, batch, num_classes, dtype, device="cpu"):
     batch=st.integers(1, 8),
     num_classes=st.integers(1, 300),
     dtype=st.sampled_from([torch.float32, torch.float64]),
+    search=st.sampled_from(SEARCHES),
 )
-def test_matches_bisection_and_is_feasible(seed, batch, num_classes, dtype):
+def test_matches_bisection_and_is_feasible(seed, batch, num_classes, dtype, search):
     generator = torch.Generator().manual_seed(seed)
     v, lo, hi = random_box(generator, batch, num_classes, dtype)
-    x = project_box_simplex(v, lo, hi)
+    x = project_box_simplex(v, lo, hi, search=search)
     assert x.dtype == dtype and x.shape == v.shape
     atol = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(x.double(), bisection_projection(v, lo, hi), atol=atol, rtol=0)
@@ -50,36 +57,40 @@ def test_matches_bisection_and_is_feasible(seed, batch, num_classes, dtype):
     assert bool((x >= lo).all()) and bool((x <= hi).all())
 
 
-def test_matches_bisection_on_device(device):
+@pytest.mark.parametrize("search", SEARCHES)
+def test_matches_bisection_on_device(device, search):
     generator = torch.Generator().manual_seed(1)
     v, lo, hi = random_box(generator, 64, 50, torch.float64)
-    x = project_box_simplex(v.to(device), lo.to(device), hi.to(device))
+    x = project_box_simplex(v.to(device), lo.to(device), hi.to(device), search=search)
     assert x.device.type == device
     torch.testing.assert_close(x.cpu(), bisection_projection(v, lo, hi), atol=1e-12, rtol=0)
 
 
-def test_known_values_and_simplex_identity_on_valid_rows():
+@pytest.mark.parametrize("search", SEARCHES)
+def test_known_values_and_simplex_identity_on_valid_rows(search):
     v = torch.tensor([[0.8, 0.5, -0.1], [0.2, 0.3, 0.5]], dtype=torch.float64)
-    x = project_box_simplex(v, torch.zeros_like(v), torch.ones_like(v))
+    x = project_box_simplex(v, torch.zeros_like(v), torch.ones_like(v), search=search)
     expected = torch.tensor([[0.65, 0.35, 0.0], [0.2, 0.3, 0.5]], dtype=torch.float64)
     torch.testing.assert_close(x, expected, atol=1e-15, rtol=0)
 
 
-def test_ties_one_hot_and_constant_rows():
+@pytest.mark.parametrize("search", SEARCHES)
+def test_ties_one_hot_and_constant_rows(search):
     # Many equal breakpoints: one-hot and constant rows, on the plain simplex.
     v = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [3.0, 3.0, -1.0, -1.0]], dtype=torch.float64)
-    x = project_box_simplex(v, torch.zeros_like(v), torch.ones_like(v))
+    x = project_box_simplex(v, torch.zeros_like(v), torch.ones_like(v), search=search)
     expected = torch.tensor([[1.0, 0, 0, 0], [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0, 0]], dtype=torch.float64)
     torch.testing.assert_close(x, expected, atol=1e-15, rtol=0)
 
 
-def test_degenerate_and_infeasible_rows_are_finite_with_finite_gradients():
+@pytest.mark.parametrize("search", SEARCHES)
+def test_degenerate_and_infeasible_rows_are_finite_with_finite_gradients(search):
     lo = torch.tensor([[0.2, 0.3, 0.5], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5]], dtype=torch.float64)
     hi = torch.tensor([[0.2, 0.3, 0.5], [0.1, 0.2, 0.3], [0.9, 0.9, 0.9]], dtype=torch.float64)
     lo.requires_grad_(True)
     hi.requires_grad_(True)
     v = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
-    x = project_box_simplex(v, lo, hi)
+    x = project_box_simplex(v, lo, hi, search=search)
     # Row 0: lo == hi with sum 1, no free coordinate. Row 1: sum(hi) < 1 -> hi. Row 2: sum(lo) > 1 -> lo.
     torch.testing.assert_close(x, torch.stack([lo[0], hi[1], lo[2]]).detach(), atol=0, rtol=0)
     (x * torch.randn_like(x)).sum().backward()
@@ -88,44 +99,112 @@ def test_degenerate_and_infeasible_rows_are_finite_with_finite_gradients():
     assert bool((v.grad == 0).all())  # every coordinate sits at a bound
 
 
-def test_jacobian_is_the_closed_form():
+@pytest.mark.parametrize("search", SEARCHES)
+def test_jacobian_is_the_closed_form(search):
     generator = torch.Generator().manual_seed(3)
     v, lo, hi = random_box(generator, 1, 12, torch.float64)
-    x = project_box_simplex(v, lo, hi)[0]
+    x = project_box_simplex(v, lo, hi, search=search)[0]
     free = (x > lo[0] + 1e-9) & (x < hi[0] - 1e-9)
     assert 0 < int(free.sum()) < 12  # the instance exercises both kinds of coordinates
-    jacobian = torch.autograd.functional.jacobian(lambda t: project_box_simplex(t, lo, hi)[0], v)[:, 0]
+    jacobian = torch.autograd.functional.jacobian(lambda t: project_box_simplex(t, lo, hi, search=search)[0], v)[:, 0]
     f = free.double()
     expected = (torch.diag(f) - torch.outer(f, f) / f.sum())
     torch.testing.assert_close(jacobian, expected, atol=1e-15, rtol=0)
 
 
-def test_gradcheck_in_v_lo_hi():
+@pytest.mark.parametrize("search", SEARCHES)
+def test_gradcheck_in_v_lo_hi(search):
     generator = torch.Generator().manual_seed(4)
     v, lo, hi = random_box(generator, 3, 9, torch.float64)
     inputs = tuple(t.clone().requires_grad_(True) for t in (v, lo, hi))
-    assert torch.autograd.gradcheck(project_box_simplex, inputs)
-    assert torch.autograd.gradgradcheck(project_box_simplex, inputs)
+    project = functools.partial(project_box_simplex, search=search)
+    assert torch.autograd.gradcheck(project, inputs)
+    assert torch.autograd.gradgradcheck(project, inputs)
 
 
-def test_float32_agrees_with_float64():
+@pytest.mark.parametrize("search", SEARCHES)
+def test_float32_agrees_with_float64(search):
     generator = torch.Generator().manual_seed(5)
     v, lo, hi = random_box(generator, 256, 1000, torch.float64)
-    x64 = project_box_simplex(v, lo, hi)
-    x32 = project_box_simplex(v.float(), lo.float(), hi.float())
+    x64 = project_box_simplex(v, lo, hi, search=search)
+    x32 = project_box_simplex(v.float(), lo.float(), hi.float(), search=search)
     torch.testing.assert_close(x32.double(), x64, atol=1e-6, rtol=0)
 
 
-def test_batch_equals_rows_one_by_one():
+@pytest.mark.parametrize("search", SEARCHES)
+def test_batch_equals_rows_one_by_one(search):
     generator = torch.Generator().manual_seed(6)
     v, lo, hi = random_box(generator, 16, 40, torch.float64)
-    batched = project_box_simplex(v, lo, hi)
-    rows = torch.cat([project_box_simplex(v[i : i + 1], lo[i : i + 1], hi[i : i + 1]) for i in range(16)])
+    batched = project_box_simplex(v, lo, hi, search=search)
+    rows = torch.cat([project_box_simplex(v[i : i + 1], lo[i : i + 1], hi[i : i + 1], search=search) for i in range(16)])
     torch.testing.assert_close(batched, rows, atol=0, rtol=0)
 
 
-def test_projection_is_invariant_to_shifting_v():
+@pytest.mark.parametrize("search", SEARCHES)
+def test_projection_is_invariant_to_shifting_v(search):
     generator = torch.Generator().manual_seed(7)
     v, lo, hi = random_box(generator, 8, 30, torch.float64)
     shift = torch.from_numpy(np.linspace(-2, 2, 8))[:, None]
-    torch.testing.assert_close(project_box_simplex(v + shift, lo, hi), project_box_simplex(v, lo, hi), atol=1e-14, rtol=0)
+    torch.testing.assert_close(project_box_simplex(v + shift, lo, hi, search=search), project_box_simplex(v, lo, hi, search=search), atol=1e-14, rtol=0)
+
+
+def fraction_like_box(generator, batch, num_classes):
+    """The boxes the exact QP fraction projects onto: Dirichlet rows, peaked and one-hot bases."""
+    concentration = torch.full((num_classes,), 0.3, dtype=torch.float64)
+    mixed, base_a = (torch.distributions.Dirichlet(concentration).sample((batch,)) for _ in range(2))
+    base_a[::3] = torch.nn.functional.one_hot(torch.arange(0, batch, 3) % num_classes, num_classes).double()
+    lam = torch.rand(batch, 1, generator=generator, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    base_b = mixed  # any distribution will do for the residual
+    residual = mixed - lam * base_a - (1 - lam) * base_b
+    lo = ((mixed - (1 - lam)) / lam).clamp(0, 1)
+    hi = (mixed / lam).clamp(0, 1)
+    return base_a + residual, lo, hi
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_classes", [1, 2, 10, 1000])
+def test_searches_agree(dtype, num_classes):
+    generator = torch.Generator().manual_seed(8)
+    torch.manual_seed(8)
+    atol = 1e-13 if dtype == torch.float64 else 1e-6
+    generic = random_box(generator, 64, num_classes, torch.float64)
+    for v, lo, hi in (generic, fraction_like_box(generator, 64, num_classes)):
+        v, lo, hi = (t.to(dtype) for t in (v, lo, hi))
+        by_sort, by_newton = (project_box_simplex(v, lo, hi, search=search) for search in SEARCHES)
+        torch.testing.assert_close(by_newton, by_sort, atol=atol, rtol=0)
+    # Gradients agree away from kinks. Fraction boxes with C = 2 and every box with C = 1 put
+    # rows on a kink (two coordinates at bounds whose sum is exactly 1), where the searches may
+    # pick different, equally valid one-sided derivatives; the generic boxes have none.
+    if num_classes > 1:
+        v, lo, hi = (t.to(dtype).requires_grad_(True) for t in generic)
+        weights = torch.randn(v.shape, generator=generator, dtype=torch.float64).to(dtype)
+        by_sort, by_newton = (
+            torch.autograd.grad((project_box_simplex(v, lo, hi, search=search) * weights).sum(), (v, lo, hi))
+            for search in SEARCHES
+        )
+        for grad_newton, grad_sort in zip(by_newton, by_sort):
+            torch.testing.assert_close(grad_newton, grad_sort, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_non_finite_row_terminates_and_leaves_other_rows_alone(search):
+    # Callers validate their inputs; with checks off, a NaN row must still not hang the search.
+    v = torch.tensor([[0.2, float("nan"), 0.3], [0.5, 0.5, 0.0]])
+    x = project_box_simplex(v, torch.zeros_like(v), torch.ones_like(v), search=search)
+    torch.testing.assert_close(x[1], v[1])
+
+
+def test_auto_search_takes_newton_for_large_cpu_problems_only():
+    rows = _projection._NEWTON_MIN_ELEMENTS // _projection._NEWTON_MIN_CLASSES
+    large = torch.zeros(rows, _projection._NEWTON_MIN_CLASSES)
+    assert _projection._use_newton(large, "auto")
+    assert not _projection._use_newton(large[:-1], "auto")  # too few entries
+    assert not _projection._use_newton(torch.zeros(2 * rows, _projection._NEWTON_MIN_CLASSES // 2), "auto")
+    assert not _projection._use_newton(large.to("meta"), "auto")  # not on the host
+    assert _projection._use_newton(large[:1], "newton") and not _projection._use_newton(large, "sort")
+
+
+def test_unknown_search_is_rejected():
+    v = torch.full((1, 2), 0.5)
+    with pytest.raises(ValueError, match=r"`search` must be one of \('auto', 'sort', 'newton'\), but got 'bisect'"):
+        project_box_simplex(v, torch.zeros_like(v), torch.ones_like(v), search="bisect")
