@@ -59,15 +59,29 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warm_up(fn: Callable[[], Any], device: torch.device, calls: int, seconds: float = 0.25) -> None:
+    """Call ``fn()`` at least ``calls`` times and, unless ``calls`` is 0, for at least ``seconds``.
+
+    A fixed count of warm-up calls is not enough for sub-millisecond calls: caches, the
+    allocator and the clock frequency settle over a fraction of a second, and the first cell of
+    a table came out up to 1.6x slow without this.
+    """
+    start = time.perf_counter()
+    done = 0
+    while done < calls or (calls > 0 and time.perf_counter() - start < seconds):
+        fn()
+        done += 1
+    synchronize(device)
+
+
 def median_time(fn: Callable[[], Any], device: Device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls after ``warmup`` calls.
+    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls, after :func:`warm_up`.
 
     On CUDA the device is synchronised before the clock starts and after every call, so the
     time covers the queued kernels, not just their launch.
     """
     device = torch.device(device)
-    for _ in range(warmup):
-        fn()
+    warm_up(fn, device, warmup)
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -87,8 +101,7 @@ def loop_time(fn: Callable[[], Any], device: Device, repeats: int, calls: int = 
     The median is over ``repeats`` batches.
     """
     device = torch.device(device)
-    for _ in range(warmup):
-        fn()
+    warm_up(fn, device, warmup)
     times = []
     for _ in range(repeats):
         synchronize(device)

@@ -149,6 +149,8 @@ def _active_sets_by_newton(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, T
     """Boolean masks (free, at upper bound) of the projection, by safeguarded Newton steps."""
     num_classes = v.shape[-1]
     eps = torch.finfo(v.dtype).eps
+    free_out = torch.zeros_like(v, dtype=torch.bool)
+    upper_out = torch.zeros_like(free_out)
     # g(t_lo) = sum(lo) <= 1 <= sum(hi) = g(t_hi) on a feasible row.
     t_lo, t_hi = (lo - v).amin(-1), (hi - v).amax(-1)
     sum_lo, sum_hi = lo.sum(-1), hi.sum(-1)
@@ -159,6 +161,7 @@ def _active_sets_by_newton(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, T
     scale = torch.maximum(torch.maximum(t_lo.abs(), t_hi.abs()), torch.ones_like(t_lo))
     was_newton = torch.zeros_like(done)
     previous_free = previous_upper = torch.full_like(tau, -1, dtype=torch.int32)
+    rows = torch.arange(v.shape[0], device=v.device)  # the working rows' places in the batch
     for _ in range(_MAX_PASSES.get(v.dtype, _MAX_PASSES[torch.float32])):
         shifted = v + tau[:, None]
         excess = torch.clamp(shifted, lo, hi).sum(-1) - 1
@@ -171,13 +174,28 @@ def _active_sets_by_newton(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, T
         same_piece = was_newton & (n_free == previous_free) & (n_upper == previous_upper)
         # A flat piece whose sum is 1 up to rounding: any tau on it gives the same answer.
         flat_root = (n_free == 0) & (excess.abs() <= 4 * eps)
-        done = done | (excess == 0) | same_piece | flat_root | (t_hi - t_lo <= 2 * eps * scale)
-        if bool(done.all()):
+        newton = tau - excess / n_free.clamp_min(1).to(tau.dtype)
+        # A Newton step too small to change tau: the root to working precision (bisecting on
+        # would only shrink the bracket around it).
+        stalled = (n_free > 0) & (newton == tau)
+        narrow = t_hi - t_lo <= 2 * eps * scale
+        done = done | (excess == 0) | same_piece | flat_root | stalled | narrow
+        finished = int(done.sum())
+        if finished == len(rows):
             break
+        if 2 * finished >= len(rows):
+            # Most rows are done: record them and iterate on the rest only.
+            free_out[rows[done]], upper_out[rows[done]] = free[done], upper[done]
+            keep = ~done
+            rows, v, lo, hi, free, upper, tau, newton, t_lo, t_hi, scale, excess, n_free, n_upper = (
+                t[keep]
+                for t in (rows, v, lo, hi, free, upper, tau, newton, t_lo, t_hi, scale, excess, n_free, n_upper)
+            )
+            done = done[keep]
         t_lo = torch.where(excess < 0, torch.maximum(t_lo, tau), t_lo)
         t_hi = torch.where(excess > 0, torch.minimum(t_hi, tau), t_hi)
-        newton = tau - excess / n_free.clamp_min(1).to(tau.dtype)
         was_newton = (n_free > 0) & (newton > t_lo) & (newton < t_hi)
         tau = torch.where(done, tau, torch.where(was_newton, newton, (t_lo + t_hi) / 2))
         previous_free, previous_upper = n_free, n_upper
-    return free, upper
+    free_out[rows], upper_out[rows] = free, upper
+    return free_out, upper_out

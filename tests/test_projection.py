@@ -194,6 +194,28 @@ def test_non_finite_row_terminates_and_leaves_other_rows_alone(search):
     torch.testing.assert_close(x[1], v[1])
 
 
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_newton_search_stops_at_its_pass_limit(monkeypatch, passes):
+    # The valid row finishes in the first pass and is set aside; the NaN row runs to the limit.
+    monkeypatch.setitem(_projection._MAX_PASSES, torch.float32, passes)
+    v = torch.tensor([[0.2, float("nan"), 0.3], [0.5, 0.5, 0.0]])
+    free, upper = _projection._active_sets_by_newton(v, torch.zeros_like(v), torch.ones_like(v))
+    assert free.shape == upper.shape == v.shape
+    assert free[1].tolist() == [True, True, False] and not bool(upper[1].any())
+
+
+def test_newton_search_sets_finished_rows_aside_without_changing_them():
+    # Raw OPT2 estimates (entries far outside [0, 1]) finish after very different numbers of
+    # passes, so the search drops finished rows several times on the way.
+    generator = torch.Generator().manual_seed(9)
+    v = torch.randn(257, 300, generator=generator, dtype=torch.float64) * torch.rand(257, 1, generator=generator, dtype=torch.float64) * 5
+    v = v - (v.sum(-1, keepdim=True) - 1) / 300
+    zeros, ones = torch.zeros_like(v), torch.ones_like(v)
+    batched = project_box_simplex(v, zeros, ones, search="newton")
+    torch.testing.assert_close(batched, bisection_projection(v, zeros, ones), atol=1e-12, rtol=0)
+    torch.testing.assert_close(batched, project_box_simplex(v, zeros, ones, search="sort"), atol=1e-13, rtol=0)
+
+
 def test_auto_search_takes_newton_for_large_cpu_problems_only():
     rows = _projection._NEWTON_MIN_ELEMENTS // _projection._NEWTON_MIN_CLASSES
     large = torch.zeros(rows, _projection._NEWTON_MIN_CLASSES)
