@@ -23,6 +23,7 @@ cores). cvxpylayers solves the rows of a batch in parallel on that many threads 
     python benchmarks/bench_fraction.py --quick            # a short run
     python benchmarks/bench_fraction.py --device cpu       # the full grid on one device
     python benchmarks/bench_fraction.py --device cpu --threads 1   # one core each
+    python benchmarks/bench_fraction.py --device cpu --batches 64 --classes 10 --repeats 100
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main() -> None:
     parser.add_argument("--device", default="all", help="cpu, cuda, or all (default: cpu and cuda when present)")
     parser.add_argument("--json", default=str(HERE / "out" / "fraction.json"), help="where to write the results")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default 20, quick 5)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes B (default 64 256 512)")
+    parser.add_argument("--classes", type=int, nargs="+", default=None, help="class counts C (default 10 100 1000)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both (torch default)")
     parser.add_argument("--skip-cvxpylayers", action="store_true", help="leave out the cvxpylayers columns")
     parser.add_argument(
@@ -93,6 +96,7 @@ def main() -> None:
     threads = torch.get_num_threads()
 
     batches, classes = ([64, 256], [10, 100]) if args.quick else ([64, 256, 512], [10, 100, 1000])
+    batches, classes = args.batches or batches, args.classes or classes
     repeats = args.repeats or (5 if args.quick else 20)
     cvx_repeats = 1 if args.quick else 2
     cvx_budget = args.cvx_budget if args.cvx_budget is not None else (5.0 if args.quick else 20.0)

@@ -36,11 +36,13 @@ derivatives (such kinks are structural with two classes, rare otherwise).
   Triton kernel (see :mod:`mkfkit._triton`): each pass evaluates ``g``, the number of free and of
   upper-bound coordinates at the current ``tau`` and steps to the root of the current linear
   piece, ``tau - (g(tau) - 1) / |F|``, bisecting a bracket instead when that step would leave it
-  or the piece is flat; it stops once a Newton step lands in the piece it came from. Rows need 3
-  to 6 passes of a few elementwise operations, against the ``O(C log C)`` sort, but the loop asks
-  the host after every pass whether all rows have stopped. On the CPU that question is free and
-  the search is several times faster than the sort at ``C >= 100`` (benchmarks/RESULTS.md); on
-  an accelerator it would be a synchronisation per pass, so the sort stays there.
+  or the piece is flat; it stops once a Newton step lands in the piece it came from or no longer
+  moves ``tau``. The exact QP's rows need 3 to 5 passes of a few elementwise operations (raw OPT2
+  estimates up to about 10), against the ``O(C log C)`` sort, but the loop asks
+  the host after every pass whether all rows have stopped. On the CPU that question is free,
+  rows that have stopped are set aside once they are the majority, and the search is 2-8x faster
+  than the sort on large problems (benchmarks/RESULTS.md); on an accelerator each pass would
+  cost a synchronisation, so the sort stays there.
 
 ``"auto"`` (the default) takes the Newton search for CPU tensors of at least
 ``_NEWTON_MIN_CLASSES`` columns and ``_NEWTON_MIN_ELEMENTS`` entries outside ``torch.compile``,
@@ -56,10 +58,12 @@ from torch import Tensor
 __all__ = ["project_box_simplex"]
 
 _SEARCHES = ("auto", "sort", "newton")
-# On a CPU the sort beats the iteration on short rows (2x at C = 10 for every B measured, up to
-# 1024 rows) and on small batches, where the iteration's fixed cost per pass dominates; the
-# iteration wins from these sizes on (1.1-1.3x at the threshold, 3-6x at 1024 rows of C >= 100;
-# one thread, benchmarks/RESULTS.md).
+# On a CPU (one thread, benchmarks/bench_projection.py) the sort wins on short rows (2-4x at
+# C = 10 for every batch) and on small batches, where the iteration's fixed cost per pass
+# dominates. From these sizes on the iteration wins on the exact QP's rows (1.2-1.4x near the
+# threshold, 4-8x at 128 or more rows of C >= 1000). Rows far outside their box (raw OPT2
+# estimates) take about twice the passes, so there the sort stays up to 1.6x faster until about
+# 32,768 entries; the threshold serves the exact QP.
 _NEWTON_MIN_CLASSES = 32
 _NEWTON_MIN_ELEMENTS = 8192
 # Bisection alone shrinks any bracket to rounding level well within these many passes.

@@ -354,11 +354,17 @@ def _check_qp_options(solver: str, backend: str, conic_solver: str) -> None:
 
 def _exact_qp(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
     """The closed-form QP solution (a, b), both by projection; see :func:`qp_fraction`."""
+    return _project_pair(*_qp_boxes(mixed, base_a, base_b, lam))
+
+
+def _qp_boxes(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The points and boxes the exact QP projects, both sides stacked: Tensor[2, B, C] each.
+
+    Side a, then side b, each with its own weight and the other side's.
+    """
     weight_a, weight_b = lam[:, None], 1 - lam[:, None]
     residual = mixed - weight_a * base_a - weight_b * base_b
-    # Both sides at once, stacked as Tensor[2, B, C]: side a, then side b, each with its own
-    # weight and the other side's. Entries of `mixed` outside [0, 1] (allowed within the row
-    # tolerance) would cross the bounds, hence the clamp.
+    # Entries of `mixed` outside [0, 1] (allowed within the row tolerance) would cross the bounds.
     target = mixed.clamp(0, 1)
     weight, other_weight = torch.stack((weight_a, weight_b)), torch.stack((weight_b, weight_a))
     # 0 <= other side <= 1 under the mixing identity, written as bounds on this side. The ratios
@@ -367,7 +373,7 @@ def _exact_qp(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> tup
     divisor = weight.masked_fill(weight == 0, 1)
     lo = ((target - other_weight) / divisor).clamp(0, 1)  # rounding can overshoot 1
     hi = (target / divisor).clamp(0, 1)
-    return _project_pair(torch.stack((base_a, base_b)) + residual, lo, hi)
+    return torch.stack((base_a, base_b)) + residual, lo, hi
 
 
 def _fused_kernels(backend: str, like: Tensor):

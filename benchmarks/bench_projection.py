@@ -1,0 +1,83 @@
+"""Benchmark of the two active-set searches of the exact projection (mkfkit/_projection.py).
+
+``project_box_simplex`` finds which coordinates sit at a bound either by sorting the 2C
+breakpoints of every row (``search="sort"``) or by safeguarded Newton steps on the row sum
+(``search="newton"``); ``"auto"`` picks one by device and size. This script times both, side by
+side, on the two kinds of rows the library projects:
+
+* ``qp``   -- the exact QP fraction's points and boxes (both sides of a batch, 2B rows);
+* ``opt2`` -- raw OPT2 estimates projected onto the simplex (LinearFraction(), 2B rows),
+
+for B (pairs) in {1, 8, 64, 256, 512} and C in {10, 32, 100, 300, 1000, 5000}, float32, and
+prints the median time of each, their ratio and the search ``"auto"`` takes.
+
+    python benchmarks/bench_projection.py --device cpu --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import device_report, median_time, print_table, write_json  # noqa: E402
+from bench_fraction import make_instance  # noqa: E402
+
+from mkfkit import _projection  # noqa: E402
+from mkfkit.fraction import _qp_boxes, linear_fraction  # noqa: E402
+
+
+def boxes(kind: str, batch: int, num_classes: int, device: str):
+    """Rows to project, as (v, lo, hi): Tensor[2B, C] each."""
+    mixed, base_a, base_b, lam = (t.float() for t in make_instance(batch, num_classes, device))
+    if kind == "qp":
+        return tuple(t.flatten(0, 1) for t in _qp_boxes(mixed, base_a, base_b, lam))
+    raw = linear_fraction(mixed, base_a, base_b, lam, project=False)
+    v = torch.cat((raw.a, raw.b))
+    return v, torch.zeros_like(v), torch.ones_like(v)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per cell")
+    parser.add_argument("--quick", action="store_true", help="few sizes")
+    parser.add_argument("--json", default=str(HERE / "out" / "projection.json"), help="where to write the results")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches, classes = ([8, 256], [10, 100, 1000]) if args.quick else ([1, 8, 64, 256, 512], [10, 32, 100, 300, 1000, 5000])
+    print(f"{args.device}: {device_report(args.device)}")
+
+    results = []
+    for kind in ("qp", "opt2"):
+        for num_classes in classes:
+            for batch in batches:
+                v, lo, hi = boxes(kind, batch, num_classes, args.device)
+                row = {"rows": kind, "B": batch, "C": num_classes,
+                       "auto": "newton" if _projection._use_newton(v, "auto") else "sort"}
+                for search in ("sort", "newton"):
+                    row[f"{search}_ms"] = median_time(
+                        lambda: _projection.project_box_simplex(v, lo, hi, search=search), args.device, args.repeats
+                    )
+                row["sort_over_newton"] = row["sort_ms"] / row["newton_ms"]
+                results.append(row)
+                print(f"[{kind}] B={batch:4d} C={num_classes:5d} sort={row['sort_ms']:.3f} ms "
+                      f"newton={row['newton_ms']:.3f} ms", flush=True)
+
+    print_table(
+        results,
+        [("rows", "rows", "<"), ("B", "B", "d"), ("C", "C", "d"), ("sort (ms)", "sort_ms", ".3f"),
+         ("newton (ms)", "newton_ms", ".3f"), ("sort / newton", "sort_over_newton", ".2f"), ("auto", "auto", "<")],
+        title="Median time per projection of 2B rows (float32); auto = the search search='auto' takes",
+    )
+    write_json(args.json, {"settings": {"repeats": args.repeats, "device": args.device}, "results": results})
+
+
+if __name__ == "__main__":
+    main()
