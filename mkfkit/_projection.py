@@ -191,9 +191,9 @@ def _active_sets_by_newton(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, T
             # Most rows are done: record them and iterate on the rest only.
             free_out[rows[done]], upper_out[rows[done]] = free[done], upper[done]
             keep = ~done
+            state = (rows, v, lo, hi, free, upper, tau, newton, t_lo, t_hi, scale, excess, n_free, n_upper)
             rows, v, lo, hi, free, upper, tau, newton, t_lo, t_hi, scale, excess, n_free, n_upper = (
-                t[keep]
-                for t in (rows, v, lo, hi, free, upper, tau, newton, t_lo, t_hi, scale, excess, n_free, n_upper)
+                t[keep] for t in state
             )
             done = done[keep]
         t_lo = torch.where(excess < 0, torch.maximum(t_lo, tau), t_lo)

@@ -17,23 +17,22 @@ with the scalars ``tau_a``, ``tau_b`` chosen so that ``sum(a) = sum(b) = 1`` (th
 weight is exactly 0 carries no information and keeps its base (``a = K_a`` where
 ``lam == 0``; ``b = K_b`` where ``lam == 1``); the other side then equals ``p`` exactly.
 
-**Finding tau without a sort.** ``f(tau) = sum(clip(v + tau, lo, hi)) - 1`` is nondecreasing
-and piecewise linear; its slope at ``tau`` is the size of the free set
-``S = {i : lo_i < v_i + tau < hi_i}``. Each pass over the row evaluates ``f``, ``|S|`` and
-the number of coordinates at their upper bound, then takes a Newton step
-``tau - f(tau) / |S|``, which is the closed-form root of the linear piece of ``S``. A bracket
-``[t_lo, t_hi]`` with ``f(t_lo) <= 0 <= f(t_hi)`` (initially ``[min(lo - v), max(hi - v)]``)
-guards it: a step that leaves the bracket, or a flat piece, bisects instead. The iteration
-stops when a Newton step lands in the piece it was computed from (the counts of free and
-upper coordinates are unchanged, and a Newton step moves coordinates only one way, so the
-active set is unchanged): ``tau`` is then exact for its active set. It also stops on a flat
-piece (no free coordinate) whose row sum is 1 up to rounding, and when a Newton step no longer
-changes ``tau`` (the root to working precision; bisecting on would only shrink the bracket). Starting from
-``tau = 0`` (the answer when no bound is active, since ``sum(K_a + r) = 1``), random rows
-(Dirichlet-like, peaked, unrelated bases, one-hot) need 3 to 5 passes on average and at most 6
-for C from 10 to 21,843, counting the pass that confirms the active set; rows with very few
-classes occasionally bisect (at most 10 passes seen). Bisection alone reaches float32
-resolution in about 25 passes; ``_MAX_ITERATIONS`` caps the loop.
+**Finding tau without a sort.** ``f(tau) = sum(clip(v + tau, lo, hi)) - 1`` is nondecreasing and
+piecewise linear; its slope at ``tau`` is the size of the free set
+``S = {i : lo_i < v_i + tau < hi_i}``. Each pass over the row evaluates ``f``, ``|S|`` and the
+number of coordinates at their upper bound, then takes a Newton step ``tau - f(tau) / |S|``, which is the closed-form root of
+the linear piece of ``S``. A bracket ``[t_lo, t_hi]`` with ``f(t_lo) <= 0 <= f(t_hi)``
+(initially ``[min(lo - v), max(hi - v)]``) guards it: a step that leaves the bracket, or a flat
+piece, bisects instead. The iteration stops when a Newton step lands in the piece it was
+computed from (the counts of free and upper coordinates are unchanged, and a Newton step moves
+coordinates only one way, so the active set is unchanged): ``tau`` is then exact for its active
+set. It also stops on a flat piece (no free coordinate) whose row sum is 1 up to rounding, and
+when a Newton step no longer changes ``tau`` (the root to working precision; bisecting on would
+only shrink the bracket). Starting from ``tau = 0`` (the answer when no bound is active, since
+``sum(K_a + r) = 1``), random rows (Dirichlet-like, peaked, unrelated bases, one-hot) need 3 to
+5 passes on average and at most 6 for C from 10 to 21,843, counting the pass that confirms the
+active set; rows with very few classes occasionally bisect (at most 10 passes seen). Bisection
+alone reaches float32 resolution in about 25 passes; ``_MAX_ITERATIONS`` caps the loop.
 Both sides iterate together, so every pass reads ``p``, ``K_a`` and ``K_b`` once. A program
 owns one row, or several short rows (each row keeps its own state and stops on its own). Rows
 up to ``_MAX_BLOCK`` classes stay in registers for all passes; longer rows loop over chunks of
