@@ -156,12 +156,13 @@ def check_in_range(
     if isinstance(value, Tensor):
         if not value_checks_enabled(value) or value.numel() == 0:
             return
-        # Two extremes in one reduction; NaN propagates into them, so it fails here too.
-        extremes = torch.aminmax(value.detach())
-        if all(_inside(extreme.item(), low, high, low_open, high_open) for extreme in extremes):
+        # Tensor entries must also be finite. The two extremes come from one reduction and one
+        # transfer to the host; NaN propagates into them, so it fails here too.
+        extremes = torch.stack(torch.aminmax(value.detach())).tolist()
+        if all(math.isfinite(e) and _inside(e, low, high, low_open, high_open) for e in extremes):
             return
-        first = value[~_inside(value, low, high, low_open, high_open)].flatten()[0].item()
-        raise ValueError(f"`{name}` must lie in {interval}, but got {first:g}")
+        bad = ~(torch.isfinite(value) & _inside(value, low, high, low_open, high_open))
+        raise ValueError(f"`{name}` must lie in {interval}, but got {value[bad].flatten()[0].item():g}")
     number = check_number(value, name)
     if not _inside(number, low, high, low_open, high_open):
         raise ValueError(f"`{name}` must lie in {interval}, but got {number:g}")
@@ -216,7 +217,7 @@ def check_index(value: Tensor, name: str, size: int, length: Optional[int] = Non
         expected = "Tensor[B]" if length is None else f"Tensor[B] with B = {length}"
         raise ValueError(f"`{name}` must be a {expected}, but got shape {tuple(value.shape)}")
     if value_checks_enabled(value) and value.numel() > 0:
-        low, high = value.min().item(), value.max().item()
+        low, high = torch.stack(torch.aminmax(value)).tolist()
         if low < 0 or high >= size:
             bad = low if low < 0 else high
             raise ValueError(f"`{name}` must hold indices in [0, {size - 1}], but got {bad}")

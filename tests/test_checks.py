@@ -17,6 +17,12 @@ def test_in_range_tensor_message_and_nan():
         _checks.check_in_range(torch.tensor([float("nan")]), "lam", 0.0, 1.0)
 
 
+def test_in_range_tensor_entries_must_be_finite_even_in_an_unbounded_interval():
+    with pytest.raises(ValueError, match=r"`weight` must lie in \[0, inf\], but got inf"):
+        _checks.check_in_range(torch.tensor([1.0, float("inf")]), "weight", 0.0, float("inf"))
+    _checks.check_in_range(torch.tensor([0.0, 3.0]), "weight", 0.0, float("inf"))
+
+
 def test_value_checks_switch():
     bad = torch.tensor([2.0])
     with mkfkit.value_checks(False):
