@@ -66,7 +66,8 @@ _SEARCHES = ("auto", "sort", "newton")
 # 32,768 entries; the threshold serves the exact QP.
 _NEWTON_MIN_CLASSES = 32
 _NEWTON_MIN_ELEMENTS = 8192
-# Bisection alone shrinks any bracket to rounding level well within these many passes.
+# Cap on the passes of the Newton search (here and in the Triton kernel): bisection alone
+# shrinks a bracket to rounding level in about 25 (float32) or 54 (float64).
 _MAX_PASSES = {torch.float32: 64, torch.float64: 128}
 
 
@@ -74,14 +75,14 @@ def project_box_simplex(v: Tensor, lo: Tensor, hi: Tensor, *, search: str = "aut
     """Project every row of ``v`` onto ``{x : sum(x) = 1, lo <= x <= hi}``.
 
     Args:
-        v: Tensor[B, C], the points to project (floating point).
-        lo: Tensor[B, C], lower bounds, with ``lo <= hi``.
-        hi: Tensor[B, C], upper bounds.
+        v: Tensor[..., C], the points to project (floating point).
+        lo: Tensor[..., C], lower bounds, with ``lo <= hi`` (the shape of ``v``).
+        hi: Tensor[..., C], upper bounds (the shape of ``v``).
         search: how the active sets are found: ``"sort"``, ``"newton"`` or ``"auto"`` (see the
             module docstring). The result does not depend on it beyond rounding.
 
     Returns:
-        Tensor[B, C], the Euclidean projection of each row (dtype and device of ``v``).
+        Tensor[..., C], the Euclidean projection of each row (dtype and device of ``v``).
 
     A row whose box cannot reach a sum of 1 is mapped to its nearest corner: ``hi`` when
     ``sum(hi) < 1``, ``lo`` when ``sum(lo) > 1``. A row whose every coordinate sits at a bound
@@ -96,7 +97,8 @@ def project_box_simplex(v: Tensor, lo: Tensor, hi: Tensor, *, search: str = "aut
     """
     with torch.no_grad():
         find = _active_sets_by_newton if _use_newton(v, search) else _active_sets_by_sort
-        free, upper = find(v.detach(), lo.detach(), hi.detach())
+        rows = [t.detach().reshape(-1, v.shape[-1]) for t in (v, lo, hi)]  # any leading shape
+        free, upper = (mask.view(v.shape) for mask in find(*rows))
     # v on the free coordinates and the active bound elsewhere: its row sum is
     # sum_F v + sum_L lo + sum_U hi, so autograd sees tau as a function of v, lo and hi on exactly
     # the right coordinates.
@@ -143,7 +145,8 @@ def _active_sets_by_sort(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Ten
     passed = (rise.cumsum_(-1) <= headroom).sum(-1, keepdim=True) + (headroom >= 0)
     # tau lies on the segment after breakpoint `passed - 1`; with none passed every coordinate is
     # at its lower bound (sum(lo) > 1), which the -inf reference expresses.
-    reference = breakpoints.gather(-1, (passed - 1).clamp_min(0)).masked_fill(passed == 0, -float("inf"))
+    reference = breakpoints.gather(-1, (passed - 1).clamp_min(0))
+    reference = reference.masked_fill(passed == 0, -float("inf"))
     upper = leave <= reference
     free = (enter <= reference) & ~upper
     return free, upper
@@ -191,11 +194,9 @@ def _active_sets_by_newton(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, T
             # Most rows are done: record them and iterate on the rest only.
             free_out[rows[done]], upper_out[rows[done]] = free[done], upper[done]
             keep = ~done
-            state = (rows, v, lo, hi, free, upper, tau, newton, t_lo, t_hi, scale, excess, n_free, n_upper)
-            rows, v, lo, hi, free, upper, tau, newton, t_lo, t_hi, scale, excess, n_free, n_upper = (
-                t[keep] for t in state
-            )
-            done = done[keep]
+            (rows, v, lo, hi, free, upper, tau, newton, t_lo, t_hi, scale, excess, n_free, n_upper,
+             done) = (t[keep] for t in (rows, v, lo, hi, free, upper, tau, newton, t_lo, t_hi, scale,
+                                        excess, n_free, n_upper, done))
         t_lo = torch.where(excess < 0, torch.maximum(t_lo, tau), t_lo)
         t_hi = torch.where(excess > 0, torch.minimum(t_hi, tau), t_hi)
         was_newton = (n_free > 0) & (newton > t_lo) & (newton < t_hi)

@@ -20,19 +20,20 @@ weight is exactly 0 carries no information and keeps its base (``a = K_a`` where
 **Finding tau without a sort.** ``f(tau) = sum(clip(v + tau, lo, hi)) - 1`` is nondecreasing and
 piecewise linear; its slope at ``tau`` is the size of the free set
 ``S = {i : lo_i < v_i + tau < hi_i}``. Each pass over the row evaluates ``f``, ``|S|`` and the
-number of coordinates at their upper bound, then takes a Newton step ``tau - f(tau) / |S|``, which is the closed-form root of
-the linear piece of ``S``. A bracket ``[t_lo, t_hi]`` with ``f(t_lo) <= 0 <= f(t_hi)``
-(initially ``[min(lo - v), max(hi - v)]``) guards it: a step that leaves the bracket, or a flat
-piece, bisects instead. The iteration stops when a Newton step lands in the piece it was
-computed from (the counts of free and upper coordinates are unchanged, and a Newton step moves
-coordinates only one way, so the active set is unchanged): ``tau`` is then exact for its active
-set. It also stops on a flat piece (no free coordinate) whose row sum is 1 up to rounding, and
-when a Newton step no longer changes ``tau`` (the root to working precision; bisecting on would
-only shrink the bracket). Starting from ``tau = 0`` (the answer when no bound is active, since
-``sum(K_a + r) = 1``), random rows (Dirichlet-like, peaked, unrelated bases, one-hot) need 3 to
-5 passes on average and at most 6 for C from 10 to 21,843, counting the pass that confirms the
-active set; rows with very few classes occasionally bisect (at most 10 passes seen). Bisection
-alone reaches float32 resolution in about 25 passes; ``_MAX_ITERATIONS`` caps the loop.
+number of coordinates at their upper bound, then takes a Newton step ``tau - f(tau) / |S|``,
+which is the closed-form root of the linear piece of ``S``. A bracket ``[t_lo, t_hi]`` with
+``f(t_lo) <= 0 <= f(t_hi)`` (initially ``[min(lo - v), max(hi - v)]``) guards it: a step that
+leaves the bracket, or a flat piece, bisects instead. The iteration stops when a Newton step
+lands in the piece it was computed from (the counts of free and upper coordinates are unchanged,
+and a Newton step moves coordinates only one way, so the active set is unchanged): ``tau`` is
+then exact for its active set. It also stops on a flat piece (no free coordinate) whose row sum
+is 1 up to rounding, and when a Newton step no longer changes ``tau`` (the root to working
+precision; bisecting on would only shrink the bracket). Starting from ``tau = 0`` (the answer
+when no bound is active, since ``sum(K_a + r) = 1``), random rows (Dirichlet-like, peaked,
+unrelated bases, one-hot) need 3 to 5 passes on average and at most 6 for C from 10 to 21,843,
+counting the pass that confirms the active set; rows with very few classes occasionally bisect
+(at most 10 passes seen). Bisection alone reaches float32 resolution in about 25 passes;
+``_projection._MAX_PASSES`` caps the loop.
 Both sides iterate together, so every pass reads ``p``, ``K_a`` and ``K_b`` once. A program
 owns one row, or several short rows (each row keeps its own state and stops on its own). Rows
 up to ``_MAX_BLOCK`` classes stay in registers for all passes; longer rows loop over chunks of
@@ -76,6 +77,7 @@ from mkfkit._checks import (
     check_same_shape,
     check_shape,
 )
+from mkfkit._projection import _MAX_PASSES
 
 try:
     import triton
@@ -92,10 +94,9 @@ __all__ = ["available", "qp_fraction"]
 _MAX_BLOCK = 4096
 _CHUNK = 2048
 _TILE = 1024
-# Safeguard on the number of passes; bisection alone needs about 25 (float32) or 54 (float64).
-_MAX_ITERATIONS = {torch.float32: 64, torch.float64: 128}
+# The same cap on the passes as the plain-torch Newton search.
 _SOLVER_CONSTANTS = {
-    dtype: dict(EPS=torch.finfo(dtype).eps, MAX_ITERATIONS=cap) for dtype, cap in _MAX_ITERATIONS.items()
+    dtype: dict(EPS=torch.finfo(dtype).eps, MAX_ITERATIONS=cap) for dtype, cap in _MAX_PASSES.items()
 }
 _TL_DTYPES = {} if triton is None else {torch.float32: tl.float32, torch.float64: tl.float64}
 

@@ -26,6 +26,7 @@ from mkfkit._checks import (
     value_checks,
     value_checks_enabled,
 )
+from mkfkit._transfer import to_device
 from mkfkit.distributed import all_gather_uneven, distributed_world_size
 from mkfkit.fraction import Fraction, LinearFraction, QPFraction
 
@@ -391,7 +392,7 @@ class KnowledgeBank(nn.Module):
 
     def _gather(self, group: int, index: Tensor, device: torch.device) -> Tuple[Tuple[Tensor, ...], Tensor]:
         """Stored rows ``(raw, seen)`` of ``group`` at ``index``, moved to ``device``."""
-        index = index.to(self.device, torch.int64)
+        index = _indices_on(index, self.device)
         tensors = [buffer[group] for buffer in self._storage()] + [self.seen[group]]
         if self.device == device:
             gathered = [tensor.index_select(0, index) for tensor in tensors]
@@ -433,18 +434,15 @@ class KnowledgeBank(nn.Module):
         """
         if self.backend == "torch":
             return None, None
+        from mkfkit import _triton  # imported on first use: it imports Triton
+
         split = None
         if isinstance(fraction, QPFraction) and fraction.solver == "exact" and fraction.backend != "torch":
-            split = "qp"
+            split = _triton._qp_fraction
         elif isinstance(fraction, LinearFraction):
             split = lambda *inputs: tuple(fraction(*inputs)[:2])  # noqa: E731
-        try:
-            from mkfkit import _triton
-        except ImportError:
-            _triton = None
         usable = (
-            _triton is not None
-            and self.storage != "topk"
+            self.storage != "topk"
             and device == self.device
             and _triton.available(device)
             and (fraction is None or split is not None)
@@ -458,7 +456,7 @@ class KnowledgeBank(nn.Module):
             )
         if not usable or (self.backend == "auto" and device.type != "cuda"):
             return None, None
-        return _triton, (_triton._qp_fraction if split == "qp" else split)
+        return _triton, split
 
     def target(
         self,
@@ -487,19 +485,18 @@ class KnowledgeBank(nn.Module):
         batch = index_a.shape[0] if isinstance(index_a, Tensor) else 0
         self._check_pair(index_a, index_b, lam, batch)
         out = torch.device(device) if device is not None else index_a.device
+        weight = None if index_b is None else as_lam(lam, batch, torch.empty(0, device=out))
         kernels, _ = self._fused_kernels(out)
         if kernels is not None:
-            weight = None if index_b is None else as_lam(lam, batch, torch.empty(0, device=out))
             probs, _, mask = kernels.bank_read(
-                self.knowledge[group], self.seen[group], index_a.to(out),
-                None if index_b is None else index_b.to(out), weight,
+                self.knowledge[group], self.seen[group], _indices_on(index_a, out),
+                None if index_b is None else _indices_on(index_b, out), weight,
             )
             return BankTarget(probs, mask)
         raw_a, seen_a = self._gather(group, index_a, out)
         knowledge_a = self._layout.decode(raw_a)
         if index_b is None:
             return BankTarget(knowledge_a, seen_a)
-        weight = as_lam(lam, batch, torch.empty(0, device=out))
         raw_b, seen_b = self._gather(group, index_b, out)
         knowledge_b = self._layout.decode(raw_b)
         weight_b = weight.unsqueeze(1)
@@ -579,13 +576,13 @@ class KnowledgeBank(nn.Module):
         kernels, split = self._fused_kernels(device, None if index_b is None else fraction)
         if kernels is not None:
             kernels.bank_update(
-                self.knowledge[group], self.seen[group], probs, index_a.to(device, torch.int64),
-                self.momentum, None if index_b is None else index_b.to(device, torch.int64), lam, split,
+                self.knowledge[group], self.seen[group], probs, _indices_on(index_a, device),
+                self.momentum, None if index_b is None else _indices_on(index_b, device), lam, split,
             )
             return
         raw_a, seen_a = self._gather(group, index_a, device)
         if index_b is None:
-            rows, raw_old, seen_old = index_a.to(device, torch.int64), raw_a, seen_a
+            rows, raw_old, seen_old = _indices_on(index_a, device), raw_a, seen_a
             known_old = self._layout.decode(raw_a)
             estimates = probs
             valid = torch.ones_like(seen_a)
@@ -595,7 +592,7 @@ class KnowledgeBank(nn.Module):
             split = fraction(probs, base_a, base_b, lam)
             weight = lam.unsqueeze(1)
             both_seen = seen_a & seen_b
-            rows = torch.cat((index_a.to(device, torch.int64), index_b.to(device, torch.int64)))
+            rows = torch.cat((_indices_on(index_a, device), _indices_on(index_b, device)))
             raw_old = tuple(torch.cat(pair) for pair in zip(raw_a, raw_b))
             seen_old = torch.cat((seen_a, seen_b))
             known_old = torch.cat((base_a, base_b))
@@ -634,11 +631,11 @@ class KnowledgeBank(nn.Module):
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Every rank's batch, concatenated in rank order; unmixed batches as mixed with lam = 1."""
         device = probs.device
-        index_a = index_a.to(device, torch.int64)
+        index_a = _indices_on(index_a, device)
         if index_b is None:
             index_b = index_a
             lam = torch.ones(probs.shape[0], dtype=torch.float32, device=device)
-        index_b = index_b.to(device, torch.int64)
+        index_b = _indices_on(index_b, device)
         groups = torch.full_like(index_a, group)
         probs, ids, lam = all_gather_uneven(
             [probs, torch.stack((index_a, index_b, groups), dim=1), lam],
@@ -692,3 +689,8 @@ class KnowledgeBank(nn.Module):
             moved = fn(buffer)
             self._buffers[name] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
         return self
+
+
+def _indices_on(index: Tensor, device: torch.device) -> Tensor:
+    """``index`` as int64 on ``device``; a copy from the host does not stall it (see to_device)."""
+    return to_device(index.to(torch.int64), device)

@@ -106,8 +106,7 @@ def _project_pair(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
 
     One call over 2B rows costs half the operations (and kernel launches) of two calls.
     """
-    rows = [t.expand_as(v).flatten(0, 1) for t in (v, lo, hi)]
-    projected = project_box_simplex(*rows).view_as(v)
+    projected = project_box_simplex(v, lo.expand_as(v), hi.expand_as(v))
     return projected[0], projected[1]
 
 
@@ -380,11 +379,9 @@ def _fused_kernels(backend: str, like: Tensor):
     """The ``mkfkit._triton`` module when ``backend`` selects it for ``like``, else ``None``."""
     if backend == "torch":
         return None
-    try:
-        from mkfkit import _triton
-    except ImportError:
-        _triton = None
-    usable = _triton is not None and _triton.available(like.device)
+    from mkfkit import _triton  # imported on first use: it imports Triton
+
+    usable = _triton.available(like.device)
     if backend == "triton":
         if not usable:
             raise RuntimeError(
@@ -441,6 +438,9 @@ def _cvxpylayers_qp(
     # known (below): solve a harmless stand-in on those rows.
     lam64 = torch.where((lam_host > 0) & (lam_host < 1), lam_host, 0.5)
     root_a, root_b = lam64.sqrt(), (1 - lam64).sqrt()
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (mixed, base_a, base_b, lam))):
+        # The layer then calls diffcp's solve-only entry point, which rejects backward options.
+        solver_args = {key: value for key, value in solver_args.items() if key != "n_jobs_backward"}
     a, b = layer(
         lam64,
         1 - lam64,

@@ -385,6 +385,19 @@ def test_cvxpylayers_agrees_with_exact(conic_solver, solver_args, atol):
     assert torch.equal(layer.mask_a, exact.mask_a)
 
 
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_cvxpylayers_takes_diffcp_job_counts_with_and_without_gradients(needs_grad):
+    # Without gradients the layer calls diffcp's solve-only path, which has no backward options.
+    mixed, base_a, base_b, lam, _, _ = make_instance(17, 3, 4, "dirichlet", [0.3, 0.5, 0.8])
+    mixed.requires_grad_(needs_grad)
+    jobs = {"n_jobs_forward": 1, "n_jobs_backward": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = qp_fraction(mixed, base_a, base_b, lam, solver="cvxpylayers", solver_args=jobs)
+    torch.testing.assert_close(out.a, qp_fraction(mixed, base_a, base_b, lam).a, atol=1e-4, rtol=0)
+    assert out.a.requires_grad == needs_grad
+
+
 def test_cvxpylayers_gradients_agree_with_exact():
     # float32 rows miss a sum of 1 by rounding: the layer path renormalises them to stay feasible.
     mixed, base_a, base_b, lam, _, _ = make_instance(16, 4, 5, "dirichlet", [0.3, 0.4, 0.6, 0.7], torch.float32)

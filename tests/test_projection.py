@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from mkfkit import _projection
 from mkfkit._projection import project_box_simplex
+from mkfkit.fraction import _qp_boxes
 
 # Both ways of finding the active sets must give the same projection.
 SEARCHES = ["sort", "newton"]
@@ -141,6 +142,15 @@ def test_batch_equals_rows_one_by_one(search):
 
 
 @pytest.mark.parametrize("search", SEARCHES)
+def test_leading_dimensions_are_rows(search):
+    generator = torch.Generator().manual_seed(10)
+    v, lo, hi = random_box(generator, 24, 40, torch.float64)
+    flat = project_box_simplex(v, lo, hi, search=search)
+    stacked = project_box_simplex(*(t.view(2, 3, 4, 40) for t in (v, lo, hi)), search=search)
+    torch.testing.assert_close(stacked, flat.view(2, 3, 4, 40), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("search", SEARCHES)
 def test_projection_is_invariant_to_shifting_v(search):
     generator = torch.Generator().manual_seed(7)
     v, lo, hi = random_box(generator, 8, 30, torch.float64)
@@ -149,23 +159,23 @@ def test_projection_is_invariant_to_shifting_v(search):
 
 
 def fraction_like_box(generator, batch, num_classes):
-    """The boxes the exact QP fraction projects onto: Dirichlet rows, peaked and one-hot bases."""
-    concentration = torch.full((num_classes,), 0.3, dtype=torch.float64)
-    mixed, base_a = (torch.distributions.Dirichlet(concentration).sample((batch,)) for _ in range(2))
+    """The exact QP fraction's points and boxes (both sides, 2B rows) for peaked, one-hot and
+    unrelated rows; built by the library's own box formula, since only the search is under test."""
+
+    def rows(scale):
+        logits = torch.randn(batch, num_classes, generator=generator, dtype=torch.float64)
+        return torch.softmax(scale * logits, -1)
+
+    mixed, base_a, base_b = rows(2.0), rows(4.0), rows(1.0)
     base_a[::3] = torch.nn.functional.one_hot(torch.arange(0, batch, 3) % num_classes, num_classes).double()
-    lam = torch.rand(batch, 1, generator=generator, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
-    base_b = mixed  # any distribution will do for the residual
-    residual = mixed - lam * base_a - (1 - lam) * base_b
-    lo = ((mixed - (1 - lam)) / lam).clamp(0, 1)
-    hi = (mixed / lam).clamp(0, 1)
-    return base_a + residual, lo, hi
+    lam = torch.rand(batch, generator=generator, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    return tuple(t.flatten(0, 1) for t in _qp_boxes(mixed, base_a, base_b, lam))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("num_classes", [1, 2, 10, 1000])
 def test_searches_agree(dtype, num_classes):
     generator = torch.Generator().manual_seed(8)
-    torch.manual_seed(8)
     atol = 1e-13 if dtype == torch.float64 else 1e-6
     generic = random_box(generator, 64, num_classes, torch.float64)
     for v, lo, hi in (generic, fraction_like_box(generator, 64, num_classes)):
@@ -198,8 +208,12 @@ def test_non_finite_row_terminates_and_leaves_other_rows_alone(search):
 def test_newton_search_stops_at_its_pass_limit(monkeypatch, passes):
     # The valid row finishes in the first pass and is set aside; the NaN row runs to the limit.
     monkeypatch.setitem(_projection._MAX_PASSES, torch.float32, passes)
+    evaluations = []  # each pass evaluates the clipped row sum once, through torch.clamp
+    clamp = torch.clamp
+    monkeypatch.setattr(torch, "clamp", lambda *args, **kwargs: evaluations.append(1) or clamp(*args, **kwargs))
     v = torch.tensor([[0.2, float("nan"), 0.3], [0.5, 0.5, 0.0]])
     free, upper = _projection._active_sets_by_newton(v, torch.zeros_like(v), torch.ones_like(v))
+    assert len(evaluations) == passes
     assert free.shape == upper.shape == v.shape
     assert free[1].tolist() == [True, True, False] and not bool(upper[1].any())
 
