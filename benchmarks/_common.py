@@ -4,7 +4,7 @@ Used by every script in ``benchmarks/``.
 
 A script run as ``python benchmarks/bench_x.py`` has ``benchmarks/`` on ``sys.path`` and imports
 this module as ``import _common``. Timing uses public tools only: ``time.perf_counter`` with
-``torch.cuda.synchronize`` around CUDA work.
+``torch.cuda.synchronize`` around CUDA work, and CUDA events for back-to-back calls.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ be cheaper than the full one (drop-path code that computes a block and then zero
 at ratio 1).
 
 Models: the CIFAR ResNet-56 of :mod:`mkfkit.models` on 32x32 images, and torchvision's
-ResNet-50 on 224x224 images when torchvision is installed. Devices: CPU, and CUDA when available.
+ResNet-50 on 224x224 images (64x64 with ``--quick``) when torchvision is installed. Devices: CPU, and CUDA when available.
 
 Usage::
 

@@ -19,7 +19,7 @@ bfloat16) and a ViT-S/16 at 224x224 (timm, else torchvision). What cannot run is
 the reason. Value checks are switched off (``mkfkit.set_value_checks(False)``), as in a tuned
 training run: they synchronise the GPU.
 
-    python benchmarks/bench_step.py [--quick] [--device auto|cpu|cuda] [--json PATH]
+    python benchmarks/bench_step.py [--quick] [--device auto|cpu|cuda] [--threads N] [--json PATH]
 """
 
 from __future__ import annotations
