@@ -390,6 +390,69 @@ def test_topk_layout_keeps_the_largest_entries_and_spreads_the_rest():
     assert KnowledgeBank(1, 40000, 1, storage="topk", k=2).ids.dtype == torch.int32
 
 
+def classifier_rows(rows, classes, generator):
+    """Softmax outputs shaped like a classifier's: noise of varying width plus one class
+    standing out by a random margin, from nearly flat rows to top-1 probabilities near 1."""
+    logits = torch.linspace(0.5, 3.0, rows)[:, None] * torch.randn(rows, classes, generator=generator)
+    label = torch.randint(0, classes, (rows,), generator=generator)
+    logits[torch.arange(rows), label] += 12.0 * torch.rand(rows, generator=generator)
+    return torch.softmax(logits, dim=1)
+
+
+def write_and_read(rows, storage, k):
+    """``rows`` written once into a fresh bank of that layout, read back through ``target``."""
+    index = torch.arange(rows.shape[0])
+    bank = KnowledgeBank(rows.shape[0], rows.shape[1], 1, storage=storage, k=k)
+    bank.update(0, rows, index)  # a first write stores the estimate itself (no EMA)
+    return bank.target(0, index).probs
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_half_storage_error_is_bounded_by_its_rounding(storage):
+    # USER-REPORTS (PS-KD, relabel_imagenet#8): compact layouts with a known error.
+    # Each entry is rounded to p (1 + d) with |d| <= u (unit roundoff, eps / 2: 2^-8 for
+    # bfloat16, 2^-11 for float16); the rounded row sums to S with |S - 1| <= u, and dividing by
+    # it moves the entry by at most as much again: |decoded - p| <= 2u / (1 - u) * p. Entries
+    # below float16's smallest normal number are rounded on a fixed grid instead: an absolute
+    # error of half its spacing, tiny * eps / 2, doubled like the rest for the renormalisation.
+    probs = classifier_rows(256, 1000, torch.Generator().manual_seed(11))
+    reference = write_and_read(probs, "float32", None)
+    assert torch.equal(reference, probs)  # float32 storage is exact: the baseline
+    decoded = write_and_read(probs, storage, None)
+    finfo = torch.finfo(getattr(torch, storage))
+    unit = finfo.eps / 2
+    error = (decoded - reference).abs()
+    bound = 2 * unit / (1 - unit) * reference + finfo.tiny * finfo.eps
+    assert (error <= bound).all(), float((error / bound).max())
+    assert 0 < error.max() <= 2 * unit * reference.max()  # lossy, and at most 0.8% of the top-1
+    torch.testing.assert_close(decoded.sum(1), torch.ones(256), atol=1e-6, rtol=0)
+
+
+def test_topk_error_is_bounded_by_the_tail_mass():
+    # USER-REPORTS (PS-KD, relabel_imagenet#8): top-k keeps the k largest entries (float16,
+    # relative rounding 2^-11) and spreads the tail mass T (everything outside them) evenly
+    # over the other C - k classes. A tail entry p_i <= p_(k+1) becomes T / (C - k), so it
+    # moves by at most max(p_(k+1), T / (C - k)) <= T; a kept entry moves by its rounding plus
+    # the renormalisation, within 2^-10 p_(1) (and float16's subnormal grid, 2^-25). Summed
+    # over a row: at most T + T for the tail and 2^-10 for the kept entries.
+    classes, k = 1000, 32
+    probs = classifier_rows(256, classes, torch.Generator().manual_seed(11))
+    reference = write_and_read(probs, "float32", None)
+    decoded = write_and_read(probs, "topk", k)
+    ordered = reference.sort(dim=1, descending=True).values
+    tail = ordered[:, k:].sum(1)
+    error = (decoded - reference).abs()
+    row_bound = torch.maximum(ordered[:, k], tail / (classes - k)) + 2**-10 * ordered[:, 0] + 2**-25
+    assert (error.max(1).values <= row_bound).all()
+    assert (error.sum(1) <= 2 * tail + 2**-10).all()
+    assert (error.max(1).values <= tail + 2**-10 * ordered[:, 0] + 2**-25).all()  # the tail mass
+    # The bound is not loose: on some row the error reaches most of it.
+    assert (error.max(1).values / row_bound).max() > 0.5
+    # Confident rows (top-1 >= 0.9) keep almost everything: error below 1e-3 per entry.
+    confident = ordered[:, 0] >= 0.9
+    assert confident.any() and error[confident].max() < 1e-3
+
+
 @pytest.mark.parametrize("storage,k", LAYOUTS, ids=LAYOUT_IDS)
 def test_memory_bytes_is_what_gets_allocated(storage, k):
     # USER-REPORTS (PS-KD, relabel_imagenet#8): the size of a bank is known before allocating it.
@@ -567,6 +630,11 @@ def test_bad_target_and_constructor_arguments():
         KnowledgeBank(10, 4, momentum=0.0)
     with pytest.raises(ValueError, match=r"`sync` must be one of 'none', 'all_gather', but got 'ddp'"):
         KnowledgeBank(10, 4, sync="ddp")
+    with pytest.raises(ValueError, match=r"`backend` must be one of 'auto', 'torch', 'triton', but got 'cuda'"):
+        KnowledgeBank(4, 3, backend="cuda")
+    message = r"`backend` 'triton' needs a dense storage \(float32, bfloat16, float16\), but got storage='topk'"
+    with pytest.raises(ValueError, match=message):
+        KnowledgeBank(4, 3, storage="topk", k=2, backend="triton")
 
 
 def test_all_gather_mode_without_a_process_group_is_a_single_process():

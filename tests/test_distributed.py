@@ -1,10 +1,14 @@
-"""Two gloo processes on the CPU: uneven all-gather and a bank kept identical on every rank."""
+"""Two gloo processes on the CPU: uneven all-gather, a bank kept identical on every rank, and
+attention transfer through DistributedDataParallel."""
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from mkfkit.attention import AttentionTransferLoss
 from mkfkit.bank import KnowledgeBank
 from mkfkit.distributed import all_gather_uneven, distributed_world_size
 from mkfkit.fraction import QPFraction
@@ -45,6 +49,31 @@ def gathered_batch(step):
     return group, *(torch.cat(column) for column in zip(*parts))
 
 
+class TwoBlocks(nn.Module):
+    """A toy network whose forward returns the feature maps of its two blocks (8x8, 4x4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.second = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        first = self.first(x)
+        return [first, self.second(first)]
+
+
+def attention_setup():
+    """The same model and loss (weight 2, a quarter into its warm-up) wherever it is built."""
+    torch.manual_seed(7)
+    loss_fn = AttentionTransferLoss(loss_weight=2.0, warmup_steps=4)
+    loss_fn.step()
+    return TwoBlocks(), loss_fn
+
+
+def attention_batch(rank):
+    return torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(50 + rank))
+
+
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -69,6 +98,13 @@ def _worker(rank, init_file, out_dir):
     except ValueError as error:
         results["group_error"] = str(error)
     results["unchanged"] = all(torch.equal(value, before[name]) for name, value in bank.state_dict().items() if name in before)
+
+    model, loss_fn = attention_setup()
+    ddp = DistributedDataParallel(model)  # kept alive: its reducer runs during backward
+    loss = loss_fn(ddp(attention_batch(rank)))
+    loss.backward()  # DDP averages the gradients over the ranks
+    results["attention_loss"] = loss.detach()
+    results["attention_grads"] = [parameter.grad.clone() for parameter in model.parameters()]
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -108,6 +144,27 @@ def test_ranks_disagreeing_on_the_group_are_rejected_everywhere(rank_results):
     for results in rank_results:
         assert "`group` must be the same on every rank under sync='all_gather', but got [0, 1]" == results["group_error"]
         assert results["unchanged"]
+
+
+def test_attention_transfer_under_ddp_matches_one_process_per_rank(rank_results):
+    # USER-REPORTS (mdistiller#7, #42: results vary with the GPU count): the loss holds no
+    # state shared across ranks and runs no collective of its own. Each rank's loss is what one
+    # process computes on that rank's batch, and the DDP gradients, the same on every rank,
+    # are the mean of the one-process gradients of the ranks' batches.
+    losses, grads = [], []
+    for rank in range(WORLD):
+        model, loss_fn = attention_setup()
+        loss = loss_fn(model(attention_batch(rank)))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([parameter.grad for parameter in model.parameters()])
+    assert not torch.allclose(losses[0], losses[1])  # the ranks' batches really differ
+    for rank, results in enumerate(rank_results):
+        torch.testing.assert_close(results["attention_loss"], losses[rank])
+        for got, one, other in zip(results["attention_grads"], *grads):
+            torch.testing.assert_close(got, (one + other) / 2)
+    for got, other in zip(rank_results[0]["attention_grads"], rank_results[1]["attention_grads"]):
+        assert torch.equal(got, other)
 
 
 def test_without_a_process_group_tensors_come_back_unchanged():

@@ -44,6 +44,30 @@ def test_weights_sum_to_one_and_teacher_is_weighted_sum(device, dtype, n):
     torch.testing.assert_close(weights, scores.softmax(1))
 
 
+def test_fusion_weights_are_exposed_and_define_the_teacher():
+    # USER-REPORTS (OKDDip#7): the user can read the fusion weights (forward returns them, per
+    # sample and branch) and set them (the `scores` layer), and the teacher is the documented
+    # z_e = sum_a w_a z_a of exactly those weights.
+    fusion = FeatureFusionTeacher(3, 3)
+    with torch.no_grad():  # scores independent of the features: w = softmax(bias)
+        fusion.scores.weight.zero_()
+        fusion.scores.bias.copy_(torch.tensor([0.5, 0.3, 0.2]).log())
+    features, logits = branch_inputs(3)
+    teacher, weights = fusion(features, logits)
+    torch.testing.assert_close(weights, torch.tensor([[0.5, 0.3, 0.2]]).expand(4, 3))
+    torch.testing.assert_close(teacher, 0.5 * logits[0] + 0.3 * logits[1] + 0.2 * logits[2])
+    # The weights are a differentiable output: a term on them (here their entropy, to keep
+    # them from collapsing onto one branch) trains the fusion block.
+    entropy = -(weights * weights.log()).sum(1).mean()
+    entropy.backward()
+    assert fusion.scores.bias.grad.abs().min() > 0
+    # Identical branches give that branch as the teacher, whatever the weights, and a
+    # disagreement of 0: the figure to watch alongside the weights.
+    teacher, weights = fusion(features, [logits[0]] * 3)
+    torch.testing.assert_close(teacher, logits[0])
+    assert branch_disagreement([logits[0]] * 3).kl.item() == 0.0
+
+
 def test_any_spatial_size_and_per_branch_channels():
     fusion = FeatureFusionTeacher([4, 6], 2, num_layers=3, hidden_channels=5, kernel_size=1)
     for size in [(8, 8), (7, 3), (1, 1)]:

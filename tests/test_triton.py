@@ -458,12 +458,19 @@ def test_fused_bank_update_matches_torch_path(kernel_device, storage, fraction):
     strategy = LinearFraction() if fraction == "linear" else QPFraction()
     torch_bank, fused_bank = _banks(kernel_device, storage)
     probs, index_a, index_b, lam = _mixed_batch(kernel_device)
+    seen_before = fused_bank.seen.clone()
     for bank in (torch_bank, fused_bank):
         bank.update(1, probs, index_a)  # group 1 starts empty: first writes, duplicates
         bank.update(0, probs, index_a, index_b, lam, strategy)  # unseen partners, lam 0 and 1
         bank.update(1, probs.flip(0), index_b, index_a, lam.flip(0), strategy)
     _assert_banks_close(fused_bank, torch_bank, storage)
-    assert fused_bank.seen[0].sum() > torch_bank.seen[0].sum() - 1  # rows were written
+    # The fused path wrote rows, not only agreed on a no-op: every row named by the unmixed
+    # update is now seen in group 1 (empty before), and in group 0 the sides with weight 1
+    # (lam = 1 for I1, lam = 0 for I2) were written whether or not the partner was known.
+    assert not seen_before[1].any() and fused_bank.seen[1, index_a].all()
+    assert fused_bank.seen[0, index_a[lam == 1]].all() and fused_bank.seen[0, index_b[lam == 0]].all()
+    assert fused_bank.seen[0].sum() > seen_before[0].sum()
+    assert (fused_bank.seen | seen_before).equal(fused_bank.seen)  # a seen row stays seen
     assert not torch.equal(fused_bank.knowledge[0], _banks(kernel_device, storage)[1].knowledge[0])
 
 
@@ -499,6 +506,7 @@ def test_fused_bank_duplicates_are_a_sequential_mean_bitwise(kernel_device):
     probs = torch.softmax(3 * torch.randn(8, 9, generator=torch.Generator().manual_seed(3)), 1)
     probs = probs.to(kernel_device)
     old, seen = fused_bank.knowledge[0].clone(), fused_bank.seen[0].clone()
+    momentum = fused_bank.momentum
     fused_bank.update(0, probs, index)
     for row in index.unique().tolist():
         entries = probs[index == row]
@@ -506,20 +514,17 @@ def test_fused_bank_duplicates_are_a_sequential_mean_bitwise(kernel_device):
         for estimate in entries[1:]:
             total = total + estimate
         mean = total / entries.shape[0]
-        want = 0.5 * mean + (1 - 0.5) * old[row] if seen[row] else mean
+        want = momentum * mean + (1 - momentum) * old[row] if seen[row] else mean
         assert torch.equal(fused_bank.knowledge[0, row], want), row
     torch_bank.update(0, probs, index)
     _assert_banks_close(fused_bank, torch_bank, "float32")
 
 
 def test_fused_bank_backend_errors(kernel_device):
+    # The constructor's backend checks need no Triton: they live in test_bank.py.
     from mkfkit.bank import KnowledgeBank
     from mkfkit.fraction import DominantFraction
 
-    with pytest.raises(ValueError, match=r"`backend` 'triton' needs a dense storage"):
-        KnowledgeBank(4, 3, storage="topk", k=2, backend="triton")
-    with pytest.raises(ValueError, match=r"`backend` must be one of 'auto', 'torch', 'triton'"):
-        KnowledgeBank(4, 3, backend="cuda")
     bank = KnowledgeBank(4, 3, device=kernel_device, backend="triton")
     probs = torch.full((2, 3), 1 / 3, device=kernel_device)
     index = torch.tensor([0, 1], device=kernel_device)
