@@ -47,7 +47,6 @@ import argparse
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import statistics
 import sys
@@ -61,9 +60,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_report  # noqa: E402
+from _common import device_report, print_table, synchronize, write_json  # noqa: E402
 from datasets import DATASETS, DatasetError, ImageData, load_dataset  # noqa: E402
 
+from mkfkit._transfer import to_device  # noqa: E402
 from mkfkit.attention import AttentionTransferLoss  # noqa: E402
 from mkfkit.bank import KnowledgeBank  # noqa: E402
 from mkfkit.depth import DepthSampler, recalibrate_batchnorm  # noqa: E402
@@ -130,15 +130,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------
 # Data: whole datasets live in memory as tensors; batches are slices of a seeded permutation.
+# The random draws come from a CPU generator (the same stream on every device); on CUDA they
+# reach the GPU through `to_device`, which does not make the host wait for the queued steps.
 
 
 def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
     """Shift each image by up to ``padding`` pixels (zero padding), the standard augmentation."""
     size, channels, height, width = images.shape
     padded = F.pad(images, [padding] * 4)
-    shift_y, shift_x = torch.randint(0, 2 * padding + 1, (2, size, 1, 1, 1), generator=generator)
-    rows = (torch.arange(height).view(1, 1, height, 1) + shift_y).to(images.device)
-    cols = (torch.arange(width).view(1, 1, 1, width) + shift_x).to(images.device)
+    shifts = torch.randint(0, 2 * padding + 1, (2, size, 1, 1, 1), generator=generator)
+    shift_y, shift_x = to_device(shifts, images.device)
+    rows = torch.arange(height, device=images.device).view(1, 1, height, 1) + shift_y
+    cols = torch.arange(width, device=images.device).view(1, 1, 1, width) + shift_x
     batch = torch.arange(size, device=images.device).view(size, 1, 1, 1)
     channel = torch.arange(channels, device=images.device).view(1, channels, 1, 1)
     return padded[batch, channel, rows, cols]
@@ -147,7 +150,7 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
 def augment(images: Tensor, dataset: str, generator: torch.Generator) -> Tensor:
     images = random_crop(images, padding=max(1, images.shape[-1] // 8), generator=generator)
     if dataset == "cifar100":  # digits and clothes are not mirror-symmetric
-        flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+        flip = to_device(torch.rand(images.shape[0], generator=generator) < 0.5, images.device)
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
     return images
 
@@ -231,8 +234,7 @@ def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
 # Training steps. Each takes one batch and returns the loss; the caller steps the optimiser.
 
 
-def baseline_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
-                  args: argparse.Namespace) -> Tensor:
+def baseline_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor) -> Tensor:
     if run.mix is None:
         loss = F.cross_entropy(run.model(images), labels)
     else:  # mix-only
@@ -275,8 +277,7 @@ def mkf_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
     return full_loss + sub_loss
 
 
-def kdatff_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
-                args: argparse.Namespace) -> Tensor:
+def kdatff_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
     out = run.model(images)  # logits of each branch and the output of each branch block
     attention = sum(run.attention(block_features) for block_features in out.features)
     last_block = [block_features[-1] for block_features in out.features]
@@ -292,11 +293,11 @@ def train_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
                args: argparse.Namespace) -> Tensor:
     run.optimizer.zero_grad()
     if run.method == "kdatff":
-        loss = kdatff_step(run, images, labels, indices, args)
+        loss = kdatff_step(run, images, labels)
     elif run.method.startswith("mkf"):
         loss = mkf_step(run, images, labels, indices, args)
     else:
-        loss = baseline_step(run, images, labels, indices, args)
+        loss = baseline_step(run, images, labels, indices)
     run.optimizer.step()
     run.scheduler.step()
     return loss.detach()
@@ -310,7 +311,7 @@ def evaluate(run: Run, data: ImageData) -> Dict[str, float]:
     modules = [module for module in (run.model, run.fusion) if module is not None]
     for module in modules:
         module.eval()
-    correct: Dict[str, int] = {}
+    correct: Dict[str, Tensor] = {}  # counts stay on the device until the end
     for images, labels in zip(in_batches(data.test_images), in_batches(data.test_labels)):
         if run.method == "kdatff":
             out = run.model(images)
@@ -319,10 +320,10 @@ def evaluate(run: Run, data: ImageData) -> Dict[str, float]:
         else:
             outputs = {"top1": run.model(images)}
         for name, logits in outputs.items():
-            correct[name] = correct.get(name, 0) + int((logits.argmax(1) == labels).sum())
+            correct[name] = correct.get(name, 0) + (logits.argmax(1) == labels).sum()
     for module in modules:
         module.train()
-    return {name: 100.0 * count / len(data.test_labels) for name, count in correct.items()}
+    return {name: 100.0 * int(count) / len(data.test_labels) for name, count in correct.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,9 +416,10 @@ def train_run(run: Run, data: ImageData, args: argparse.Namespace, study: Dict[s
         if run.order is None:
             run.order = torch.randperm(len(data.train_labels), generator=run.data_generator)
         start = time.perf_counter()
+        order = to_device(run.order, device)  # run.order stays on the CPU for the checkpoint
         while run.batch_in_epoch < per_epoch:
             first = run.batch_in_epoch * args.batch_size
-            indices = run.order[first : first + args.batch_size].to(device)
+            indices = order[first : first + args.batch_size]
             images = augment(data.train_images[indices], args.dataset, run.data_generator)
             loss = train_step(run, images, data.train_labels[indices], indices, args)
             run.loss_sum = run.loss_sum + loss  # a tensor: no host synchronisation per step
@@ -447,8 +449,7 @@ def train_run(run: Run, data: ImageData, args: argparse.Namespace, study: Dict[s
 
 def pause(start: float, device: torch.device) -> float:
     """Seconds since ``start``, after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -468,13 +469,12 @@ def summarise(results: Dict[str, Dict[str, Any]], methods: List[str]) -> List[Di
     return rows
 
 
-def print_table(rows: List[Dict[str, Any]]) -> None:
-    print(f"\n{'method':<16}{'top-1 (%)':>18}{'s/epoch':>10}{'x baseline':>12}")
-    for row in rows:
-        accuracy = f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f}"
-        relative = f"{row['time_vs_baseline']:.2f}" if row["time_vs_baseline"] else "-"
-        print(f"{row['method']:<16}{accuracy:>18}{row['seconds_per_epoch']:>10.3f}{relative:>12}")
-    print(f"(mean ± sample standard deviation over {rows[0]['seeds']} seed(s))")
+TABLE = [
+    ("method", "method", "<"),
+    ("top-1 (%)", lambda row: f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f}", ""),
+    ("s/epoch", "seconds_per_epoch", ".3f"),
+    ("x baseline", "time_vs_baseline", ".2f"),  # "-" without a baseline run
+]
 
 
 def plot(results: Dict[str, Dict[str, Any]], methods: List[str], path: Path, title: str) -> None:
@@ -551,15 +551,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     progress.close()
 
     rows = summarise(study["results"], args.methods)
-    print_table(rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    print_table(rows, TABLE, title=f"{args.dataset}, {args.epochs} epoch(s)")
+    print(f"(mean ± sample standard deviation over {rows[0]['seeds']} seed(s))")
     report = {"device": device_report(args.device), "config": config_of(args),
               "summary": rows, "runs": list(study["results"].values())}
-    json_path, png_path = out / f"train_{args.dataset}.json", out / f"train_{args.dataset}.png"
-    json_path.write_text(json.dumps(report, indent=2))
+    print(f"device: {report['device']}")
+    out = Path(args.out)
+    write_json(out / f"train_{args.dataset}.json", report)  # also creates the folder --out
+    png_path = out / f"train_{args.dataset}.png"
     plot(study["results"], args.methods, png_path, f"{args.dataset}: test accuracy")
-    print(f"device: {report['device']}\nwrote {json_path} and {png_path}")
+    print(f"wrote {png_path}")
     return 0
 
 
