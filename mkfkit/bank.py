@@ -210,7 +210,8 @@ class KnowledgeBank(nn.Module):
     every image twice; ``DistributedSampler`` pads with repeats; ranks share samples), the
     row takes *one* EMA step with the mean of all its valid estimates in this call (the
     ``a``-side entries in batch order, then the ``b``-side entries). The mean comes from a
-    sort-based segmented sum without atomics: deterministic, and the same on CPU and CUDA.
+    sort-based segmented sum without atomics: deterministic, and bit for bit the same on CPU
+    and CUDA on the torch path (the fused path, below, agrees with it up to rounding).
 
     **Storage.** ``"float32"`` (``4 C`` bytes a row), ``"bfloat16"`` / ``"float16"``
     (``2 C``), or ``"topk"``: the ``k`` largest probabilities (float16) and their class ids
