@@ -1,15 +1,17 @@
-"""Benchmark of the two active-set searches of the exact projection (mkfkit/_projection.py).
+"""Benchmark of the three active-set searches of the exact projection (mkfkit/_projection.py).
 
-``project_box_simplex`` finds which coordinates sit at a bound either by sorting the 2C
-breakpoints of every row (``search="sort"``) or by safeguarded Newton steps on the row sum
-(``search="newton"``); ``"auto"`` picks one by device and size. This script times both, side by
-side, on the two kinds of rows the library projects:
+``project_box_simplex`` finds which coordinates sit at a bound by sorting the 2C breakpoints of
+every row (``search="sort"``), by safeguarded Newton steps on the row sum (``search="newton"``)
+or by evaluating the row sum at every breakpoint (``search="table"``, Tensor[2B, 2C, C]);
+``"auto"`` picks one by device and size. This script times all three side by side (the table
+only up to 2**24 entries), on the two kinds of rows the library projects:
 
 * ``qp``   -- the exact QP fraction's points and boxes (both sides of a batch, 2B rows);
 * ``opt2`` -- raw OPT2 estimates projected onto the simplex (LinearFraction(), 2B rows),
 
 for B (pairs) in {1, 8, 64, 256, 512} and C in {10, 32, 100, 300, 1000, 5000}, float32, and
-prints the median time of each, their ratio and the search ``"auto"`` takes.
+prints the median time of each, the search ``"auto"`` takes and how much slower that is than
+the fastest of the three.
 
     python benchmarks/bench_projection.py --device cpu --threads 1
 """
@@ -29,6 +31,9 @@ from bench_fraction import make_instance  # noqa: E402
 
 from mkfkit import _projection  # noqa: E402
 from mkfkit.fraction import _qp_boxes, linear_fraction  # noqa: E402
+
+SEARCHES = ("sort", "newton", "table")
+TABLE_LIMIT = 2**24  # entries of the table search's Tensor[2B, 2C, C] worth timing
 
 
 def boxes(kind: str, batch: int, num_classes: int, device: str):
@@ -59,21 +64,22 @@ def main() -> None:
         for num_classes in classes:
             for batch in batches:
                 v, lo, hi = boxes(kind, batch, num_classes, args.device)
-                row = {"rows": kind, "B": batch, "C": num_classes,
-                       "auto": "newton" if _projection._use_newton(v, "auto") else "sort"}
-                for search in ("sort", "newton"):
+                row = {"rows": kind, "B": batch, "C": num_classes, "auto": _projection._pick_search(v, "auto")}
+                for search in SEARCHES:
+                    fits = search != "table" or 2 * v.numel() * num_classes <= TABLE_LIMIT
                     row[f"{search}_ms"] = median_time(
                         lambda: _projection.project_box_simplex(v, lo, hi, search=search), args.device, args.repeats
-                    )
-                row["sort_over_newton"] = row["sort_ms"] / row["newton_ms"]
+                    ) if fits else None
+                row["auto_over_best"] = row[f"{row['auto']}_ms"] / min(row[f"{s}_ms"] for s in SEARCHES if row[f"{s}_ms"])
                 results.append(row)
-                print(f"[{kind}] B={batch:4d} C={num_classes:5d} sort={row['sort_ms']:.3f} ms "
-                      f"newton={row['newton_ms']:.3f} ms", flush=True)
+                print(f"[{kind}] B={batch:4d} C={num_classes:5d} "
+                      + " ".join(f"{s}={row[f'{s}_ms'] or float('nan'):.3f} ms" for s in SEARCHES), flush=True)
 
     print_table(
         results,
-        [("rows", "rows", "<"), ("B", "B", "d"), ("C", "C", "d"), ("sort (ms)", "sort_ms", ".3f"),
-         ("newton (ms)", "newton_ms", ".3f"), ("sort / newton", "sort_over_newton", ".2f"), ("auto", "auto", "<")],
+        [("rows", "rows", "<"), ("B", "B", "d"), ("C", "C", "d")]
+        + [(f"{search} (ms)", f"{search}_ms", ".3f") for search in SEARCHES]
+        + [("auto", "auto", "<"), ("auto / best", "auto_over_best", ".2f")],
         title="Median time per projection of 2B rows (float32); auto = the search search='auto' takes",
     )
     write_json(args.json, {"settings": {"repeats": args.repeats, "device": args.device}, "results": results})

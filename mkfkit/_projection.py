@@ -10,44 +10,47 @@ For a row ``v`` and bounds ``lo <= hi`` the projection
 has the form ``x_i = clip(v_i + tau, lo_i, hi_i)`` for one scalar ``tau`` per row. The row sum
 ``g(tau) = sum_i clip(v_i + tau, lo_i, hi_i)`` is piecewise linear and non-decreasing, with
 breakpoints ``lo_i - v_i`` (coordinate ``i`` leaves its lower bound) and ``hi_i - v_i`` (it
-reaches its upper bound). Sorting the ``2C`` breakpoints of every row gives ``g`` at all of them
-by one cumulative sum; the segment where ``g`` crosses 1 fixes which coordinates sit at ``lo``
+reaches its upper bound). The segment where ``g`` crosses 1 fixes which coordinates sit at ``lo``
 (set ``L``), at ``hi`` (set ``U``) or strictly inside (the free set ``F``). On that segment
 
 .. math::
 
     \\tau = \\frac{1 - \\sum_{L} lo_i - \\sum_{U} hi_i - \\sum_{F} v_i}{|F|}
 
-exactly. The search for the sets runs without autograd; ``tau`` is then evaluated by this closed
-form, so autograd differentiates the projection exactly: on the free set the Jacobian with
-respect to ``v`` is ``I - 11^T / |F|``, zero elsewhere, and the bounds of the clamped
-coordinates enter through ``tau`` (with ``lo_i``/``hi_i`` passed straight through on their own
-coordinate).
+exactly. A search (below) finds the sets, and ``tau`` by this closed form (the Newton search's
+last step solves it on its piece); no autograd runs. The Jacobian is written out, and it is exact: ``x_F = v_F + tau``, ``x_L = lo_L``, ``x_U = hi_U``, so each of
+``v``, ``lo`` and ``hi`` receives, on the coordinates where it is the active value, the output
+gradient minus its mean over ``F`` (``I - 11^T / |F|`` on the free set for ``v``). The
+Jacobian is piecewise constant, so second derivatives are zero, and double backward works.
 
-**Finding the active sets.** Two searches give the same sets, up to ties: where ``tau`` falls on a
-breakpoint, a coordinate exactly at its bound may be called free by one and clamped by the other.
-The projection is the same either way; its gradient is then one of two valid one-sided
+**Finding the active sets.** The searches give the same sets, up to ties: where ``tau`` falls on
+a breakpoint, a coordinate exactly at its bound may be called free by one and clamped by
+another. The projection is the same either way; its gradient is then one of two valid one-sided
 derivatives (such kinks are structural with two classes, rare otherwise).
 
-- ``"sort"``: one sort of ``Tensor[B, 2C]`` and a few elementwise passes; no Python loop over
-  rows and no host-device synchronisation, so it runs on any device, under CUDA graphs and under
+- ``"sort"``: one sort of ``Tensor[R, 2C]`` gives ``g`` at every breakpoint by one cumulative
+  sum; a few elementwise passes follow. ``O(C log C)`` per row, no Python loop over rows and no
+  host-device synchronisation, so it runs on any device, under CUDA graphs and under
   ``torch.compile``.
+- ``"table"``: ``g`` evaluated directly at all ``2C`` breakpoints of a row, a
+  ``Tensor[R, 2C, C]``. ``O(C^2)`` per row, but about half the operations of the sort and no
+  sort at all, which on a CPU costs about 50 ns per element (benchmarks/RESULTS.md). Sync-free
+  like the sort.
 - ``"newton"``: a safeguarded Newton iteration on ``g(tau) = 1``, the algorithm of the fused
   Triton kernel (see :mod:`mkfkit._triton`): each pass evaluates ``g``, the number of free and of
   upper-bound coordinates at the current ``tau`` and steps to the root of the current linear
   piece, ``tau - (g(tau) - 1) / |F|``, bisecting a bracket instead when that step would leave it
-  or the piece is flat; it stops once a Newton step lands in the piece it came from or no longer
-  moves ``tau``. The exact QP's rows need 3 to 5 passes of a few elementwise operations (raw OPT2
-  estimates up to about 10), against the ``O(C log C)`` sort, but the loop asks
-  the host after every pass whether all rows have stopped. On the CPU that question is free,
-  rows that have stopped are set aside once they are the majority, and the search is 2-8x faster
-  than the sort on large problems (benchmarks/RESULTS.md); on an accelerator each pass would
-  cost a synchronisation, so the sort stays there.
+  or the piece is flat. It stops once a Newton step lands in the piece it came from, no longer
+  moves ``tau``, or ``|g(tau) - 1|`` is at rounding level (4 eps; the kernel asks this only of
+  flat pieces). The exact QP's rows need 3 to 5 passes of a few elementwise operations (raw OPT2
+  estimates up to about 10), but the loop asks the host after every pass whether all rows have
+  stopped. On the CPU that question is free, rows that have stopped are set aside once they are
+  the majority, and the search wins on large problems; on an accelerator each pass would cost a
+  synchronisation, so it is never chosen there.
 
-``"auto"`` (the default) takes the Newton search for CPU tensors of at least
-``_NEWTON_MIN_CLASSES`` columns and ``_NEWTON_MIN_ELEMENTS`` entries outside ``torch.compile``,
-and the sort otherwise: on short rows the sort is cheap, and on small problems the iteration's
-per-operation overhead costs more than the sort.
+``"auto"`` (the default) takes the table while it holds at most ``_TABLE_MAX_ENTRIES`` entries
+(any device), then the Newton search for CPU tensors of at least ``_NEWTON_MIN_CLASSES`` columns
+and ``_NEWTON_MIN_ELEMENTS`` entries outside ``torch.compile``, and the sort otherwise.
 """
 
 from __future__ import annotations
@@ -57,13 +60,15 @@ from torch import Tensor
 
 __all__ = ["project_box_simplex"]
 
-_SEARCHES = ("auto", "sort", "newton")
-# On a CPU (one thread, benchmarks/bench_projection.py) the sort wins on short rows (2-4x at
-# C = 10 for every batch) and on small batches, where the iteration's fixed cost per pass
-# dominates. From these sizes on the iteration wins on the exact QP's rows (1.2-1.4x near the
-# threshold, 4-8x at 128 or more rows of C >= 1000). Rows far outside their box (raw OPT2
-# estimates) take about twice the passes, so there the sort stays up to 1.6x faster until about
-# 32,768 entries; the threshold serves the exact QP.
+_SEARCHES = ("auto", "sort", "newton", "table")
+# Chosen on a CPU with one thread (benchmarks/bench_projection.py, benchmarks/RESULTS.md), for the
+# exact QP's rows. The table beats the sort at every size up to about 2**20 entries (0.6-0.9x of
+# its time), e.g. B = 64 pairs of C = 64 or B = 512 of C = 16, and the Newton search too, which
+# pays a fixed cost per pass; beyond it the table's C^2 work shows (1.2-1.3x the sort's time at
+# 2-3 million entries). Newton then wins from C = 32 and 8,192 entries on (4-8x at 128 or more
+# rows of C >= 1000). Rows far outside their box (raw OPT2 estimates) take about twice the
+# passes, so there the sort can stay faster near the threshold; it serves the exact QP.
+_TABLE_MAX_ENTRIES = 2**20
 _NEWTON_MIN_CLASSES = 32
 _NEWTON_MIN_ELEMENTS = 8192
 # Cap on the passes of the Newton search (here and in the Triton kernel): bisection alone
@@ -78,8 +83,8 @@ def project_box_simplex(v: Tensor, lo: Tensor, hi: Tensor, *, search: str = "aut
         v: Tensor[..., C], the points to project (floating point).
         lo: Tensor[..., C], lower bounds, with ``lo <= hi`` (the shape of ``v``).
         hi: Tensor[..., C], upper bounds (the shape of ``v``).
-        search: how the active sets are found: ``"sort"``, ``"newton"`` or ``"auto"`` (see the
-            module docstring). The result does not depend on it beyond rounding.
+        search: how the active sets are found: ``"sort"``, ``"table"``, ``"newton"`` or
+            ``"auto"`` (see the module docstring). The result does not depend on it beyond rounding.
 
     Returns:
         Tensor[..., C], the Euclidean projection of each row (dtype and device of ``v``).
@@ -95,41 +100,58 @@ def project_box_simplex(v: Tensor, lo: Tensor, hi: Tensor, *, search: str = "aut
         >>> project_box_simplex(v, zeros, ones)
         tensor([[0.6500, 0.3500, 0.0000]])
     """
-    with torch.no_grad():
-        find = _active_sets_by_newton if _use_newton(v, search) else _active_sets_by_sort
-        rows = [t.detach().reshape(-1, v.shape[-1]) for t in (v, lo, hi)]  # any leading shape
-        free, upper = (mask.view(v.shape) for mask in find(*rows))
-    # v on the free coordinates and the active bound elsewhere: its row sum is
-    # sum_F v + sum_L lo + sum_U hi, so autograd sees tau as a function of v, lo and hi on exactly
-    # the right coordinates.
-    pinned = torch.where(free, v, torch.where(upper, hi, lo))
-    free_count = free.sum(-1, keepdim=True, dtype=v.dtype)
-    # An empty free set leaves tau undefined but unused (no coordinate adds it, so no gradient
-    # reaches it either): divide by 1 there to keep it finite.
-    tau = (1 - pinned.sum(-1, keepdim=True)) / free_count.clamp_min(1)
-    x = torch.where(free, pinned + tau, pinned)
-    # Rounding can push a free coordinate past its bound by an ulp: clamp the value (so outputs
-    # are never negative probabilities) while keeping the exact free-set derivative.
-    with torch.no_grad():
-        overshoot = torch.clamp(x, lo, hi) - x
-    return x + overshoot
+    return _BoxSimplexProjection.apply(v, lo, hi, _FINDERS[_pick_search(v, search)])
 
 
-def _use_newton(v: Tensor, search: str) -> bool:
-    if search == "auto":
+class _BoxSimplexProjection(torch.autograd.Function):
+    """The projection, with the search's sets and its exact Jacobian (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, lo: Tensor, hi: Tensor, find) -> Tensor:
+        free, upper, tau = find(*(t.reshape(-1, v.shape[-1]) for t in (v, lo, hi)))  # any leading shape
+        free, upper = free.view(v.shape), upper.view(v.shape)
+        x = torch.where(free, v + tau.view(*v.shape[:-1], 1), torch.where(upper, hi, lo))
+        ctx.save_for_backward(free, upper)
+        # Rounding can push a free coordinate past its bound by an ulp: clamp the value, so outputs
+        # are never negative probabilities (the Jacobian stays that of the free set).
+        return x.clamp_(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        free, upper = ctx.saved_tensors
+        # x = v + tau on F, lo on L, hi on U, with tau = (1 - sum_F v - sum_L lo - sum_U hi) / |F|:
+        # each input receives, on the coordinates where it is the active value, the output
+        # gradient minus its mean over F (no mean when F is empty: tau is then unused).
+        count = free.sum(-1, keepdim=True, dtype=grad.dtype).clamp_min(1)
+        centred = grad - torch.where(free, grad, 0).sum(-1, keepdim=True) / count
+        needs_v, needs_lo, needs_hi = ctx.needs_input_grad[:3]
         return (
+            torch.where(free, centred, 0) if needs_v else None,
+            torch.where(free | upper, 0, centred) if needs_lo else None,
+            torch.where(upper, centred, 0) if needs_hi else None,
+            None,
+        )
+
+
+def _pick_search(v: Tensor, search: str) -> str:
+    """The search ``search`` names, or for ``"auto"`` the one expected to be fastest for ``v``."""
+    if search == "auto":
+        if 2 * v.numel() * v.shape[-1] <= _TABLE_MAX_ENTRIES:
+            return "table"
+        newton = (
             v.device.type == "cpu"
             and v.shape[-1] >= _NEWTON_MIN_CLASSES
             and v.numel() >= _NEWTON_MIN_ELEMENTS
             and not torch.compiler.is_compiling()
         )
+        return "newton" if newton else "sort"
     if search not in _SEARCHES:
         raise ValueError(f"`search` must be one of {_SEARCHES}, but got {search!r}")
-    return search == "newton"
+    return search
 
 
-def _active_sets_by_sort(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Boolean masks (free, at upper bound) of the projection, found by sorting breakpoints."""
+def _active_sets_by_sort(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Masks (free, at upper bound) and tau of the projection, found by sorting breakpoints."""
     enter = lo - v  # tau beyond which coordinate i leaves lo
     leave = hi - v  # tau beyond which coordinate i sits at hi
     breakpoints, order = torch.cat([enter, leave], dim=-1).sort(dim=-1)
@@ -147,60 +169,111 @@ def _active_sets_by_sort(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Ten
     # at its lower bound (sum(lo) > 1), which the -inf reference expresses.
     reference = breakpoints.gather(-1, (passed - 1).clamp_min(0))
     reference = reference.masked_fill(passed == 0, -float("inf"))
+    return _sets_after(reference, v, lo, hi, enter, leave)
+
+
+def _active_sets_by_table(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Masks (free, at upper bound) and tau of the projection, from g at every breakpoint."""
+    enter, leave = lo - v, hi - v
+    breakpoints = torch.cat([enter, leave], dim=-1)
+    # g(b) - 1 = sum_i clip(b, enter_i, leave_i) + sum(v) - 1 at each breakpoint b: Tensor[R, 2C].
+    excess = torch.clamp(breakpoints[:, :, None], enter[:, None, :], leave[:, None, :]).sum(-1)
+    excess += v.sum(-1, keepdim=True) - 1
+    # The last breakpoint with g <= 1 (g is non-decreasing), as the sort finds it; -inf when g > 1
+    # at every breakpoint (sum(lo) > 1).
+    reference = breakpoints.masked_fill(excess > 0, -float("inf")).amax(-1, keepdim=True)
+    return _sets_after(reference, v, lo, hi, enter, leave)
+
+
+def _sets_after(
+    reference: Tensor, v: Tensor, lo: Tensor, hi: Tensor, enter: Tensor, leave: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Masks and tau for a root on the segment after breakpoint ``reference`` (Tensor[R, 1])."""
     upper = leave <= reference
     free = (enter <= reference) & ~upper
-    return free, upper
+    # The closed form on the segment: the free coordinates take up what the bounds leave of 1.
+    # An empty free set leaves tau undefined but unused: divide by 1 there to keep it finite.
+    pinned = torch.where(free, v, torch.where(upper, hi, lo))
+    return free, upper, (1 - pinned.sum(-1)) / free.sum(-1, dtype=torch.int32).clamp_min(1)
 
 
-def _active_sets_by_newton(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Boolean masks (free, at upper bound) of the projection, by safeguarded Newton steps."""
+def _active_sets_by_newton(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Masks (free, at upper bound) and tau of the projection, by safeguarded Newton steps."""
     num_classes = v.shape[-1]
     eps = torch.finfo(v.dtype).eps
     free_out = torch.zeros_like(v, dtype=torch.bool)
     upper_out = torch.zeros_like(free_out)
+    tau_out = v.new_empty(v.shape[0])
+    # Coordinate i is free for enter_i < tau < leave_i, and g(tau) - 1 is
+    # sum_i clip(tau, enter_i, leave_i) + offset: the loop never needs v, lo, hi themselves.
+    enter, leave = lo - v, hi - v
+    offset = v.sum(-1) - 1
     # g(t_lo) = sum(lo) <= 1 <= sum(hi) = g(t_hi) on a feasible row.
-    t_lo, t_hi = (lo - v).amin(-1), (hi - v).amax(-1)
+    t_lo, t_hi = enter.amin(-1), leave.amax(-1)
     sum_lo, sum_hi = lo.sum(-1), hi.sum(-1)
     # A row whose box cannot reach a sum of 1 is done at its nearest corner (all at hi or lo).
     done = (sum_hi <= 1) | (sum_lo >= 1)
-    unbounded = (1 - v.sum(-1)) / num_classes  # the root when no bound is active
+    unbounded = -offset / num_classes  # the root when no bound is active
     tau = torch.where(sum_hi <= 1, t_hi, torch.where(sum_lo >= 1, t_lo, unbounded.clamp(t_lo, t_hi)))
-    scale = torch.maximum(torch.maximum(t_lo.abs(), t_hi.abs()), torch.ones_like(t_lo))
+    narrow = 2 * eps * torch.maximum(torch.maximum(t_lo.abs(), t_hi.abs()), torch.ones_like(t_lo))
     was_newton = torch.zeros_like(done)
     previous_free = previous_upper = torch.full_like(tau, -1, dtype=torch.int32)
     rows = torch.arange(v.shape[0], device=v.device)  # the working rows' places in the batch
     for _ in range(_MAX_PASSES.get(v.dtype, _MAX_PASSES[torch.float32])):
-        shifted = v + tau[:, None]
-        excess = torch.clamp(shifted, lo, hi).sum(-1) - 1
-        upper = shifted >= hi
-        free = (shifted > lo) & ~upper
+        at = tau[:, None]
+        excess = torch.clamp(at, enter, leave).sum(-1) + offset
+        upper = at >= leave
+        free = (at > enter) & ~upper
         # int32 counts: summing booleans into the default int64 costs 5x more on a CPU.
         n_free, n_upper = free.sum(-1, dtype=torch.int32), upper.sum(-1, dtype=torch.int32)
-        # Counts unchanged after a Newton step: no coordinate crossed a bound (a step moves all
-        # coordinates the same way), so tau is the root of its own piece.
-        same_piece = was_newton & (n_free == previous_free) & (n_upper == previous_upper)
-        # A flat piece whose sum is 1 up to rounding: any tau on it gives the same answer.
-        flat_root = (n_free == 0) & (excess.abs() <= 4 * eps)
-        newton = tau - excess / n_free.clamp_min(1).to(tau.dtype)
-        # A Newton step too small to change tau: the root to working precision (bisecting on
-        # would only shrink the bracket around it).
-        stalled = (n_free > 0) & (newton == tau)
-        narrow = t_hi - t_lo <= 2 * eps * scale
-        done = done | (excess == 0) | same_piece | flat_root | stalled | narrow
-        finished = int(done.sum())
-        if finished == len(rows):
+        # The root of the current linear piece. With no free coordinate it is infinite or NaN,
+        # which the bracket tests below reject, so the count needs no clamp.
+        newton = tau - excess / n_free
+        done = (
+            done
+            # Counts unchanged after a Newton step: no coordinate crossed a bound (a step moves
+            # all coordinates the same way), so tau is the root of its own piece.
+            | (was_newton & (n_free == previous_free) & (n_upper == previous_upper))
+            # The root to working precision: a step too small to change tau, a sum that is 1 up
+            # to rounding (on a flat piece any such tau gives the same answer), or a bracket
+            # that bisecting on would only shrink around it.
+            | (newton == tau)
+            | (excess.abs() <= 4 * eps)
+            | (t_hi - t_lo <= narrow)
+        )
+        working = (~done).nonzero().squeeze(1)
+        if len(working) == 0:
             break
-        if 2 * finished >= len(rows):
-            # Most rows are done: record them and iterate on the rest only.
-            free_out[rows[done]], upper_out[rows[done]] = free[done], upper[done]
-            keep = ~done
-            (rows, v, lo, hi, free, upper, tau, newton, t_lo, t_hi, scale, excess, n_free, n_upper,
-             done) = (t[keep] for t in (rows, v, lo, hi, free, upper, tau, newton, t_lo, t_hi, scale,
-                                        excess, n_free, n_upper, done))
-        t_lo = torch.where(excess < 0, torch.maximum(t_lo, tau), t_lo)
-        t_hi = torch.where(excess > 0, torch.minimum(t_hi, tau), t_hi)
-        was_newton = (n_free > 0) & (newton > t_lo) & (newton < t_hi)
-        tau = torch.where(done, tau, torch.where(was_newton, newton, (t_lo + t_hi) / 2))
+        if 2 * len(working) <= len(rows):
+            # Most rows are done: record every row (the working ones are overwritten later) and
+            # iterate on the working rows only.
+            _record(rows, (free_out, upper_out, tau_out), (free, upper, _root(tau, newton, t_lo, t_hi)))
+            (rows, enter, leave, free, upper, offset, tau, newton, t_lo, t_hi, narrow, excess,
+             n_free, n_upper, done) = (
+                t.index_select(0, working)
+                for t in (rows, enter, leave, free, upper, offset, tau, newton, t_lo, t_hi, narrow,
+                          excess, n_free, n_upper, done)
+            )
+        # tau always lies in [t_lo, t_hi], so it becomes the new end on its side of the root.
+        t_lo = torch.where(excess < 0, tau, t_lo)
+        t_hi = torch.where(excess > 0, tau, t_hi)
+        was_newton = (newton > t_lo) & (newton < t_hi)
+        tau = torch.where(done, tau, torch.where(was_newton, newton, torch.lerp(t_lo, t_hi, 0.5)))
         previous_free, previous_upper = n_free, n_upper
-    free_out[rows], upper_out[rows] = free, upper
-    return free_out, upper_out
+    _record(rows, (free_out, upper_out, tau_out), (free, upper, _root(tau, newton, t_lo, t_hi)))
+    return free_out, upper_out, tau_out
+
+
+def _root(tau: Tensor, newton: Tensor, t_lo: Tensor, t_hi: Tensor) -> Tensor:
+    """tau of finished rows: the Newton step from tau, which solves the closed form on tau's
+    piece, where it stays in the bracket; tau itself otherwise (a step without free coordinates
+    is infinite or NaN, and tau is then unused)."""
+    return torch.where((newton >= t_lo) & (newton <= t_hi), newton, tau)
+
+
+def _record(rows: Tensor, outputs: tuple[Tensor, ...], values: tuple[Tensor, ...]) -> None:
+    for output, value in zip(outputs, values):
+        output.index_copy_(0, rows, value)
+
+
+_FINDERS = {"sort": _active_sets_by_sort, "newton": _active_sets_by_newton, "table": _active_sets_by_table}

@@ -252,7 +252,8 @@ def qp_fraction(
 
     where ``Pi`` is the Euclidean projection onto ``{sum = 1, lo <= x <= hi}``
     (:func:`~mkfkit._projection.project_box_simplex`: exact, with its active sets found by
-    sorting breakpoints, or on the CPU by safeguarded Newton steps when that is faster). ``b`` is
+    sorting breakpoints, by evaluating the row sum at all of them for small problems, or on the
+    CPU by safeguarded Newton steps, whichever is expected to be fastest). ``b`` is
     the mirror projection of ``K_b + r`` with the roles of ``lam`` and ``1 - lam`` swapped,
     rather than ``(mixed - lam * a) / (1 - lam)``, which loses all precision as ``lam -> 1``.
     Both satisfy the mixing identity up to rounding (given rows of ``mixed`` that sum to 1) and
@@ -361,18 +362,20 @@ def _qp_boxes(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> tup
 
     Side a, then side b, each with its own weight and the other side's.
     """
-    weight_a, weight_b = lam[:, None], 1 - lam[:, None]
-    residual = mixed - weight_a * base_a - weight_b * base_b
+    weight_a, weight_b = lam, 1 - lam
+    weight, other_weight = torch.stack((weight_a, weight_b))[..., None], torch.stack((weight_b, weight_a))[..., None]
+    # base + residual, with residual = mixed - lam * base_a - (1 - lam) * base_b:
+    # mixed + (1 - lam) (base_a - base_b) on side a, mixed - lam (base_a - base_b) on side b.
+    v = torch.addcmul(mixed, torch.stack((weight_b, -weight_a))[..., None], base_a - base_b)
     # Entries of `mixed` outside [0, 1] (allowed within the row tolerance) would cross the bounds.
     target = mixed.clamp(0, 1)
-    weight, other_weight = torch.stack((weight_a, weight_b)), torch.stack((weight_b, weight_a))
     # 0 <= other side <= 1 under the mixing identity, written as bounds on this side. The ratios
     # stay O(1) even for tiny weights (mixed is then tiny too), so divide exactly; a side of
     # weight 0 is replaced by its base afterwards.
     divisor = weight.masked_fill(weight == 0, 1)
     lo = ((target - other_weight) / divisor).clamp(0, 1)  # rounding can overshoot 1
     hi = (target / divisor).clamp(0, 1)
-    return torch.stack((base_a, base_b)) + residual, lo, hi
+    return v, lo, hi
 
 
 def _fused_kernels(backend: str, like: Tensor):

@@ -12,8 +12,10 @@ from mkfkit import _projection
 from mkfkit._projection import project_box_simplex
 from mkfkit.fraction import _qp_boxes
 
-# Both ways of finding the active sets must give the same projection.
-SEARCHES = ["sort", "newton"]
+# Every way of finding the active sets must give the same projection.
+SEARCHES = ["sort", "newton", "table"]
+# The table holds Tensor[rows, 2C, C]: keep its instances small.
+SCALABLE_SEARCHES = ["sort", "newton"]
 
 
 def bisection_projection(v, lo, hi, iterations=200):
@@ -126,7 +128,7 @@ def test_gradcheck_in_v_lo_hi(search):
 @pytest.mark.parametrize("search", SEARCHES)
 def test_float32_agrees_with_float64(search):
     generator = torch.Generator().manual_seed(5)
-    v, lo, hi = random_box(generator, 256, 1000, torch.float64)
+    v, lo, hi = random_box(generator, 256, 1000 if search in SCALABLE_SEARCHES else 64, torch.float64)
     x64 = project_box_simplex(v, lo, hi, search=search)
     x32 = project_box_simplex(v.float(), lo.float(), hi.float(), search=search)
     torch.testing.assert_close(x32.double(), x64, atol=1e-6, rtol=0)
@@ -177,23 +179,26 @@ def fraction_like_box(generator, batch, num_classes):
 def test_searches_agree(dtype, num_classes):
     generator = torch.Generator().manual_seed(8)
     atol = 1e-13 if dtype == torch.float64 else 1e-6
+    searches = SEARCHES if num_classes <= 100 else SCALABLE_SEARCHES
     generic = random_box(generator, 64, num_classes, torch.float64)
     for v, lo, hi in (generic, fraction_like_box(generator, 64, num_classes)):
         v, lo, hi = (t.to(dtype) for t in (v, lo, hi))
-        by_sort, by_newton = (project_box_simplex(v, lo, hi, search=search) for search in SEARCHES)
-        torch.testing.assert_close(by_newton, by_sort, atol=atol, rtol=0)
+        by_sort, *others = (project_box_simplex(v, lo, hi, search=search) for search in searches)
+        for other in others:
+            torch.testing.assert_close(other, by_sort, atol=atol, rtol=0)
     # Gradients agree away from kinks. Fraction boxes with C = 2 and every box with C = 1 put
     # rows on a kink (two coordinates at bounds whose sum is exactly 1), where the searches may
     # pick different, equally valid one-sided derivatives; the generic boxes have none.
     if num_classes > 1:
         v, lo, hi = (t.to(dtype).requires_grad_(True) for t in generic)
         weights = torch.randn(v.shape, generator=generator, dtype=torch.float64).to(dtype)
-        by_sort, by_newton = (
+        by_sort, *others = (
             torch.autograd.grad((project_box_simplex(v, lo, hi, search=search) * weights).sum(), (v, lo, hi))
-            for search in SEARCHES
+            for search in searches
         )
-        for grad_newton, grad_sort in zip(by_newton, by_sort):
-            torch.testing.assert_close(grad_newton, grad_sort, atol=atol, rtol=0)
+        for other in others:
+            for grad_other, grad_sort in zip(other, by_sort):
+                torch.testing.assert_close(grad_other, grad_sort, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("search", SEARCHES)
@@ -212,7 +217,7 @@ def test_newton_search_stops_at_its_pass_limit(monkeypatch, passes):
     clamp = torch.clamp
     monkeypatch.setattr(torch, "clamp", lambda *args, **kwargs: evaluations.append(1) or clamp(*args, **kwargs))
     v = torch.tensor([[0.2, float("nan"), 0.3], [0.5, 0.5, 0.0]])
-    free, upper = _projection._active_sets_by_newton(v, torch.zeros_like(v), torch.ones_like(v))
+    free, upper, _ = _projection._active_sets_by_newton(v, torch.zeros_like(v), torch.ones_like(v))
     assert len(evaluations) == passes
     assert free.shape == upper.shape == v.shape
     assert free[1].tolist() == [True, True, False] and not bool(upper[1].any())
@@ -230,17 +235,21 @@ def test_newton_search_sets_finished_rows_aside_without_changing_them():
     torch.testing.assert_close(batched, project_box_simplex(v, zeros, ones, search="sort"), atol=1e-13, rtol=0)
 
 
-def test_auto_search_takes_newton_for_large_cpu_problems_only():
-    rows = _projection._NEWTON_MIN_ELEMENTS // _projection._NEWTON_MIN_CLASSES
-    large = torch.zeros(rows, _projection._NEWTON_MIN_CLASSES)
-    assert _projection._use_newton(large, "auto")
-    assert not _projection._use_newton(large[:-1], "auto")  # too few entries
-    assert not _projection._use_newton(torch.zeros(2 * rows, _projection._NEWTON_MIN_CLASSES // 2), "auto")
-    assert not _projection._use_newton(large.to("meta"), "auto")  # not on the host
-    assert _projection._use_newton(large[:1], "newton") and not _projection._use_newton(large, "sort")
+def test_auto_search_rule():
+    pick = functools.partial(_projection._pick_search, search="auto")
+    # The table while it holds at most _TABLE_MAX_ENTRIES entries (2 * rows * C * C), on any device.
+    assert pick(torch.zeros(2048, 16)) == "table" and pick(torch.zeros(2048, 16, device="meta")) == "table"
+    assert pick(torch.zeros(2, 512)) == "table" and pick(torch.zeros(2, 513)) == "sort"
+    # Beyond it, Newton for CPU rows of >= _NEWTON_MIN_CLASSES classes and
+    # >= _NEWTON_MIN_ELEMENTS entries, the sort otherwise.
+    assert pick(torch.zeros(256, 64)) == "newton"
+    assert pick(torch.zeros(256, 64, device="meta")) == "sort"  # not on the host
+    assert pick(torch.zeros(4096, 16)) == "sort"  # short rows
+    assert pick(torch.zeros(8, 1000)) == "sort"  # too few entries
+    assert all(_projection._pick_search(torch.zeros(2, 2), search) == search for search in SEARCHES)
 
 
 def test_unknown_search_is_rejected():
     v = torch.full((1, 2), 0.5)
-    with pytest.raises(ValueError, match=r"`search` must be one of \('auto', 'sort', 'newton'\), but got 'bisect'"):
+    with pytest.raises(ValueError, match=r"`search` must be one of \('auto', 'sort', 'newton', 'table'\), but got 'bisect'"):
         project_box_simplex(v, torch.zeros_like(v), torch.ones_like(v), search="bisect")
