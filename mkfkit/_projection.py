@@ -110,7 +110,13 @@ class _BoxSimplexProjection(torch.autograd.Function):
     def forward(ctx, v: Tensor, lo: Tensor, hi: Tensor, find) -> Tensor:
         free, upper, tau = find(*(t.reshape(-1, v.shape[-1]) for t in (v, lo, hi)))  # any leading shape
         free, upper = free.view(v.shape), upper.view(v.shape)
-        x = torch.where(free, v + tau.view(*v.shape[:-1], 1), torch.where(upper, hi, lo))
+        bounds = torch.where(upper, hi, lo)
+        if tau is None:
+            # The closed form on the sets' segment: the free coordinates take up what the bounds
+            # leave of 1. An empty free set leaves tau undefined but unused: divide by 1 there.
+            count = free.sum(-1, keepdim=True, dtype=torch.int32).clamp_min(1)
+            tau = (1 - torch.where(free, v, bounds).sum(-1, keepdim=True)) / count
+        x = torch.where(free, v + tau.view(*v.shape[:-1], 1), bounds)
         ctx.save_for_backward(free, upper)
         # Rounding can push a free coordinate past its bound by an ulp: clamp the value, so outputs
         # are never negative probabilities (the Jacobian stays that of the free set).
@@ -150,8 +156,9 @@ def _pick_search(v: Tensor, search: str) -> str:
     return search
 
 
-def _active_sets_by_sort(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Masks (free, at upper bound) and tau of the projection, found by sorting breakpoints."""
+def _active_sets_by_sort(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, None]:
+    """Masks (free, at upper bound) of the projection, found by sorting breakpoints (tau: None,
+    the closed form)."""
     enter = lo - v  # tau beyond which coordinate i leaves lo
     leave = hi - v  # tau beyond which coordinate i sits at hi
     breakpoints, order = torch.cat([enter, leave], dim=-1).sort(dim=-1)
@@ -169,11 +176,11 @@ def _active_sets_by_sort(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Ten
     # at its lower bound (sum(lo) > 1), which the -inf reference expresses.
     reference = breakpoints.gather(-1, (passed - 1).clamp_min(0))
     reference = reference.masked_fill(passed == 0, -float("inf"))
-    return _sets_after(reference, v, lo, hi, enter, leave)
+    return _sets_after(reference, enter, leave)
 
 
-def _active_sets_by_table(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Masks (free, at upper bound) and tau of the projection, from g at every breakpoint."""
+def _active_sets_by_table(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, None]:
+    """Masks (free, at upper bound) of the projection, from g at every breakpoint (tau: None)."""
     enter, leave = lo - v, hi - v
     breakpoints = torch.cat([enter, leave], dim=-1)
     # g(b) - 1 = sum_i clip(b, enter_i, leave_i) + sum(v) - 1 at each breakpoint b: Tensor[R, 2C].
@@ -182,19 +189,14 @@ def _active_sets_by_table(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Te
     # The last breakpoint with g <= 1 (g is non-decreasing), as the sort finds it; -inf when g > 1
     # at every breakpoint (sum(lo) > 1).
     reference = breakpoints.masked_fill(excess > 0, -float("inf")).amax(-1, keepdim=True)
-    return _sets_after(reference, v, lo, hi, enter, leave)
+    return _sets_after(reference, enter, leave)
 
 
-def _sets_after(
-    reference: Tensor, v: Tensor, lo: Tensor, hi: Tensor, enter: Tensor, leave: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Masks and tau for a root on the segment after breakpoint ``reference`` (Tensor[R, 1])."""
+def _sets_after(reference: Tensor, enter: Tensor, leave: Tensor) -> tuple[Tensor, Tensor, None]:
+    """Masks for a root on the segment after breakpoint ``reference`` (Tensor[R, 1]); no tau."""
     upper = leave <= reference
     free = (enter <= reference) & ~upper
-    # The closed form on the segment: the free coordinates take up what the bounds leave of 1.
-    # An empty free set leaves tau undefined but unused: divide by 1 there to keep it finite.
-    pinned = torch.where(free, v, torch.where(upper, hi, lo))
-    return free, upper, (1 - pinned.sum(-1)) / free.sum(-1, dtype=torch.int32).clamp_min(1)
+    return free, upper, None
 
 
 def _active_sets_by_newton(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
