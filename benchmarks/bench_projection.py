@@ -1,7 +1,7 @@
 """Benchmark of the three active-set searches of the exact projection (mkfkit/_projection.py).
 
-``project_box_simplex`` finds which coordinates sit at a bound by sorting the 2C breakpoints of
-every row (``search="sort"``), by safeguarded Newton steps on the row sum (``search="newton"``)
+``project_box_simplex`` finds the segment of the row sum that reaches 1 (and so which coordinates
+sit at a bound) by sorting the 2C breakpoints of every row (``search="sort"``), by safeguarded Newton steps on the row sum (``search="newton"``)
 or by evaluating the row sum at every breakpoint (``search="table"``, Tensor[2B, 2C, C]);
 ``"auto"`` picks one by device and size. This script times all three side by side (the table
 only up to 2**24 entries), on the two kinds of rows the library projects:
@@ -30,7 +30,7 @@ from _common import device_report, median_time, print_table, write_json  # noqa:
 from bench_fraction import make_instance  # noqa: E402
 
 from mkfkit import _projection  # noqa: E402
-from mkfkit.fraction import _qp_boxes, linear_fraction  # noqa: E402
+from mkfkit.fraction import _qp_boxes, _sides, linear_fraction  # noqa: E402
 
 SEARCHES = ("sort", "newton", "table")
 TABLE_LIMIT = 2**24  # entries of the table search's Tensor[2B, 2C, C] worth timing
@@ -40,7 +40,8 @@ def boxes(kind: str, batch: int, num_classes: int, device: str):
     """Rows to project, as (v, lo, hi): Tensor[2B, C] each."""
     mixed, base_a, base_b, lam = (t.float() for t in make_instance(batch, num_classes, device))
     if kind == "qp":
-        return tuple(t.flatten(0, 1) for t in _qp_boxes(mixed, base_a, base_b, lam))
+        v, bounds = _qp_boxes(mixed, *_sides(base_a, base_b, lam))
+        return (v.flatten(0, 1), *bounds.flatten(1, 2))
     raw = linear_fraction(mixed, base_a, base_b, lam, project=False)
     v = torch.cat((raw.a, raw.b))
     return v, torch.zeros_like(v), torch.ones_like(v)

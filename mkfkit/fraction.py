@@ -38,7 +38,7 @@ from mkfkit._checks import (
     check_same_shape,
     check_shape,
 )
-from mkfkit._projection import project_box_simplex
+from mkfkit._projection import project_onto_bounds
 
 __all__ = [
     "Fraction",
@@ -101,13 +101,11 @@ def _prepare(
     return mixed, base_a, base_b, as_lam(lam, mixed.shape[0], mixed), dtype
 
 
-def _project_pair(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Project both sides, stacked as Tensor[2, B, C] (bounds broadcast to it), in one call.
-
-    One call over 2B rows costs half the operations (and kernel launches) of two calls.
-    """
-    projected = project_box_simplex(v, lo.expand_as(v), hi.expand_as(v))
-    return projected[0], projected[1]
+def _sides(base_a: Tensor, base_b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """Both sides stacked, a then b: their bases Tensor[2, B, C] and weights Tensor[2, B, 1]
+    (``lam``, ``1 - lam``). Every strategy computes both sides at once: one operation over the
+    stack costs about half as much as two over the sides."""
+    return torch.stack((base_a, base_b)), torch.stack((lam, 1 - lam))[..., None]
 
 
 def _linear_divisor(weight: Tensor) -> Tensor:
@@ -121,12 +119,14 @@ def _linear_divisor(weight: Tensor) -> Tensor:
     return weight.clamp_min(torch.finfo(weight.dtype).tiny ** 0.5)
 
 
-def _finish(a: Tensor, b: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, dtype) -> Fraction:
-    """Keep the base on a side of weight 0, attach the masks, cast back to the input dtype."""
-    mask_a, mask_b = lam > 0, lam < 1
-    a = torch.where(mask_a[:, None], a, base_a)
-    b = torch.where(mask_b[:, None], b, base_b)
-    return Fraction(a.to(dtype), b.to(dtype), mask_a, mask_b)
+def _finish(pair: Tensor, bases: Tensor, weights: Tensor, dtype) -> Fraction:
+    """Keep the base on a side of weight 0, attach the masks, cast back to the input dtype.
+
+    ``pair``, ``bases``: Tensor[2, B, C]; ``weights``: Tensor[2, B, 1] (see :func:`_sides`).
+    """
+    masks = weights > 0
+    pair = torch.where(masks, pair, bases).to(dtype)
+    return Fraction(pair[0], pair[1], masks[0, :, 0], masks[1, :, 0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,12 +185,14 @@ def linear_fraction(
         tensor([[0.7000, 0.3000, 0.0000]])
     """
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
-    weight_a, weight_b = lam[:, None], 1 - lam[:, None]
-    a = (mixed - weight_b * base_b) / _linear_divisor(weight_a)
-    b = (mixed - weight_a * base_a) / _linear_divisor(weight_b)
+    bases, weights = _sides(base_a, base_b, lam)
+    # Each side uses the other side's base and weight.
+    pair = (mixed - weights.flip(0) * bases.flip(0)) / _linear_divisor(weights)
     if project:
-        a, b = _project_pair(torch.stack((a, b)), a.new_zeros(()), a.new_ones(()))
-    return _finish(a, b, base_a, base_b, lam, dtype)
+        bounds = pair.new_zeros(2, *pair.shape)
+        bounds[1] = 1
+        pair = project_onto_bounds(pair, bounds)
+    return _finish(pair, bases, weights, dtype)
 
 
 class LinearFraction(nn.Module):
@@ -251,9 +253,10 @@ def qp_fraction(
         hi_a = \min\Big(1, \frac{\tilde p}{\lambda}\Big),
 
     where ``Pi`` is the Euclidean projection onto ``{sum = 1, lo <= x <= hi}``
-    (:func:`~mkfkit._projection.project_box_simplex`: exact, with its active sets found by
-    sorting breakpoints, by evaluating the row sum at all of them for small problems, or on the
-    CPU by safeguarded Newton steps, whichever is expected to be fastest). ``b`` is
+    (:func:`~mkfkit._projection.project_box_simplex`: exact, ``clip(v + tau, lo, hi)`` with the
+    segment of the row sum where it reaches 1 found by sorting breakpoints, by evaluating the row
+    sum at all of them for small problems, or on the CPU by safeguarded Newton steps, whichever
+    is expected to be fastest, and ``tau`` by the closed form on that segment). ``b`` is
     the mirror projection of ``K_b + r`` with the roles of ``lam`` and ``1 - lam`` swapped,
     rather than ``(mixed - lam * a) / (1 - lam)``, which loses all precision as ``lam -> 1``.
     Both satisfy the mixing identity up to rounding (given rows of ``mixed`` that sum to 1) and
@@ -295,15 +298,16 @@ def qp_fraction(
     """
     _check_qp_options(solver, backend, conic_solver)
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
+    bases, weights = _sides(base_a, base_b, lam)
     if solver == "cvxpylayers":
-        a, b = _cvxpylayers_qp(mixed, base_a, base_b, lam, conic_solver, solver_args or {})
+        pair = torch.stack(_cvxpylayers_qp(mixed, base_a, base_b, lam, conic_solver, solver_args or {}))
     else:
         kernels = _fused_kernels(backend, mixed)
         if kernels is None:
-            a, b = _exact_qp(mixed, base_a, base_b, lam)
+            pair = project_onto_bounds(*_qp_boxes(mixed, bases, weights))
         else:
-            a, b = kernels.qp_fraction(mixed, base_a, base_b, lam)
-    return _finish(a, b, base_a, base_b, lam, dtype)
+            pair = torch.stack(kernels.qp_fraction(mixed, base_a, base_b, lam))
+    return _finish(pair, bases, weights, dtype)
 
 
 class QPFraction(nn.Module):
@@ -352,30 +356,21 @@ def _check_qp_options(solver: str, backend: str, conic_solver: str) -> None:
     check_choice(conic_solver, "conic_solver", _CONIC_SOLVERS)
 
 
-def _exact_qp(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
-    """The closed-form QP solution (a, b), both by projection; see :func:`qp_fraction`."""
-    return _project_pair(*_qp_boxes(mixed, base_a, base_b, lam))
-
-
-def _qp_boxes(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The points and boxes the exact QP projects, both sides stacked: Tensor[2, B, C] each.
-
-    Side a, then side b, each with its own weight and the other side's.
+def _qp_boxes(mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """The points the exact QP projects, Tensor[2, B, C], and their boxes, Tensor[2, 2, B, C]
+    (``lo``, then ``hi``), both sides stacked as :func:`_sides` stacks ``bases`` and ``weights``.
     """
-    weight_a, weight_b = lam, 1 - lam
-    weight, other_weight = torch.stack((weight_a, weight_b))[..., None], torch.stack((weight_b, weight_a))[..., None]
-    # base + residual, with residual = mixed - lam * base_a - (1 - lam) * base_b:
-    # mixed + (1 - lam) (base_a - base_b) on side a, mixed - lam (base_a - base_b) on side b.
-    v = torch.addcmul(mixed, torch.stack((weight_b, -weight_a))[..., None], base_a - base_b)
+    # base + residual, with residual = mixed - lam * base_a - (1 - lam) * base_b.
+    v = bases + (mixed - torch.lerp(bases[1], bases[0], weights[0]))
     # Entries of `mixed` outside [0, 1] (allowed within the row tolerance) would cross the bounds.
     target = mixed.clamp(0, 1)
     # 0 <= other side <= 1 under the mixing identity, written as bounds on this side. The ratios
     # stay O(1) even for tiny weights (mixed is then tiny too), so divide exactly; a side of
-    # weight 0 is replaced by its base afterwards.
-    divisor = weight.masked_fill(weight == 0, 1)
-    lo = ((target - other_weight) / divisor).clamp(0, 1)  # rounding can overshoot 1
-    hi = (target / divisor).clamp(0, 1)
-    return v, lo, hi
+    # weight 0 divides by finfo.tiny (finite quotients, a box of [0, 1]) and is replaced by its
+    # base afterwards. Rounding can overshoot [0, 1].
+    divisor = weights.clamp_min(torch.finfo(weights.dtype).tiny)
+    bounds = torch.stack((target - weights.flip(0), target.expand_as(v)))
+    return v, bounds.div_(divisor).clamp_(0, 1)
 
 
 def _fused_kernels(backend: str, like: Tensor):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from mkfkit import _projection
 from mkfkit._projection import project_box_simplex
-from mkfkit.fraction import _qp_boxes
+from mkfkit.fraction import _qp_boxes, _sides
 
 # Every way of finding the active sets must give the same projection.
 SEARCHES = ["sort", "newton", "table"]
@@ -171,7 +171,8 @@ def fraction_like_box(generator, batch, num_classes):
     mixed, base_a, base_b = rows(2.0), rows(4.0), rows(1.0)
     base_a[::3] = torch.nn.functional.one_hot(torch.arange(0, batch, 3) % num_classes, num_classes).double()
     lam = torch.rand(batch, generator=generator, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
-    return tuple(t.flatten(0, 1) for t in _qp_boxes(mixed, base_a, base_b, lam))
+    v, bounds = _qp_boxes(mixed, *_sides(base_a, base_b, lam))
+    return (v.flatten(0, 1), *bounds.flatten(1, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -211,26 +212,36 @@ def test_non_finite_row_terminates_and_leaves_other_rows_alone(search):
 
 @pytest.mark.parametrize("passes", [1, 2, 3])
 def test_newton_search_stops_at_its_pass_limit(monkeypatch, passes):
-    # The valid row finishes in the first pass and is set aside; the NaN row runs to the limit.
+    # The valid row finishes in the first pass; the NaN row runs to the limit.
     monkeypatch.setitem(_projection._MAX_PASSES, torch.float32, passes)
     evaluations = []  # each pass evaluates the clipped row sum once, through torch.clamp
     clamp = torch.clamp
     monkeypatch.setattr(torch, "clamp", lambda *args, **kwargs: evaluations.append(1) or clamp(*args, **kwargs))
     v = torch.tensor([[0.2, float("nan"), 0.3], [0.5, 0.5, 0.0]])
-    free, upper, _ = _projection._active_sets_by_newton(v, torch.zeros_like(v), torch.ones_like(v))
+    tau, crossing = _projection._root_by_newton(v, torch.stack((torch.zeros_like(v), torch.ones_like(v))))
     assert len(evaluations) == passes
-    assert free.shape == upper.shape == v.shape
-    assert free[1].tolist() == [True, True, False] and not bool(upper[1].any())
+    assert tau.shape == (2, 1) and bool(tau[0].isnan()) and float(tau[1]) == 0.0
+    # Row 1 sits exactly at its solution: tau = 0 crosses every enter breakpoint (0.0 included).
+    assert crossing.shape == (2, 2, 3) and crossing[:, 1].tolist() == [[True, True, True], [False, False, False]]
 
 
-def test_newton_search_sets_finished_rows_aside_without_changing_them():
+@pytest.mark.parametrize("threshold", [0, 2**30])
+def test_newton_search_sets_finished_rows_aside_without_changing_them(monkeypatch, threshold):
     # Raw OPT2 estimates (entries far outside [0, 1]) finish after very different numbers of
-    # passes, so the search drops finished rows several times on the way.
+    # passes, so with the threshold at 0 the search drops finished rows several times on the way;
+    # the rows are computed the same either way, to the last bit.
     generator = torch.Generator().manual_seed(9)
     v = torch.randn(257, 300, generator=generator, dtype=torch.float64) * torch.rand(257, 1, generator=generator, dtype=torch.float64) * 5
     v = v - (v.sum(-1, keepdim=True) - 1) / 300
     zeros, ones = torch.zeros_like(v), torch.ones_like(v)
+    kept = project_box_simplex(v, zeros, ones, search="newton")
+    monkeypatch.setattr(_projection, "_SET_ASIDE_MIN_BREAKPOINTS", threshold)
+    index_selects = []
+    index_select = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda *args: index_selects.append(1) or index_select(*args))
     batched = project_box_simplex(v, zeros, ones, search="newton")
+    assert bool(index_selects) == (threshold == 0)
+    torch.testing.assert_close(batched, kept, atol=0, rtol=0)
     torch.testing.assert_close(batched, bisection_projection(v, zeros, ones), atol=1e-12, rtol=0)
     torch.testing.assert_close(batched, project_box_simplex(v, zeros, ones, search="sort"), atol=1e-13, rtol=0)
 
