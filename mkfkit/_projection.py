@@ -119,7 +119,7 @@ def project_onto_bounds(v: Tensor, bounds: Tensor, *, search: str = "auto") -> T
     find = _FINDERS[_pick_search(v, search)]
     if torch.is_grad_enabled() and (v.requires_grad or bounds.requires_grad):
         return _BoxSimplexProjection.apply(v, bounds, find)
-    return _shifted(v, bounds, find)[0].clamp_(bounds[0], bounds[1])  # no autograd.Function to pay for
+    return _shifted(v, bounds, find)[0].clamp_(*bounds)  # no autograd.Function to pay for
 
 
 def _shifted(v: Tensor, bounds: Tensor, find) -> tuple[Tensor, Tensor]:
@@ -137,7 +137,7 @@ class _BoxSimplexProjection(torch.autograd.Function):
     def forward(ctx, v: Tensor, bounds: Tensor, find) -> Tensor:
         shifted, crossing = _shifted(v, bounds, find)
         ctx.save_for_backward(crossing)
-        return shifted.clamp_(bounds[0], bounds[1])
+        return shifted.clamp_(*bounds)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

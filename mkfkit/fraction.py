@@ -125,8 +125,9 @@ def _finish(pair: Tensor, bases: Tensor, weights: Tensor, dtype) -> Fraction:
     ``pair``, ``bases``: Tensor[2, B, C]; ``weights``: Tensor[2, B, 1] (see :func:`_sides`).
     """
     masks = weights > 0
-    pair = torch.where(masks, pair, bases).to(dtype)
-    return Fraction(pair[0], pair[1], masks[0, :, 0], masks[1, :, 0])
+    a, b = torch.where(masks, pair, bases).to(dtype)
+    mask_a, mask_b = masks.view(2, -1)
+    return Fraction(a, b, mask_a, mask_b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def _qp_boxes(mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Te
     (``lo``, then ``hi``), both sides stacked as :func:`_sides` stacks ``bases`` and ``weights``.
     """
     # base + residual, with residual = mixed - lam * base_a - (1 - lam) * base_b.
-    v = bases + (mixed - torch.lerp(bases[1], bases[0], weights[0]))
+    v = bases + (mixed - (weights * bases).sum(0))
     # Entries of `mixed` outside [0, 1] (allowed within the row tolerance) would cross the bounds.
     target = mixed.clamp(0, 1)
     # 0 <= other side <= 1 under the mixing identity, written as bounds on this side. The ratios
