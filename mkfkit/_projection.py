@@ -173,13 +173,13 @@ def _pick_search(v: Tensor, search: str) -> str:
     return search
 
 
-# The searches take rows Tensor[R, C] and bounds Tensor[2, R, C] and return tau: Tensor[R, 1] (a
-# column, as every per-row quantity below) and the crossings of the segment it lies on: which
-# breakpoints lie at or below it, bool Tensor[2, R, C] (the coordinates at or above lo, and
-# those at hi), from which the backward reads the sets. They share the breakpoints Tensor[2, R, C]: `enter`
-# (index 0), the tau beyond which coordinate i leaves lo, and `leave` (index 1), the tau beyond
-# which it sits at hi. With the offset sum(v) - 1, g(tau) - 1 = sum_i clip(tau, enter_i, leave_i)
-# + offset.
+# The searches take rows Tensor[R, C] and bounds Tensor[2, R, C]. They share the breakpoints
+# Tensor[2, R, C]: `enter` (index 0), the tau beyond which coordinate i leaves lo, and `leave`
+# (index 1), the tau beyond which it sits at hi; with the offset sum(v) - 1,
+# g(tau) - 1 = sum_i clip(tau, enter_i, leave_i) + offset. Each returns tau, Tensor[R, 1] (a
+# column, as every per-row quantity below), and the crossing of its segment: which breakpoints
+# lie at or below it, bool Tensor[2, R, C] (the coordinates at or above lo, and those at hi),
+# from which the backward reads the sets.
 
 
 def _breakpoints(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
@@ -291,7 +291,8 @@ def _root_by_newton(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
             crossing_out.index_copy_(1, rows, crossing)
             working = (~done).nonzero()[:, 0]
             (rows, offset, tau, newton, t_lo, t_hi, narrow, excess, crossed, done) = (
-                t.index_select(0, working) for t in (rows, offset, tau, newton, t_lo, t_hi, narrow, excess, crossed, done)
+                t.index_select(0, working)
+                for t in (rows, offset, tau, newton, t_lo, t_hi, narrow, excess, crossed, done)
             )
             breakpoints = breakpoints.index_select(1, working)
             enter, leave = breakpoints
