@@ -1,8 +1,9 @@
 """Benchmark of the three active-set searches of the exact projection (mkfkit/_projection.py).
 
 ``project_box_simplex`` finds the segment of the row sum that reaches 1 (and so which coordinates
-sit at a bound) by sorting the 2C breakpoints of every row (``search="sort"``), by safeguarded Newton steps on the row sum (``search="newton"``)
-or by evaluating the row sum at every breakpoint (``search="table"``, Tensor[2B, 2C, C]);
+sit at a bound) by sorting the 2C breakpoints of every row (``search="sort"``), by safeguarded
+Newton steps on the row sum (``search="newton"``) or by evaluating the row sum at every
+breakpoint (``search="table"``, Tensor[2B, 2C, C]);
 ``"auto"`` picks one by device and size. This script times all three side by side (the table
 only up to 2**24 entries), on the two kinds of rows the library projects:
 

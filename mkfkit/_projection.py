@@ -150,10 +150,10 @@ class _BoxSimplexProjection(torch.autograd.Function):
         # gradient minus its mean over F (no mean when F is empty: tau is then unused).
         count = free.sum(-1, keepdim=True, dtype=grad.dtype).clamp_min(1)
         centred = grad - torch.where(free, grad, 0).sum(-1, keepdim=True) / count
-        grad_v = centred * free
+        grad_v = torch.where(free, centred, 0)
         if not ctx.needs_input_grad[1]:
             return grad_v, None, None
-        return grad_v, centred * torch.stack((~entered, upper)), None
+        return grad_v, torch.where(torch.stack((~entered, upper)), centred.unsqueeze(0), 0), None
 
 
 def _pick_search(v: Tensor, search: str) -> str:
@@ -238,7 +238,7 @@ def _root_by_table(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
     """tau from g at every breakpoint of every row (Tensor[R, 2C, C])."""
     breakpoints, offset = _breakpoints(v, bounds)
     enter, leave = breakpoints
-    flat = torch.cat((enter, leave), -1)
+    flat = torch.cat(tuple(breakpoints), -1)
     excess = torch.clamp(flat[:, :, None], enter[:, None], leave[:, None]).sum(-1) + offset
     # The last breakpoint with g <= 1 (g is non-decreasing), as the sort finds it; -inf when g > 1
     # at every breakpoint (sum(lo) > 1).

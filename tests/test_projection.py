@@ -116,6 +116,18 @@ def test_jacobian_is_the_closed_form(search):
 
 
 @pytest.mark.parametrize("search", SEARCHES)
+def test_gradient_masks_rather_than_multiplies(search):
+    # An infinite output gradient on a clamped coordinate must not turn the gradients of v on
+    # the free ones (or of the inactive bounds) into NaN: the sets select, they do not scale.
+    v = torch.tensor([[0.8, 0.5, -0.1]], dtype=torch.float64, requires_grad=True)
+    lo, hi = torch.zeros_like(v, requires_grad=True), torch.ones_like(v, requires_grad=True)
+    x = project_box_simplex(v, lo, hi, search=search)  # [0.65, 0.35, 0]: coordinate 2 at lo
+    x.backward(torch.tensor([[1.0, 0.0, float("inf")]], dtype=torch.float64))
+    assert v.grad.tolist() == [[0.5, -0.5, 0.0]]
+    assert hi.grad.tolist() == [[0.0, 0.0, 0.0]] and lo.grad[0, :2].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("search", SEARCHES)
 def test_gradcheck_in_v_lo_hi(search):
     generator = torch.Generator().manual_seed(4)
     v, lo, hi = random_box(generator, 3, 9, torch.float64)
