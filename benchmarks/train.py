@@ -22,7 +22,7 @@ Methods (``--methods``; the first four run by default):
   updates the dominant image's knowledge as is), ``mkf-nomix`` (no compound mixing),
   ``mix-only`` (compound mixing and cross-entropy, no distillation).
 
-Choices the MKF paper leaves open (METHOD.md, "Open points of the training loop"):
+Choices the MKF paper leaves open (docs/METHOD.md, "Open points of the training loop"):
 
 * ``--mkf-loop cycle`` (default, the paper's text): one sampled sub-network per step, the group
   cycling 0 (full net), 1, 2; the full network trains on every third step. ``stimulative``

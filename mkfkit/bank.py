@@ -2,7 +2,7 @@
 
 For each group ``t`` (sub-network size class) and each training sample ``I`` the bank holds
 ``K_t[I]``, an exponential moving average of the probabilities the sampled sub-network of group
-``t`` gave sample ``I`` (METHOD.md section 1, steps 4-5).
+``t`` gave sample ``I`` (docs/METHOD.md, section 1, steps 4-5).
 """
 
 from __future__ import annotations

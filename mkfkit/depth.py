@@ -10,7 +10,7 @@ of shallower sub-networks that share its weights. MKF trains such sub-networks i
   id always means a smaller network;
 * after ``T = num_groups`` groups the cycle restarts at the full network.
 
-Drop schedule (the paper says only "exponential in depth"; METHOD.md, "Open points"). Block
+Drop schedule (the paper says only "exponential in depth"; docs/METHOD.md, "Open points"). Block
 ``i`` of ``N`` sits at relative depth ``u_i = i / (N - 1)`` (``u = 1`` for ``N = 1``). In every
 step of the chain each still-active block is dropped independently with probability
 

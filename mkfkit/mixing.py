@@ -1,4 +1,4 @@
-"""Compound Mixup/CutMix that says what it did (MKF, METHOD.md section 1, step 1).
+"""Compound Mixup/CutMix that says what it did (MKF, docs/METHOD.md, section 1, step 1).
 
 :class:`CompoundMix` mixes a batch with a random permutation of itself and returns a
 :class:`MixedBatch`: the mixed images together with both targets, both dataset indices, the

@@ -72,7 +72,7 @@ def _project_by_bisection(v, lo, hi):
 
 
 def reference_fraction(mixed, base_a, base_b, lam):
-    """The exact QP fraction in float64 (METHOD.md, "Knowledge fraction")."""
+    """The exact QP fraction in float64 (docs/METHOD.md, "Knowledge fraction")."""
     p, base_a, base_b, lam = (t.double() for t in (mixed, base_a, base_b, lam))
     weight_a, weight_b = lam[:, None], 1 - lam[:, None]
     residual = p - weight_a * base_a - weight_b * base_b
