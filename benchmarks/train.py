@@ -21,19 +21,40 @@ Methods (``--methods``; the first four run by default):
 * ablations in the spirit of the MKF paper's Table 4: ``mkf-nofraction`` (the mixed output
   updates the dominant image's knowledge as is), ``mkf-nomix`` (no compound mixing),
   ``mix-only`` (compound mixing and cross-entropy, no distillation).
+* ``st``: Stimulative Training, the MKF authors' earlier method and the control a reviewer asks
+  for: every step the full network trains with cross-entropy, then one sub-network that drops
+  a uniformly drawn number of trailing blocks per stage (``DepthSampler.draw_trailing``) trains
+  with ``KL(full network's detached output || sub-network)``, weight 1, temperature 1; no
+  mixing, no stored knowledge, no cross-entropy on the sub-network.
 
-Choices the MKF paper leaves open (docs/METHOD.md, "Open points of the training loop"):
+Choices the MKF paper leaves open (docs/METHOD.md, "Open points of the training loop"); the
+defaults are the paper's wherever it gives a value:
 
 * ``--mkf-loop cycle`` (default, the paper's text): one sampled sub-network per step, the group
-  cycling 0 (full net), 1, 2; the full network trains on every third step. ``stimulative``
-  (Stimulative Training's loop): the full network trains on every step, then one sampled
-  sub-network (group 1 or 2) on the same batch; both losses are summed. It costs about two
-  steps per step.
-* ``--full-teacher self`` (default): the full network (group 0) distils from its own stored
-  knowledge, the EMA of its past predictions (as PS-KD does). ``none``: group 0 gets
-  cross-entropy only. Groups t > 0 always distil from group t - 1.
+  cycling 0 (full net), 1, 2; the full network trains on every third step. ``joint``: the full
+  network trains on every step, then one sampled sub-network (group 1 or 2) on the same batch;
+  both losses are summed. It costs about two steps per step.
+* ``--full-teacher none`` (default: the paper names no teacher for the full network): group 0
+  gets cross-entropy only. ``self``: it distils from its own stored knowledge, the EMA of its
+  past predictions (as PS-KD does).
+* ``--knowledge-from previous`` (default, the paper): group t > 0 distils from group t - 1;
+  ``full``: from the full network's knowledge.
+* ``--beta`` (2, the paper's CIFAR-100 value), ``--beta-ramp E`` (beta rises linearly from 0
+  over E epochs; 0, the paper, no ramp), ``--temperature`` (1; the paper does not state one),
+  ``--max-age N`` (teach only with knowledge written at most N steps ago; 0: any age).
 * BatchNorm statistics are re-estimated from 2,000 training images before every evaluation
   of a method that trains sub-networks (``recalibrate_batchnorm``).
+
+Honest evaluation: ``--validation-size N`` holds out the last N of the selected training
+images (``--train-offset``, ``--train-subset``); no run trains on them, and ``--evaluate
+validation`` reports accuracy on them instead of the test set, so settings are chosen without
+touching the test set. ``benchmarks/study.sh`` runs the Fashion-MNIST study that way.
+
+Diagnostics, logged per epoch in the JSON: ``train_top1`` (the full network on 2,000 clean
+training images: is it overfitting?), ``ce`` and ``kd`` (the mean loss terms; ``kd`` without
+beta), ``knowledge_age`` (steps since the teaching knowledge was written, weighted by lam) and
+``fraction_l1`` (how far the fraction moves the clean estimates from the stored bases, half
+the L1 distance).
 
 Output: a progress bar, a table (top-1 mean and sample standard deviation over seeds, training
 seconds per epoch, time relative to the baseline), and in ``--out`` a JSON file and a PNG plot
@@ -74,7 +95,7 @@ from mkfkit.mixing import CompoundMix, mixed_cross_entropy  # noqa: E402
 from mkfkit.models import MultiBranchResNet, ResNet  # noqa: E402
 
 DEFAULT_METHODS = ["baseline", "mkf-opt2", "mkf-qp", "kdatff"]
-ALL_METHODS = DEFAULT_METHODS + ["mkf-nofraction", "mkf-nomix", "mix-only"]
+ALL_METHODS = DEFAULT_METHODS + ["mkf-nofraction", "mkf-nomix", "mix-only", "st"]
 FRACTIONS = {
     "mkf-opt2": LinearFraction,
     "mkf-qp": QPFraction,
@@ -94,6 +115,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add("--data-dir", default=None,
         help="dataset folder (fashion-mnist: the IDX files; cifar100: the pickle release)")
     add("--train-subset", type=int, default=None, help="use only the first N training images")
+    add("--train-offset", type=int, default=0,
+        help="skip the first K training images (with --train-subset: images K .. K + N - 1)")
+    add("--validation-size", type=int, default=0,
+        help="hold out the last N of the training images; the runs never train on them")
+    add("--evaluate", default="test", choices=["test", "validation"],
+        help="report accuracy on the test set or on the held-out validation images")
     add("--methods", nargs="+", default=DEFAULT_METHODS, choices=ALL_METHODS)
     add("--seeds", nargs="+", type=int, default=[0, 1, 2])
     add("--epochs", type=int, default=20)
@@ -103,11 +130,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add("--blocks", nargs="+", type=int, default=[2, 2, 2], help="basic blocks per stage")
     add("--widths", nargs="+", type=int, default=[16, 32, 64], help="channels per stage")
     add("--beta", type=float, default=2.0, help="MKF: weight of the distillation loss")
+    add("--beta-ramp", type=float, default=0.0,
+        help="MKF: raise beta linearly from 0 over this many epochs (0: the paper, no ramp)")
+    add("--temperature", type=float, default=1.0, help="MKF: distillation temperature")
+    add("--knowledge-from", default="previous", choices=["previous", "full"],
+        help="MKF: group t > 0 distils from group t - 1 (the paper) or from the full network")
+    add("--max-age", type=int, default=0,
+        help="MKF: teach only with knowledge written at most this many steps ago (0: any age)")
     add("--bank-momentum", type=float, default=0.5, help="MKF: EMA weight of new knowledge")
     add("--groups", type=int, default=3, help="MKF: depth groups per cycle (T)")
     add("--warmup", type=float, default=0.1, help="fraction of the steps without mixing")
-    add("--mkf-loop", default="cycle", choices=["cycle", "stimulative"])
-    add("--full-teacher", default="self", choices=["self", "none"])
+    add("--mkf-loop", default="cycle", choices=["cycle", "joint"],
+        help="MKF: one sampled network per step (the paper), or the full network on every "
+             "step plus one sampled sub-network")
+    add("--full-teacher", default="none", choices=["none", "self"],
+        help="MKF: the full network (group 0) gets no distillation (the paper), or distils "
+             "from its own stored knowledge")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     # The demo's networks are small: torch's intra-op threads cost more than they gain there,
     # and on a 2-core machine shared with another job two threads ran 2.7x slower than one.
@@ -117,12 +155,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add("--resume", action="store_true", help="continue the study saved in --checkpoint")
     add("--checkpoint-every", type=int, default=None, help="also save every N steps")
     add("--stop-after", type=int, default=None, help="stop after N steps (to test --resume)")
+    add("--eval-every", type=int, default=1,
+        help="evaluate every N epochs (and after the last); diagnostics are logged every epoch")
     add("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.resume and not args.checkpoint:
         parser.error("--resume needs --checkpoint")
     if len(args.blocks) != len(args.widths):
         parser.error("--blocks and --widths need one value per stage each")
+    if args.train_offset < 0 or args.validation_size < 0:
+        parser.error("--train-offset and --validation-size must be >= 0")
+    if args.evaluate == "validation" and args.validation_size == 0:
+        parser.error("--evaluate validation needs --validation-size N > 0")
+    if args.eval_every < 1:
+        parser.error("--eval-every must be >= 1")
+    if args.temperature <= 0 or args.beta < 0 or args.beta_ramp < 0 or args.max_age < 0:
+        parser.error("--temperature must be > 0; --beta, --beta-ramp and --max-age >= 0")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -178,7 +226,11 @@ class Run:
     fraction: Any = None
     attention: Optional[AttentionTransferLoss] = None
     fusion: Optional[FeatureFusionTeacher] = None
+    stages: Optional[List[List[nn.Module]]] = None  # ST: the model's stages of blocks
     # loop state
+    step: int = 0  # optimiser steps taken
+    last_write: Optional[Tensor] = None  # MKF: step of the last write of each knowledge row
+    stats: Dict[str, Tensor] = dataclasses.field(default_factory=dict)  # this epoch's sums
     epoch: int = 0
     batch_in_epoch: int = 0
     order: Optional[Tensor] = None  # the current epoch's permutation
@@ -215,6 +267,10 @@ def build_run(method: str, seed: int, args: argparse.Namespace, data: ImageData)
         run.bank = KnowledgeBank(len(data.train_labels), data.num_classes, args.groups,
                                  momentum=args.bank_momentum, device=device)
         run.fraction = FRACTIONS[method]()
+        run.last_write = torch.full((args.groups, len(data.train_labels)), -1, device=device)
+    if method == "st":
+        run.sampler = DepthSampler.from_model(model, num_groups=1, seed=seed + 2)
+        run.stages = [list(stage) for stage in model.layers()]
     if method == "kdatff":
         run.attention = AttentionTransferLoss(warmup_steps=warmup_steps)
         run.fusion = FeatureFusionTeacher(model.feature_channels, model.num_branches).to(device)
@@ -244,37 +300,94 @@ def baseline_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor) -> 
     return loss
 
 
-def mkf_loss(run: Run, logits: Tensor, batch, group: int, args: argparse.Namespace) -> Tensor:
-    """Mixed CE + beta * KL(composite knowledge of the next larger group || output); then the
+def add_stat(run: Run, name: str, value: Tensor) -> None:
+    """Accumulate a diagnostic of this epoch (a tensor: no host synchronisation per step)."""
+    run.stats[name] = run.stats.get(name, 0) + value.detach().float().cpu()
+
+
+def current_beta(run: Run, args: argparse.Namespace, per_epoch: int) -> float:
+    if args.beta_ramp == 0:
+        return args.beta
+    return args.beta * min(1.0, run.step / (args.beta_ramp * per_epoch))
+
+
+def teacher_group_of(group: int, args: argparse.Namespace) -> Optional[int]:
+    """Which group's knowledge teaches ``group`` (None: cross-entropy only)."""
+    if group == 0:
+        return 0 if args.full_teacher == "self" else None
+    return group - 1 if args.knowledge_from == "previous" else 0
+
+
+def mkf_loss(run: Run, logits: Tensor, batch, group: int, args: argparse.Namespace,
+             per_epoch: int) -> Tensor:
+    """Mixed CE + beta * KL(composite knowledge of the teaching group || output); then the
     output is split by the fraction and folded into this group's knowledge."""
     loss = mixed_cross_entropy(logits, batch)
-    teacher_group = group - 1 if group > 0 else (0 if args.full_teacher == "self" else None)
+    add_stat(run, "ce", loss)
+    teacher_group = teacher_group_of(group, args)
     if teacher_group is not None:
         # Read the teacher before this group's update, so it never contains the current output.
         teacher = run.bank.target(teacher_group, batch.index_a, batch.index_b, batch.lam)
-        # Rows whose knowledge is not known yet (mask False) carry no teacher.
-        loss = loss + args.beta * kd_loss(logits, teacher.probs, teacher_kind="probs",
-                                          weight=teacher.mask)
+        written = run.last_write[teacher_group]
+        # Age of the composite knowledge: steps since each side was written, weighted by lam.
+        age = run.step - (batch.lam * written[batch.index_a]
+                          + (1 - batch.lam) * written[batch.index_b])
+        weight = teacher.mask  # rows whose knowledge is not known yet carry no teacher
+        if args.max_age:
+            weight = weight & (age <= args.max_age)
+        kd = kd_loss(logits, teacher.probs, args.temperature, teacher_kind="probs",
+                     weight=weight)
+        loss = loss + current_beta(run, args, per_epoch) * kd
+        add_stat(run, "kd", kd)
+        add_stat(run, "kd_steps", torch.ones(()))
+        add_stat(run, "age_sum", (age * weight).sum())
+        add_stat(run, "age_rows", weight.sum())
     probs = logits.detach().float().softmax(dim=1)
+    if batch.op != "none":
+        # How far the fraction moves the clean estimates from the stored bases (L1 per row).
+        bases = [run.bank.target(group, index) for index in (batch.index_a, batch.index_b)]
+        split = run.fraction(probs, bases[0].probs, bases[1].probs, batch.lam)
+        known = bases[0].mask & bases[1].mask
+        moved = ((split.a - bases[0].probs).abs().sum(1) + (split.b - bases[1].probs).abs().sum(1))
+        add_stat(run, "fraction_sum", (moved / 2 * known).sum())
+        add_stat(run, "fraction_rows", known.sum())
     run.bank.update(group, probs, batch.index_a, batch.index_b, batch.lam, fraction=run.fraction)
+    run.last_write[group, batch.index_a[batch.lam > 0]] = run.step
+    run.last_write[group, batch.index_b[batch.lam < 1]] = run.step
     return loss
 
 
 def mkf_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
-             args: argparse.Namespace) -> Tensor:
+             args: argparse.Namespace, per_epoch: int) -> Tensor:
     batch = run.mix(images, labels, indices)  # unmixed batches come back with lam = 1
     if args.mkf_loop == "cycle":
         with run.sampler.sample() as subnet:  # groups 0, 1, 2, 0, 1, 2, ...
-            loss = mkf_loss(run, run.model(batch.images), batch, subnet.group, args)
+            loss = mkf_loss(run, run.model(batch.images), batch, subnet.group, args, per_epoch)
             loss.backward()
         return loss
-    # stimulative: the full network on every step, then a sampled sub-network (group 1 or 2).
-    full_loss = mkf_loss(run, run.model(batch.images), batch, 0, args)
+    # joint: the full network on every step, then a sampled sub-network (group 1 or 2).
+    full_loss = mkf_loss(run, run.model(batch.images), batch, 0, args, per_epoch)
     full_loss.backward()
     with run.sampler.sample(include_full=False) as subnet:
-        sub_loss = mkf_loss(run, run.model(batch.images), batch, subnet.group, args)
+        sub_loss = mkf_loss(run, run.model(batch.images), batch, subnet.group, args, per_epoch)
         sub_loss.backward()
     return full_loss + sub_loss
+
+
+def st_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
+    """Stimulative Training: CE on the full network, then KL(full, detached || sub-network) on a
+    sub-network that drops a uniform number of trailing blocks per stage; no CE on the
+    sub-network, weight 1, temperature 1, no stored knowledge."""
+    full_logits = run.model(images)
+    loss = F.cross_entropy(full_logits, labels)
+    loss.backward()
+    with run.sampler.apply(run.sampler.draw_trailing(run.stages)):
+        kd = kd_loss(run.model(images), full_logits.detach(), teacher_kind="logits")
+        kd.backward()
+    add_stat(run, "ce", loss)
+    add_stat(run, "kd", kd)
+    add_stat(run, "kd_steps", torch.ones(()))
+    return loss + kd
 
 
 def kdatff_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
@@ -290,40 +403,72 @@ def kdatff_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
 
 
 def train_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
-               args: argparse.Namespace) -> Tensor:
+               args: argparse.Namespace, per_epoch: int) -> Tensor:
     run.optimizer.zero_grad()
     if run.method == "kdatff":
         loss = kdatff_step(run, images, labels)
     elif run.method.startswith("mkf"):
-        loss = mkf_step(run, images, labels, indices, args)
+        loss = mkf_step(run, images, labels, indices, args, per_epoch)
+    elif run.method == "st":
+        loss = st_step(run, images, labels)
     else:
         loss = baseline_step(run, images, labels, indices)
     run.optimizer.step()
     run.scheduler.step()
+    run.step += 1
     return loss.detach()
+
+
+TRAIN_ACCURACY_IMAGES = 2000  # clean training images on which the train accuracy is measured
 
 
 @torch.no_grad()
 def evaluate(run: Run, data: ImageData) -> Dict[str, float]:
+    """Top-1 on the evaluation images (``data.test_*``: the test set or the validation
+    images) and ``train_top1`` on the first clean training images, in percent."""
     if run.sampler is not None:
         # Sub-network passes shifted the BatchNorm statistics; re-estimate them for the full net.
         recalibrate_batchnorm(run.model, in_batches(data.train_images, 500), num_samples=2000)
     modules = [module for module in (run.model, run.fusion) if module is not None]
     for module in modules:
         module.eval()
+    accuracy = accuracies(run, data.test_images, data.test_labels)
+    train_images = data.train_images[:TRAIN_ACCURACY_IMAGES]
+    train_labels = data.train_labels[:TRAIN_ACCURACY_IMAGES]
+    accuracy["train_top1"] = accuracies(run, train_images, train_labels)["top1"]
+    for module in modules:
+        module.train()
+    return accuracy
+
+
+def accuracies(run: Run, images: Tensor, labels: Tensor) -> Dict[str, float]:
     correct: Dict[str, Tensor] = {}  # counts stay on the device until the end
-    for images, labels in zip(in_batches(data.test_images), in_batches(data.test_labels)):
+    for image_batch, label_batch in zip(in_batches(images), in_batches(labels)):
         if run.method == "kdatff":
-            out = run.model(images)
+            out = run.model(image_batch)
             teacher_logits, _ = run.fusion([f[-1] for f in out.features], out.logits)
             outputs = {"top1": out.logits[0], "ensemble_top1": teacher_logits}
         else:
-            outputs = {"top1": run.model(images)}
+            outputs = {"top1": run.model(image_batch)}
         for name, logits in outputs.items():
-            correct[name] = correct.get(name, 0) + (logits.argmax(1) == labels).sum()
-    for module in modules:
-        module.train()
-    return {name: 100.0 * int(count) / len(data.test_labels) for name, count in correct.items()}
+            correct[name] = correct.get(name, 0) + (logits.argmax(1) == label_batch).sum()
+    return {name: 100.0 * int(count) / len(labels) for name, count in correct.items()}
+
+
+def epoch_diagnostics(run: Run, per_epoch: int) -> Dict[str, float]:
+    """This epoch's means: CE and KD terms per step (KD unweighted by beta), the age in steps of
+    the knowledge that taught, how far the fraction moved estimates from the stored bases."""
+    stats = {name: float(value) for name, value in run.stats.items()}
+    out: Dict[str, float] = {}
+    if "ce" in stats:
+        out["ce"] = stats["ce"] / per_epoch
+    if stats.get("kd_steps"):
+        out["kd"] = stats["kd"] / stats["kd_steps"]
+    if stats.get("age_rows"):
+        out["knowledge_age"] = stats["age_sum"] / stats["age_rows"]
+    if stats.get("fraction_rows"):
+        out["fraction_l1"] = stats["fraction_sum"] / stats["fraction_rows"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,9 +480,10 @@ class CheckpointError(Exception):
     """A checkpoint is missing, corrupted, or belongs to another configuration."""
 
 
-CONFIG_KEYS = ["dataset", "train_subset", "methods", "seeds", "epochs", "batch_size", "lr",
-               "weight_decay", "blocks", "widths", "beta", "bank_momentum", "groups", "warmup",
-               "mkf_loop", "full_teacher"]
+CONFIG_KEYS = ["dataset", "train_subset", "train_offset", "validation_size", "evaluate",
+               "methods", "seeds", "epochs", "batch_size", "lr", "weight_decay", "blocks",
+               "widths", "beta", "beta_ramp", "temperature", "knowledge_from", "max_age",
+               "bank_momentum", "groups", "warmup", "mkf_loop", "full_teacher"]
 
 
 def run_state(run: Run) -> Dict[str, Any]:
@@ -346,7 +492,8 @@ def run_state(run: Run) -> Dict[str, Any]:
         method=run.method, seed=run.seed, epoch=run.epoch, batch_in_epoch=run.batch_in_epoch,
         order=run.order, data_generator=run.data_generator.get_state(),
         train_seconds=run.train_seconds, loss_sum=run.loss_sum, history=run.history,
-        torch_rng=torch.get_rng_state(),
+        torch_rng=torch.get_rng_state(), step=run.step, last_write=run.last_write,
+        stats=run.stats,
     )
     return state
 
@@ -359,6 +506,9 @@ def restore_run(run: Run, state: Dict[str, Any]) -> None:
     run.epoch, run.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
     run.order, run.train_seconds = state["order"], float(state["train_seconds"])
     run.loss_sum, run.history = state["loss_sum"], list(state["history"])
+    run.step, run.stats = int(state["step"]), dict(state["stats"])
+    if run.last_write is not None:
+        run.last_write.copy_(state["last_write"])
     torch.set_rng_state(state["torch_rng"])
 
 
@@ -421,7 +571,7 @@ def train_run(run: Run, data: ImageData, args: argparse.Namespace, study: Dict[s
             first = run.batch_in_epoch * args.batch_size
             indices = order[first : first + args.batch_size]
             images = augment(data.train_images[indices], args.dataset, run.data_generator)
-            loss = train_step(run, images, data.train_labels[indices], indices, args)
+            loss = train_step(run, images, data.train_labels[indices], indices, args, per_epoch)
             run.loss_sum = run.loss_sum + loss  # a tensor: no host synchronisation per step
             run.batch_in_epoch += 1
             progress.update(1)
@@ -439,9 +589,14 @@ def train_run(run: Run, data: ImageData, args: argparse.Namespace, study: Dict[s
         mean_loss = float(run.loss_sum) / per_epoch
         run.epoch, run.batch_in_epoch, run.order = run.epoch + 1, 0, None
         run.loss_sum = torch.zeros(())
-        accuracy = evaluate(run, data)
-        run.history.append({"epoch": run.epoch, "train_loss": mean_loss, **accuracy})
-        progress.set_postfix(method=run.method, epoch=run.epoch, top1=f"{accuracy['top1']:.2f}")
+        last = run.epoch == args.epochs
+        accuracy = evaluate(run, data) if last or run.epoch % args.eval_every == 0 else {}
+        run.history.append({"epoch": run.epoch, "train_loss": mean_loss, **accuracy,
+                            **epoch_diagnostics(run, per_epoch)})
+        run.stats = {}
+        if accuracy:
+            progress.set_postfix(method=run.method, epoch=run.epoch,
+                                 top1=f"{accuracy['top1']:.2f}")
         if args.checkpoint:
             save_checkpoint(args.checkpoint, {**study, "current": run_state(run)})
     return True
@@ -485,9 +640,10 @@ def plot(results: Dict[str, Dict[str, Any]], methods: List[str], path: Path, tit
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for method in methods:
-        curves = torch.tensor([[h["top1"] for h in r["history"]]
-                               for r in results.values() if r["method"] == method])
-        epochs = range(1, curves.shape[1] + 1)
+        histories = [[h for h in r["history"] if "top1" in h]
+                     for r in results.values() if r["method"] == method]
+        curves = torch.tensor([[h["top1"] for h in history] for history in histories])
+        epochs = [h["epoch"] for h in histories[0]]
         axes.plot(epochs, curves.mean(0), label=method)
         axes.fill_between(epochs, curves.min(0).values, curves.max(0).values, alpha=0.2)
     axes.set(xlabel="epoch", ylabel="test top-1 (%)", title=title)
@@ -499,13 +655,26 @@ def plot(results: Dict[str, Dict[str, Any]], methods: List[str], path: Path, tit
     plt.close(figure)
 
 
+def split(data: ImageData, args: argparse.Namespace) -> ImageData:
+    """The training images ``--train-offset``.. (``--train-subset`` of them), less the last
+    ``--validation-size``, which replace the test set when ``--evaluate validation``."""
+    end = args.train_offset + args.train_subset if args.train_subset else None
+    images = data.train_images[args.train_offset : end]
+    labels = data.train_labels[args.train_offset : end]
+    if args.validation_size >= len(labels):
+        raise DatasetError(f"--validation-size {args.validation_size} leaves no training images "
+                           f"of the {len(labels)} selected")
+    keep = len(labels) - args.validation_size
+    data = data._replace(train_images=images[:keep], train_labels=labels[:keep])
+    if args.evaluate == "validation":
+        data = data._replace(test_images=images[keep:], test_labels=labels[keep:])
+    return data
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = load_dataset(args.dataset, args.data_dir)
-    if args.train_subset:
-        data = data._replace(train_images=data.train_images[: args.train_subset],
-                             train_labels=data.train_labels[: args.train_subset])
+    data = split(load_dataset(args.dataset, args.data_dir), args)
     data = ImageData(*(tensor.to(args.device) for tensor in data))
 
     study = {"config": config_of(args), "results": {}, "steps_done": 0, "current": None}
@@ -551,7 +720,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     progress.close()
 
     rows = summarise(study["results"], args.methods)
-    print_table(rows, TABLE, title=f"{args.dataset}, {args.epochs} epoch(s)")
+    print_table(rows, TABLE, title=f"{args.dataset}, {args.epochs} epoch(s), top-1 on the "
+                f"{args.evaluate} images")
     print(f"(mean ± sample standard deviation over {rows[0]['seeds']} seed(s))")
     report = {"device": device_report(args.device), "config": config_of(args),
               "summary": rows, "runs": list(study["results"].values())}

@@ -473,6 +473,38 @@ class DepthSampler:
         """A context running the full network (group 0), without advancing the cycle."""
         return self.apply(SubNetwork(0, (True,) * len(self.blocks), self.blocks))
 
+    def draw_trailing(self, stages: Sequence[Sequence[nn.Module]]) -> SubNetwork:
+        """Stimulative Training's sub-network: per stage, drop a uniform number of trailing blocks.
+
+        For a stage of ``n`` blocks, ``k`` is drawn uniformly from ``{0, ..., n - 1}`` and the last
+        ``k`` blocks are dropped; the stage's first block always runs (the full network is one
+        of the outcomes). The draw uses the sampler's generator; the cycle does not advance.
+
+        Args:
+            stages: the model's stages, each an ordered sequence of blocks (e.g. the
+                ``nn.Sequential`` stages of a ResNet). Every block after a stage's first must be
+                one of the sampler's blocks.
+
+        Returns:
+            A :class:`SubNetwork` with group ``-1`` (it belongs to no group), for :meth:`apply`.
+        """
+        index = {id(block): i for i, block in enumerate(self.blocks)}
+        active = [True] * len(self.blocks)
+        for s, stage in enumerate(stages):
+            stage = list(stage)
+            if not stage:
+                raise ValueError(f"`stages[{s}]` must hold at least one block, but got none")
+            missing = [i for i, block in enumerate(stage[1:], 1) if id(block) not in index]
+            if missing:
+                raise ValueError(
+                    f"`stages[{s}]` must hold, after its first block, only blocks of this sampler, "
+                    f"but its block {missing[0]} is not one of them"
+                )
+            dropped = int(torch.randint(0, len(stage), (), generator=self.generator))
+            for block in stage[len(stage) - dropped :]:
+                active[index[id(block)]] = False
+        return SubNetwork(-1, tuple(active), self.blocks)
+
     @contextlib.contextmanager
     def apply(self, subnet: Union[SubNetwork, Sequence[bool], Tensor]) -> Iterator[SubNetwork]:
         """Run a given sub-network inside the context; the cycle does not advance.

@@ -18,6 +18,7 @@ from mkfkit.depth import (
     is_residual_block,
     recalibrate_batchnorm,
 )
+from mkfkit.models import ResNet
 
 # --------------------------------------------------------------------------------------------
 # The test-suite's own models
@@ -134,8 +135,6 @@ def test_find_blocks_small_resnet():
 
 
 def test_find_blocks_mkfkit_resnet():
-    from mkfkit.models import ResNet
-
     model = ResNet(blocks=(3, 3, 3))
     found = find_residual_blocks(model)
     expected = [b for layer in model.layers() for b in layer if b.downsample is None]
@@ -783,3 +782,35 @@ def test_recalibrate_batchnorm_repairs_sub_network_pollution():
     for k, v in model.state_dict().items():
         if "running" in k:
             torch.testing.assert_close(v, clean[k])
+
+
+def test_draw_trailing_drops_a_uniform_number_of_trailing_blocks_per_stage():
+    """Stimulative Training's sub-network: each stage keeps its first block and a prefix of
+    the others, every prefix length equally likely; the cycle does not advance."""
+    model = ResNet(num_classes=10, in_channels=1, blocks=(3, 2), widths=(8, 16))
+    sampler = DepthSampler.from_model(model, num_groups=2, seed=0)
+    stages = [list(stage) for stage in model.layers()]
+    index = {id(block): i for i, block in enumerate(sampler.blocks)}
+    state = sampler.state_dict()
+    kept = torch.zeros(3, 2)
+    draws = 3000
+    for _ in range(draws):
+        subnet = sampler.draw_trailing(stages)
+        assert subnet.group == -1
+        for s, stage in enumerate(stages):
+            active = [subnet.active[index[id(b)]] if id(b) in index else True for b in stage]
+            length = sum(active)
+            assert active == [True] * length + [False] * (len(stage) - length)  # a prefix
+            kept[length - 1, s] += 1
+    assert sampler.next_group == state["position"]
+    expected = torch.tensor([[1 / 3, 1 / 2], [1 / 3, 1 / 2], [1 / 3, 0.0]])
+    torch.testing.assert_close(kept / draws, expected, atol=0.04, rtol=0)
+
+
+def test_draw_trailing_refuses_blocks_the_sampler_does_not_own():
+    model = ResNet(num_classes=10, in_channels=1, blocks=(2, 2), widths=(8, 16))
+    sampler = DepthSampler.from_model(model, num_groups=2, seed=0)
+    with pytest.raises(ValueError, match=r"`stages\[0\]` must hold, after its first block"):
+        sampler.draw_trailing([[nn.Identity(), nn.Identity()]])
+    with pytest.raises(ValueError, match=r"`stages\[1\]` must hold at least one block"):
+        sampler.draw_trailing([list(model.layer1), []])

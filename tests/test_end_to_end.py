@@ -26,13 +26,14 @@ sys.path.insert(0, str(BENCHMARKS))
 import train  # noqa: E402
 
 # The MKF run with the exact QP is last, so the final checkpoint holds its complete state.
-METHODS = ["baseline", "kdatff", "mix-only", "mkf-nomix", "mkf-nofraction", "mkf-opt2", "mkf-qp"]
+METHODS = ["baseline", "kdatff", "mix-only", "st", "mkf-nomix", "mkf-nofraction", "mkf-opt2",
+           "mkf-qp"]
 # 192 images, batch 32: 6 steps per epoch, 12 per run; mixing starts after 1 warm-up step.
 TINY = ["--device", "cpu", "--train-subset", "192", "--batch-size", "32", "--epochs", "2", "--seeds", "0",
         "--blocks", "2", "2", "2", "--widths", "8", "16", "16", "--no-progress",
         "--methods", *METHODS]
 STEPS_PER_RUN = 12
-STOP = 6 * STEPS_PER_RUN + 9  # inside the second epoch of the last run (mkf-qp)
+STOP = 7 * STEPS_PER_RUN + 9  # inside the second epoch of the last run (mkf-qp)
 
 
 def run_script(*arguments, cwd):
@@ -180,3 +181,49 @@ def test_existing_checkpoint_is_not_overwritten_without_resume(studies, tmp_path
     path.write_bytes((root / "whole.pt").read_bytes())
     with pytest.raises(train.CheckpointError, match="exists: pass --resume to continue it"):
         train.main(TINY + ["--checkpoint", str(path), "--out", str(tmp_path / "out")])
+
+
+def test_diagnostics_are_logged_per_epoch(studies):
+    root, *_ = studies
+    report = json.loads((root / "whole" / "train_digits.json").read_text())
+    runs = {run["method"]: run for run in report["runs"]}
+    for method in METHODS:
+        assert 0 <= runs[method]["history"][-1]["train_top1"] <= 100
+    for method in ("mkf-opt2", "mkf-qp", "mkf-nofraction"):
+        last = runs[method]["history"][-1]
+        assert last["ce"] > 0 and last["kd"] >= 0 and last["knowledge_age"] >= 0
+        assert 0 <= last["fraction_l1"] <= 1  # half the L1 distance of two probability rows
+    assert runs["st"]["history"][-1]["kd"] > 0  # the sub-network learns from the full one
+    assert "fraction_l1" not in runs["mkf-nomix"]["history"][-1]  # nothing mixed, no fraction
+
+
+@pytest.mark.parametrize("options", [
+    ["--mkf-loop", "joint", "--full-teacher", "self", "--beta-ramp", "1"],
+    ["--knowledge-from", "full", "--max-age", "3", "--temperature", "2"],
+])
+def test_validation_split_never_touches_the_test_set(tmp_path, monkeypatch, options):
+    """With ``--evaluate validation`` the runs train on the subset less its last images and are
+    evaluated on those; the test images are never fed to the model."""
+    data = train.load_dataset("digits")
+    poisoned = data._replace(test_images=torch.full_like(data.test_images, float("nan")))
+    monkeypatch.setattr(train, "load_dataset", lambda name, data_dir=None: poisoned)
+    args = ["--train-subset", "160", "--validation-size", "64", "--evaluate", "validation",
+            "--methods", "mkf-qp", "--out", str(tmp_path), *options]
+    assert train.main(TINY[:-len(METHODS) - 1] + args) == 0
+    report = json.loads((tmp_path / "train_digits.json").read_text())
+    history = report["runs"][0]["history"]
+    # 96 training images at batch 32: 3 steps per epoch
+    assert report["config"]["validation_size"] == 64 and len(history) == 2
+    assert all(0 <= entry["top1"] <= 100 for entry in history)  # NaN images would give 10-ish
+    split = train.split(data, train.parse_args(["--train-subset", "160", "--validation-size", "64",
+                                                "--evaluate", "validation"]))
+    assert torch.equal(split.train_images, data.train_images[:96])
+    assert torch.equal(split.test_labels, data.train_labels[96:160])
+
+
+def test_argument_errors_exit_with_one_line(capsys):
+    for bad in (["--evaluate", "validation"], ["--temperature", "0"], ["--eval-every", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(bad)
+        assert exit_info.value.code == 2
+        assert "error:" in capsys.readouterr().err

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST study behind benchmarks/RESULTS.md, "Does MKF work?": resumable, one
+# queue per CPU core. Every configuration is one run of train.py with its own checkpoint; a
+# finished configuration leaves its JSON in benchmarks/study/PHASE/NAME/ and is skipped when the
+# script runs again, an interrupted one resumes exactly from its last epoch.
+#
+#   benchmarks/study.sh tune 0 & benchmarks/study.sh tune 1 &     # settings, on validation
+#   benchmarks/study.sh final 0 & benchmarks/study.sh final 1 &   # the table, on the test set
+#   benchmarks/study.sh other 0                                   # other training images
+#
+# Data: the first 7,000 training images; the last 2,000 of them are held out for validation, so
+# every run trains on the same 5,000 images. "tune" reports accuracy on the 2,000 validation
+# images only; "final" and "other" are the only phases that touch the test set. "other" trains
+# on images 20,000-24,999 (validation 25,000-26,999) to check the recommended configuration on
+# images it was not tuned on. Environment: DATA_DIR (the Fashion-MNIST IDX files),
+# CHECKPOINTS (default benchmarks/study/checkpoints), CORE (taskset core; default the queue).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+phase=${1:?usage: study.sh tune|final|other QUEUE}
+queue=${2:?usage: study.sh tune|final|other QUEUE}
+checkpoints=${CHECKPOINTS:-benchmarks/study/checkpoints}
+core=${CORE:-$queue}
+mkdir -p "$checkpoints"
+
+common=(--dataset fashion-mnist --train-subset 7000 --validation-size 2000 --widths 8 16 32
+        --epochs 60 --threads 1 --no-progress)
+[ -n "${DATA_DIR:-}" ] && common+=(--data-dir "$DATA_DIR")
+paper=(--mkf-loop cycle --full-teacher none --beta 2)
+candidate=(--mkf-loop joint --full-teacher self --beta 2 --beta-ramp 20)
+
+run() {  # run NAME QUEUE ARGS...: one configuration, if it belongs to this queue
+    local name=$1 owner=$2
+    shift 2
+    [ "$owner" = "$queue" ] || return 0
+    local out="benchmarks/study/$phase/$name"
+    [ -e "$out/train_fashion-mnist.json" ] && return 0
+    local checkpoint="$checkpoints/$phase-$name.pt" resume=()
+    [ -e "$checkpoint" ] && resume=(--resume)
+    echo "$(date -u +%FT%TZ) $phase/$name: start"
+    taskset -c "$core" python benchmarks/train.py "${common[@]}" "$@" --out "$out" \
+        --checkpoint "$checkpoint" "${resume[@]}" > "$checkpoints/$phase-$name.log" 2>&1
+    echo "$(date -u +%FT%TZ) $phase/$name: done"
+}
+
+case $phase in
+tune)
+    tune=(--evaluate validation --seeds 0 --eval-every 5)
+    run baseline 0 "${tune[@]}" --methods baseline
+    run mix-only 1 "${tune[@]}" --methods mix-only
+    run st 1 "${tune[@]}" --methods st
+    run mkf-paper 0 "${tune[@]}" --methods mkf-qp "${paper[@]}"
+    run mkf-joint 0 "${tune[@]}" --methods mkf-qp --mkf-loop joint --full-teacher none
+    run mkf-joint-self-ramp 1 "${tune[@]}" --methods mkf-qp "${candidate[@]}"
+    run mkf-joint-fullknowledge 0 "${tune[@]}" --methods mkf-qp --mkf-loop joint \
+        --full-teacher self --beta-ramp 20 --knowledge-from full
+    run mkf-joint-t2 1 "${tune[@]}" --methods mkf-qp --mkf-loop joint --full-teacher none \
+        --temperature 2
+    ;;
+*) echo "unknown phase $phase" >&2; exit 2 ;;
+esac
