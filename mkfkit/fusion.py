@@ -27,7 +27,7 @@ from mkfkit._checks import (
     check_tensor_list,
     describe,
 )
-from mkfkit.distill import compute_dtype, kd_loss
+from mkfkit.distill import check_temperature, compute_dtype, kd_loss
 
 __all__ = [
     "FeatureFusionTeacher",
@@ -253,7 +253,7 @@ def online_distillation_loss(
         branch_logits: list of ``n`` Tensor[B, K].
         teacher_logits: Tensor[B, K] fused teacher (from :class:`FeatureFusionTeacher`).
         targets: LongTensor[B] class indices.
-        temperature: KD temperature ``T > 0`` (paper: 3).
+        temperature: KD temperature ``T`` in ``(0, 100]`` (paper: 3).
         theta: weight of the KL terms ``>= 0``.
         beta: weight of the attention term ``>= 0``.
         attention_loss: optional 0-d tensor.
@@ -274,7 +274,7 @@ def online_distillation_loss(
     check_same_device(teacher_logits, "teacher_logits", stacked, "branch_logits")
     check_index(targets, "targets", classes, length=batch)
     check_same_device(targets, "targets", stacked, "branch_logits")
-    check_in_range(temperature, "temperature", 0.0, float("inf"), low_open=True, high_open=True)
+    check_temperature(temperature)
     check_in_range(theta, "theta", 0.0, float("inf"), high_open=True)
     check_in_range(beta, "beta", 0.0, float("inf"), high_open=True)
     dtype = compute_dtype(stacked, teacher_logits)
