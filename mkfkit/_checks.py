@@ -332,3 +332,30 @@ def check_tensor_list(
             )
         check_same_device(value, entry, values[0], first)
     return values
+
+
+def check_state_keys(state: object, name: str, expected: Sequence[str]) -> None:
+    """A state dict holding exactly the entries ``expected``: a clear error, not a bare KeyError."""
+    if not isinstance(state, abc.Mapping):
+        raise TypeError(f"`{name}` must be a dict, but got {describe(state)}")
+    missing = [key for key in expected if key not in state]
+    unexpected = sorted(str(key) for key in state if key not in expected)
+    faults = [f"{kind} {keys}" for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if faults:
+        raise ValueError(f"`{name}` must hold exactly the entries {list(expected)}, but got {' and '.join(faults)}")
+
+
+def check_generator_state(state: object, name: str) -> Tensor:
+    """A state of a CPU ``torch.Generator`` (as ``get_state()`` returns it), checked on a scratch
+    generator so that a rejected state changes nothing; returns a copy to ``set_state`` with."""
+    if not isinstance(state, Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+        raise TypeError(
+            f"`{name}` must be a uint8 Tensor[N] from torch.Generator.get_state(), but got "
+            f"{describe(state)}"
+        )
+    state = state.detach().to("cpu", copy=True)
+    try:
+        torch.Generator().set_state(state)
+    except RuntimeError as error:
+        raise ValueError(f"`{name}` must be a CPU torch.Generator state, but got an invalid one ({error})") from None
+    return state

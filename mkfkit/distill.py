@@ -9,7 +9,7 @@ mask) into each sub-network; KD-ATFF distils the fused teacher's logits into eac
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +48,29 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     Shared by every loss in mkfkit (attention, fusion) so they upcast the same way.
     """
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def batch_mean(per_sample: Tensor, count: Optional[Union[int, Tensor]] = None) -> Tensor:
+    """``per_sample.sum() / count`` (``count``: the number of samples), 0 for an empty batch.
+
+    The package's one rule for empty batches (``B = 0``): every loss is 0, still attached to the
+    graph, so ``backward`` runs and gives zero gradients (docs/METHOD.md, "Conventions"). A plain
+    ``mean`` would be 0 / 0 = NaN and poison the parameters at the next optimiser step.
+    """
+    if count is None:
+        count = per_sample.numel()
+    if isinstance(count, Tensor):
+        return per_sample.sum() / count.clamp_min(1).to(per_sample.dtype)
+    return per_sample.sum() / max(count, 1)
+
+
+def check_classes(logits: Tensor, name: str) -> None:
+    """Logits Tensor[B, C] need ``C >= 1``: a softmax over no classes has no meaning."""
+    if logits.shape[-1] == 0:
+        raise ValueError(
+            f"`{name}` must have at least one class (Tensor[B, C] with C >= 1), "
+            f"but got shape {tuple(logits.shape)}"
+        )
 
 
 def _scaled_log_softmax(scores: Tensor, temperature: float) -> Tensor:
@@ -149,11 +172,7 @@ def kd_loss(
     """
     check_floating(student_logits, "student_logits")
     check_shape(student_logits, "student_logits", (None, None), "Tensor[B, C]")
-    if student_logits.shape[1] == 0:
-        raise ValueError(
-            f"`student_logits` must have at least one class (Tensor[B, C] with C >= 1), "
-            f"but got shape {tuple(student_logits.shape)}"
-        )
+    check_classes(student_logits, "student_logits")
     check_floating(teacher, "teacher")
     check_same_shape(teacher, "teacher", student_logits, "student_logits")
     check_same_device(teacher, "teacher", student_logits, "student_logits")
@@ -190,12 +209,9 @@ def kd_loss(
             per_row = torch.where(weight != 0, per_row * weight, torch.zeros_like(per_row))
         if reduction == "none":
             return per_row
-        total = per_row.sum()
         if reduction == "sum":
-            return total
-        if weight is None:
-            return total / max(batch, 1)
-        return total / torch.count_nonzero(weight).clamp_min(1).to(dtype)
+            return per_row.sum()
+        return batch_mean(per_row, None if weight is None else torch.count_nonzero(weight))
 
 
 class KDLoss(nn.Module):
