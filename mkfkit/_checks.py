@@ -123,6 +123,15 @@ def check_shape(value: Tensor, name: str, shape: Sequence[Optional[int]], spec: 
     return value
 
 
+def check_image_dims(value: Tensor, name: str) -> None:
+    """A Tensor[B, C, H, W] with C, H and W >= 1; an empty batch (B = 0) is allowed."""
+    if 0 in value.shape[1:]:
+        raise ValueError(
+            f"`{name}` must have C, H and W of at least 1 (B may be 0), but got shape "
+            f"{tuple(value.shape)}"
+        )
+
+
 def check_same_shape(value: Tensor, name: str, reference: Tensor, reference_name: str) -> None:
     if value.shape != reference.shape:
         raise ValueError(

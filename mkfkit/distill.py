@@ -51,17 +51,19 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def batch_mean(per_sample: Tensor, count: Optional[Union[int, Tensor]] = None) -> Tensor:
-    """``per_sample.sum() / count`` (``count``: the number of samples), 0 for an empty batch.
+    """The mean over the last dimension (the batch): its sum over ``count``, which defaults to
+    its length; 0 for an empty batch.
 
     The package's one rule for empty batches (``B = 0``): every loss is 0, still attached to the
     graph, so ``backward`` runs and gives zero gradients (docs/METHOD.md, "Conventions"). A plain
     ``mean`` would be 0 / 0 = NaN and poison the parameters at the next optimiser step.
     """
+    total = per_sample.sum(dim=-1)
     if count is None:
-        count = per_sample.numel()
+        count = per_sample.shape[-1]
     if isinstance(count, Tensor):
-        return per_sample.sum() / count.clamp_min(1).to(per_sample.dtype)
-    return per_sample.sum() / max(count, 1)
+        return total / count.clamp_min(1).to(per_sample.dtype)
+    return total / max(count, 1)
 
 
 def check_classes(logits: Tensor, name: str) -> None:

@@ -39,6 +39,7 @@ from mkfkit._checks import (
     as_lam,
     check_floating,
     check_generator_state,
+    check_image_dims,
     check_in_range,
     check_index,
     check_integer,
@@ -249,11 +250,7 @@ def _random_partner(batch: int, generator: torch.Generator) -> Tensor:
 
 def _check_images(images: Tensor) -> Tensor:
     check_shape(images, "images", (None, None, None, None), "Tensor[B, C, H, W]")
-    if 0 in images.shape[1:]:
-        raise ValueError(
-            f"`images` must have C, H and W of at least 1 (B may be 0), but got shape "
-            f"{tuple(images.shape)}"
-        )
+    check_image_dims(images, "images")
     if not images.is_floating_point():
         raise TypeError(
             f"`images` must have a floating-point dtype (convert uint8 images with "
