@@ -255,7 +255,7 @@ def check_distribution_rows(value: Tensor, name: str, atol: Optional[float] = No
         worst = high_sum if high_sum - 1 >= 1 - low_sum else low_sum
         raise ValueError(
             f"`{name}` must hold probability rows (each summing to 1 within {atol:g}), "
-            f"but got a row summing to {format_number(worst)}"
+            f"but got a row summing to {format_number(worst, value.dtype)}"
         )
 
 
