@@ -11,6 +11,7 @@ branch logits (KD-ATFF eq. 4):
 from __future__ import annotations
 
 import itertools
+import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -100,7 +101,7 @@ class FeatureFusionTeacher(nn.Module):
     ) -> None:
         super().__init__()
         self.num_branches = check_positive_int(num_branches, "num_branches", minimum=2)
-        if isinstance(in_channels, int) and not isinstance(in_channels, bool):
+        if isinstance(in_channels, numbers.Integral) and not isinstance(in_channels, bool):
             channels = [check_positive_int(in_channels, "in_channels")] * num_branches
         else:
             if not isinstance(in_channels, (list, tuple)) or len(in_channels) != num_branches:

@@ -29,6 +29,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -269,10 +270,10 @@ def _check_box(box: object, height: int, width: int) -> Box:
     ok = (
         isinstance(box, (tuple, list))
         and len(box) == 4
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in box)
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in box)
     )
     if ok:
-        y0, y1, x0, x1 = box
+        y0, y1, x0, x1 = box = tuple(int(v) for v in box)
         ok = 0 <= y0 <= y1 <= height and 0 <= x0 <= x1 <= width
     if not ok:
         raise ValueError(

@@ -364,3 +364,14 @@ def test_empty_batch_rule_every_loss_gives_an_attached_zero(loss):
     if value.requires_grad:
         value.backward()
         assert x.grad.shape == (0, 4)
+
+
+def test_sizes_accept_numpy_integers():
+    fusion = FeatureFusionTeacher(np.int64(4), np.int64(2), num_layers=np.int64(1), kernel_size=np.int32(3))
+    assert fusion.in_channels == (4, 4)
+    model = MultiBranchResNet(np.int64(3), np.int64(1), blocks=(1, 1), widths=(4, 8), shared_stages=np.int64(1))
+    assert len(model(torch.randn(2, 1, 4, 4)).logits) == 2
+    box = tuple(np.int64(v) for v in (0, 2, 0, 2))
+    torch.testing.assert_close(cutmix(IMAGES, torch.tensor([1, 2, 3, 0]), box), cutmix(IMAGES, torch.tensor([1, 2, 3, 0]), (0, 2, 0, 2)))
+    with pytest.raises(TypeError, match=r"`shared_stages` must be an int, but got 1.0"):
+        MultiBranchResNet(blocks=(1, 1), widths=(4, 8), shared_stages=1.0)
