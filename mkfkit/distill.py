@@ -8,7 +8,8 @@ mask) into each sub-network; KD-ATFF distils the fused teacher's logits into eac
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,17 @@ __all__ = ["kd_loss", "KDLoss"]
 
 TEACHER_KINDS = ("logits", "probs")
 REDUCTIONS = ("batchmean", "sum", "none")
+# T^2 * KL is a difference of log-probabilities that agree to about 1/T, scaled by T^2: in
+# float32 it carries an absolute error of about eps * T^2 (1e-3 at T = 100, more than the loss
+# itself above a few thousand). Practical temperatures are 1 to 20. There is no lower limit:
+# the value and the gradient stay finite for any T > 0.
+MAX_TEMPERATURE = 100.0
+
+
+def check_temperature(temperature: object) -> float:
+    """A distillation temperature in (0, MAX_TEMPERATURE], as a float."""
+    check_in_range(temperature, "temperature", 0.0, MAX_TEMPERATURE, low_open=True)
+    return float(temperature)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -38,19 +50,53 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def batch_mean(per_sample: Tensor, count: Optional[Union[int, Tensor]] = None) -> Tensor:
+    """The mean over the last dimension (the batch): its sum over ``count``, which defaults to
+    its length; 0 for an empty batch.
+
+    The package's one rule for empty batches (``B = 0``): every loss is 0, still attached to the
+    graph, so ``backward`` runs and gives zero gradients (docs/METHOD.md, "Conventions"). A plain
+    ``mean`` would be 0 / 0 = NaN and poison the parameters at the next optimiser step.
+    """
+    total = per_sample.sum(dim=-1)
+    if count is None:
+        count = per_sample.shape[-1]
+    if isinstance(count, Tensor):
+        return total / count.clamp_min(1).to(per_sample.dtype)
+    return total / max(count, 1)
+
+
+def check_classes(logits: Tensor, name: str) -> None:
+    """Logits Tensor[B, C] need ``C >= 1``: a softmax over no classes has no meaning."""
+    if logits.shape[-1] == 0:
+        raise ValueError(
+            f"`{name}` must have at least one class (Tensor[B, C] with C >= 1), "
+            f"but got shape {tuple(logits.shape)}"
+        )
+
+
+def _scaled_log_softmax(scores: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(scores / T)`` without overflow for small ``T``; entries may be ``-inf``.
+
+    The row maximum is subtracted before the division, so a large ``scores / T`` cannot overflow
+    to ``inf`` (and then ``inf - inf = NaN``); the maximum itself stays exactly 0 whatever ``T``.
+    """
+    top = scores.amax(dim=-1, keepdim=True)
+    shifted = torch.where(scores == top, torch.zeros_like(scores), (scores - top) / temperature)
+    return shifted.log_softmax(dim=-1)
+
+
 def _softened_teacher(teacher: Tensor, temperature: float, teacher_kind: str) -> tuple[Tensor, Tensor]:
-    """The softened teacher distribution and its log, both finite where the probability is 0."""
-    if teacher_kind == "logits":
-        scaled = teacher / temperature
-        return scaled.softmax(dim=-1), scaled.log_softmax(dim=-1)
-    # p^(1/T) renormalised == softmax(log(p) / T). Zero entries stay exactly zero; the double
-    # `where` keeps their gradients at 0 instead of 0 * inf = NaN (d p^(1/T) / dp is infinite at 0).
-    positive = teacher > 0
-    safe = torch.where(positive, teacher, torch.ones_like(teacher))
-    powered = torch.where(positive, safe.pow(1.0 / temperature), torch.zeros_like(teacher))
-    probs = powered / powered.sum(dim=-1, keepdim=True)
-    log_probs = torch.where(positive, probs, torch.ones_like(probs)).log()
-    return probs, log_probs
+    """The softened teacher distribution and its log (``-inf`` where the probability is 0)."""
+    if teacher_kind == "probs":
+        # p^(1/T) renormalised == softmax(log(p) / T), in log space: p^(1/T) itself underflows
+        # to 0 for a confident teacher at T < 1 and the renormalisation would be 0 / 0. log(0)
+        # is -inf; the double `where` keeps the gradient at zero entries 0 instead of inf * 0.
+        positive = teacher > 0
+        safe = torch.where(positive, teacher, torch.ones_like(teacher))
+        teacher = torch.where(positive, safe.log(), torch.full_like(teacher, -math.inf))
+    log_probs = _scaled_log_softmax(teacher, temperature)
+    return log_probs.exp(), log_probs
 
 
 def kd_loss(
@@ -77,8 +123,13 @@ def kd_loss(
     * ``teacher_kind="logits"``: :math:`p_T = \mathrm{softmax}(t / T)`.
     * ``teacher_kind="probs"`` (e.g. a :class:`~mkfkit.bank.BankTarget`'s ``probs``):
       :math:`p_T = p^{1/T} / \sum_c p_c^{1/T}`, which is exactly ``softmax(log(p) / T)``, i.e.
-      what the logits branch gives for any logits of ``p``. Rows are renormalised, also at
-      ``T = 1``.
+      what the logits branch gives for any logits of ``p``, and it is computed that way, in
+      log space: :math:`p^{1/T}` itself underflows for a confident teacher at ``T < 1``. Rows
+      must sum to 1 within the tolerance of their dtype (``max(1e-3, 2 eps)``: 0.0156 for
+      bf16, the rows the bank stores) and are renormalised, also at ``T = 1``.
+
+    The loss and its gradient are finite for every valid teacher and every ``T``, including
+    rows whose weight is 0.
 
     ``teacher_kind`` has no default on purpose: probabilities read as logits (or the reverse)
     give a plausible-looking, wrong loss.
@@ -88,7 +139,9 @@ def kd_loss(
     * ``"batchmean"`` (default): :math:`\sum_b w_b \ell_b / \#\{b : w_b \neq 0\}`: the mean over
       the rows that carry a teacher, so masked rows (no knowledge yet) do not dilute the loss.
       Without ``weight`` this is ``F.kl_div(..., reduction="batchmean") * T**2``. If every
-      weight is 0 the loss is 0 (still attached to the graph).
+      weight is 0, or the batch is empty (``B = 0``), the loss is 0, still attached to the
+      graph with a zero gradient (the package's rule for empty batches, docs/METHOD.md,
+      "Conventions").
     * ``"sum"``: :math:`\sum_b w_b \ell_b`; ``"none"``: the Tensor[B] of :math:`w_b \ell_b`.
 
     There is deliberately no ``"mean"``: ``F.kl_div``'s element mean divides by ``B * C`` and is
@@ -98,9 +151,9 @@ def kd_loss(
     fp16/bf16 logits give the float32 value.
 
     Args:
-        student_logits: Tensor[B, C] student logits.
+        student_logits: Tensor[B, C] student logits, ``C >= 1``.
         teacher: Tensor[B, C] teacher logits or probability rows (see ``teacher_kind``).
-        temperature: softening temperature ``T > 0``.
+        temperature: softening temperature ``T`` in ``(0, 100]`` (``MAX_TEMPERATURE``).
         teacher_kind: ``"logits"`` or ``"probs"``.
         weight: optional Tensor[B] of per-row weights ``>= 0``, bool (a mask such as
             ``BankTarget.mask``) or floating.
@@ -121,10 +174,11 @@ def kd_loss(
     """
     check_floating(student_logits, "student_logits")
     check_shape(student_logits, "student_logits", (None, None), "Tensor[B, C]")
+    check_classes(student_logits, "student_logits")
     check_floating(teacher, "teacher")
     check_same_shape(teacher, "teacher", student_logits, "student_logits")
     check_same_device(teacher, "teacher", student_logits, "student_logits")
-    check_in_range(temperature, "temperature", 0.0, float("inf"), low_open=True, high_open=True)
+    temperature = check_temperature(temperature)
     check_choice(teacher_kind, "teacher_kind", TEACHER_KINDS)
     check_choice(reduction, "reduction", REDUCTIONS)
     batch = student_logits.shape[0]
@@ -143,19 +197,23 @@ def kd_loss(
 
     dtype = compute_dtype(student_logits, teacher)
     with torch.autocast(student_logits.device.type, enabled=False):
-        log_student = (student_logits.to(dtype) / temperature).log_softmax(dim=-1)
+        log_student = _scaled_log_softmax(student_logits.to(dtype), temperature)
         probs, log_probs = _softened_teacher(teacher.to(dtype), temperature, teacher_kind)
-        per_row = (probs * (log_probs - log_student)).sum(dim=-1) * temperature**2
+        # 0 log 0 = 0: a class the teacher rules out adds nothing, even where the student's
+        # log-probability is -inf too; the `where` sits inside the product so that the
+        # gradient into `probs` there is 0 rather than 0 * inf.
+        log_ratio = torch.where(probs > 0, log_probs - log_student, torch.zeros_like(probs))
+        # T * T in two steps: T ** 2 overflows a Python float above T = 1e154.
+        per_row = (probs * log_ratio).sum(dim=-1) * temperature * temperature
         if weight is not None:
-            per_row = per_row * weight.to(dtype)
+            # where, not a product: a masked row never brings a NaN or inf in (0 * inf = NaN).
+            weight = weight.to(dtype)
+            per_row = torch.where(weight != 0, per_row * weight, torch.zeros_like(per_row))
         if reduction == "none":
             return per_row
-        total = per_row.sum()
         if reduction == "sum":
-            return total
-        if weight is None:
-            return total / max(batch, 1)
-        return total / torch.count_nonzero(weight).clamp_min(1).to(dtype)
+            return per_row.sum()
+        return batch_mean(per_row, None if weight is None else torch.count_nonzero(weight))
 
 
 class KDLoss(nn.Module):
@@ -176,10 +234,9 @@ class KDLoss(nn.Module):
         detach_teacher: bool = True,
     ) -> None:
         super().__init__()
-        check_in_range(temperature, "temperature", 0.0, float("inf"), low_open=True, high_open=True)
+        self.temperature = check_temperature(temperature)
         check_choice(teacher_kind, "teacher_kind", TEACHER_KINDS)
         check_choice(reduction, "reduction", REDUCTIONS)
-        self.temperature = float(temperature)
         self.teacher_kind = teacher_kind
         self.reduction = reduction
         self.detach_teacher = detach_teacher

@@ -11,6 +11,7 @@ branch logits (KD-ATFF eq. 4):
 from __future__ import annotations
 
 import itertools
+import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -27,7 +28,7 @@ from mkfkit._checks import (
     check_tensor_list,
     describe,
 )
-from mkfkit.distill import compute_dtype, kd_loss
+from mkfkit.distill import batch_mean, check_classes, check_temperature, compute_dtype, kd_loss
 
 __all__ = [
     "FeatureFusionTeacher",
@@ -39,8 +40,10 @@ __all__ = [
 
 
 def _check_logits_list(logits: Sequence[Tensor], name: str, count: Optional[int] = None) -> Tensor:
-    """Validate a list of Tensor[B, K] and return them stacked as Tensor[n, B, K]."""
-    return torch.stack(check_tensor_list(logits, name, "Tensor[B, K]", 2, count=count, same="shape"))
+    """Validate a list of Tensor[B, K] (``K >= 1``) and return them stacked as Tensor[n, B, K]."""
+    checked = check_tensor_list(logits, name, "Tensor[B, K]", 2, count=count, same="shape")
+    check_classes(checked[0], f"{name}[0]")
+    return torch.stack(checked)
 
 
 class FeatureFusionTeacher(nn.Module):
@@ -98,7 +101,7 @@ class FeatureFusionTeacher(nn.Module):
     ) -> None:
         super().__init__()
         self.num_branches = check_positive_int(num_branches, "num_branches", minimum=2)
-        if isinstance(in_channels, int) and not isinstance(in_channels, bool):
+        if isinstance(in_channels, numbers.Integral) and not isinstance(in_channels, bool):
             channels = [check_positive_int(in_channels, "in_channels")] * num_branches
         else:
             if not isinstance(in_channels, (list, tuple)) or len(in_channels) != num_branches:
@@ -208,7 +211,7 @@ def branch_disagreement(logits: Sequence[Tensor]) -> BranchDisagreement:
         teacher_kind="logits",
     )
     predicted = stacked.argmax(dim=-1)
-    top1 = (predicted[teacher_index] != predicted[student_index]).to(kl.dtype).mean()
+    top1 = batch_mean((predicted[teacher_index] != predicted[student_index]).to(kl.dtype).flatten())
     return BranchDisagreement(kl=kl, top1=top1)
 
 
@@ -244,6 +247,8 @@ def online_distillation_loss(
       imitate them); its own cross-entropy is what trains the fusion block (and, unless the
       fusion block detaches them, flows into the branches).
     * The KL is :func:`~mkfkit.distill.kd_loss` (``batchmean``, ``T^2``, float32).
+    * An empty batch (``B = 0``) gives zeros with zero gradients (docs/METHOD.md,
+      "Conventions").
     * The paper's eq. 9 is not legible in our copy; it names theta and beta as the weights that
       balance soft and hard targets. Here ``theta`` weighs the KL terms and ``beta`` the
       attention term (pass ``attention_loss`` from :class:`~mkfkit.attention.AttentionTransferLoss`,
@@ -253,7 +258,7 @@ def online_distillation_loss(
         branch_logits: list of ``n`` Tensor[B, K].
         teacher_logits: Tensor[B, K] fused teacher (from :class:`FeatureFusionTeacher`).
         targets: LongTensor[B] class indices.
-        temperature: KD temperature ``T > 0`` (paper: 3).
+        temperature: KD temperature ``T`` in ``(0, 100]`` (paper: 3).
         theta: weight of the KL terms ``>= 0``.
         beta: weight of the attention term ``>= 0``.
         attention_loss: optional 0-d tensor.
@@ -274,7 +279,7 @@ def online_distillation_loss(
     check_same_device(teacher_logits, "teacher_logits", stacked, "branch_logits")
     check_index(targets, "targets", classes, length=batch)
     check_same_device(targets, "targets", stacked, "branch_logits")
-    check_in_range(temperature, "temperature", 0.0, float("inf"), low_open=True, high_open=True)
+    check_temperature(temperature)
     check_in_range(theta, "theta", 0.0, float("inf"), high_open=True)
     check_in_range(beta, "beta", 0.0, float("inf"), high_open=True)
     dtype = compute_dtype(stacked, teacher_logits)
@@ -287,15 +292,16 @@ def online_distillation_loss(
 
     with torch.autocast(stacked.device.type, enabled=False):
         flat = stacked.to(dtype).flatten(0, 1)
-        branch_ce = F.cross_entropy(flat, targets.repeat(count), reduction="none").view(count, batch).mean(1)
-        teacher_ce = F.cross_entropy(teacher_logits.to(dtype), targets)
+        branch_ce = F.cross_entropy(flat, targets.repeat(count), reduction="none").view(count, batch)
+        teacher_ce = batch_mean(F.cross_entropy(teacher_logits.to(dtype), targets, reduction="none"))
         kd = kd_loss(
             flat,
             teacher_logits.detach().repeat(count, 1),
             temperature,
             teacher_kind="logits",
             reduction="none",
-        ).view(count, batch).mean(1)
+        ).view(count, batch)
+        branch_ce, kd = batch_mean(branch_ce), batch_mean(kd)
         attention = attention_loss.to(dtype)
         total = branch_ce.sum() + teacher_ce + theta * kd.sum() + beta * attention
     return OnlineDistillationLoss(total, branch_ce, teacher_ce, kd, attention)

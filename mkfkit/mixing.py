@@ -29,6 +29,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -38,16 +39,20 @@ from torch import Tensor, nn
 from mkfkit._checks import (
     as_lam,
     check_floating,
+    check_generator_state,
+    check_image_dims,
     check_in_range,
     check_index,
     check_integer,
     check_positive_int,
     check_same_device,
     check_shape,
+    check_state_keys,
     check_tensor,
     describe,
 )
 from mkfkit._transfer import to_device
+from mkfkit.distill import batch_mean, check_classes
 
 __all__ = [
     "CompoundMix",
@@ -246,6 +251,7 @@ def _random_partner(batch: int, generator: torch.Generator) -> Tensor:
 
 def _check_images(images: Tensor) -> Tensor:
     check_shape(images, "images", (None, None, None, None), "Tensor[B, C, H, W]")
+    check_image_dims(images, "images")
     if not images.is_floating_point():
         raise TypeError(
             f"`images` must have a floating-point dtype (convert uint8 images with "
@@ -264,10 +270,10 @@ def _check_box(box: object, height: int, width: int) -> Box:
     ok = (
         isinstance(box, (tuple, list))
         and len(box) == 4
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in box)
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in box)
     )
     if ok:
-        y0, y1, x0, x1 = box
+        y0, y1, x0, x1 = box = tuple(int(v) for v in box)
         ok = 0 <= y0 <= y1 <= height and 0 <= x0 <= x1 <= width
     if not ok:
         raise ValueError(
@@ -448,11 +454,11 @@ class CompoundMix:
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; the next call mixes as the saved run's next did."""
-        missing = {"step", "generator_state"} - set(state_dict)
-        if missing:
-            raise KeyError(f"`state_dict` lacks the entries {sorted(missing)}")
-        self.step = check_positive_int(state_dict["step"], "state_dict['step']", minimum=0)
-        self.generator.set_state(state_dict["generator_state"].clone())
+        check_state_keys(state_dict, "state_dict", ("step", "generator_state"))
+        step = check_positive_int(state_dict["step"], "state_dict['step']", minimum=0)
+        generator_state = check_generator_state(state_dict["generator_state"], "state_dict['generator_state']")
+        self.step = step
+        self.generator.set_state(generator_state)
 
     def __call__(
         self, images: Tensor, targets: Tensor, indices: Optional[Tensor] = None
@@ -552,8 +558,14 @@ def mixed_cross_entropy(
     smoothing ``eps`` (class indices or probability targets). Computed in float32 (float64 stays
     float64), also under autocast.
 
+    Class-index targets must lie in ``[0, K - 1]``. There is no ``ignore_index``: ``-100``
+    (``F.cross_entropy``'s default) is refused like any other index out of range, because a
+    mixed pair with one ignored side has no well-defined target (drop such samples before
+    mixing). An empty batch (``B = 0``) gives 0 with a zero gradient (docs/METHOD.md,
+    "Conventions").
+
     Args:
-        logits: Tensor[B, K] of a floating dtype.
+        logits: Tensor[B, K] of a floating dtype, ``K >= 1``.
         batch: the :class:`MixedBatch` the logits were computed from.
         label_smoothing: in [0, 1]; 0 (the default) means plain cross-entropy.
 
@@ -572,9 +584,18 @@ def mixed_cross_entropy(
         raise TypeError(f"`batch` must be a MixedBatch, but got {type(batch).__name__}")
     size = batch.lam.shape[0]
     check_shape(logits, "logits", (size, None), f"Tensor[B, K] with B = {size}")
+    check_classes(logits, "logits")
     check_in_range(label_smoothing, "label_smoothing", 0.0, 1.0)
     for name in ("targets_a", "targets_b"):
-        _check_targets(getattr(batch, name), size, f"batch.{name}", logits.shape[1])
+        targets = getattr(batch, name)
+        _check_targets(targets, size, f"batch.{name}", logits.shape[1])
+        if not targets.is_floating_point():
+            try:
+                check_index(targets, f"batch.{name}", logits.shape[1], length=size)
+            except ValueError as error:
+                if bool((targets < 0).any()):
+                    raise ValueError(f"{error} (there is no ignore_index: drop such samples before mixing)") from None
+                raise
     for name in ("targets_a", "targets_b", "lam"):
         check_same_device(getattr(batch, name), f"batch.{name}", logits, "logits")
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -589,7 +610,7 @@ def mixed_cross_entropy(
 
         lam = batch.lam.to(dtype)
         loss_a, loss_b = cross_entropy(batch.targets_a), cross_entropy(batch.targets_b)
-        return (lam * loss_a + (1 - lam) * loss_b).mean()
+        return batch_mean(lam * loss_a + (1 - lam) * loss_b)
 
 
 class MixedCrossEntropyLoss(nn.Module):

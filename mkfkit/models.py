@@ -212,9 +212,8 @@ class MultiBranchResNet(nn.Module):
         check_positive_int(num_branches, "num_branches")
         if shared_stages is None:
             shared_stages = len(blocks) - 1
-        if isinstance(shared_stages, bool) or not isinstance(shared_stages, int) or not (
-            0 <= shared_stages < len(blocks)
-        ):
+        shared_stages = check_positive_int(shared_stages, "shared_stages", minimum=0)
+        if shared_stages >= len(blocks):
             raise ValueError(
                 f"`shared_stages` must be an int in [0, {len(blocks) - 1}], "
                 f"but got {shared_stages!r}"

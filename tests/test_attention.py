@@ -282,26 +282,54 @@ def test_module_equals_functional_and_weight():
     assert "loss_weight=250" in repr(weighted)
 
 
-def test_warmup_ramp_and_state_dict_round_trip():
-    features = [torch.randn(*s) for s in SHAPES]
-    full = attention_transfer_loss(features)
+def test_warmup_ramp_advances_once_per_backward_and_round_trips_exactly():
+    features = [torch.randn(*s, requires_grad=True) for s in SHAPES]
+    full = attention_transfer_loss(features).detach()
     module = AttentionTransferLoss(warmup_steps=4)
     ramps = []
     for _ in range(6):
         ramps.append(module.ramp)
-        torch.testing.assert_close(module(features), full * module.ramp)
-        module(features)  # several calls per step (one per branch) do not advance the ramp
-        module.step()
-    assert ramps == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+        first = module(features)
+        torch.testing.assert_close(first.detach(), full * module.ramp)
+        second = module(features)  # several calls per step (one per branch) count once
+        (first + second).backward()
+    assert ramps == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0] and module.num_steps == 6
+    # Neither evaluation passes nor losses that are never backpropagated advance it.
+    with torch.no_grad():
+        module(features)
+    module(features)
+    module.eval()
+    module(features).backward()
+    assert module.num_steps == 7  # the backward in eval mode still was a backward pass
+    module.train()
     state = module.state_dict()
     restored = AttentionTransferLoss(warmup_steps=4)
     restored.load_state_dict(state)
-    assert restored.num_steps == module.num_steps == 6 and restored.ramp == 1.0
+    assert restored.num_steps == module.num_steps == 7 and restored.ramp == 1.0
     half_way = AttentionTransferLoss(warmup_steps=4)
-    half_way.step(), half_way.step()
+    for _ in range(2):
+        half_way(features).backward()
     restored.load_state_dict(half_way.state_dict())
     assert restored.ramp == 0.5
+    # A state saved between a backward and the next forward resumes exactly.
+    resumed = AttentionTransferLoss(warmup_steps=4)
+    resumed.load_state_dict(half_way.state_dict())
+    for loss_fn in (half_way, resumed):
+        loss_fn(features).backward()
+    assert half_way.num_steps == resumed.num_steps == 3
     assert AttentionTransferLoss().ramp == 1.0
+
+
+def test_separate_backwards_each_count_and_retained_graphs_count_once():
+    features = [torch.randn(*s, requires_grad=True) for s in SHAPES]
+    module = AttentionTransferLoss(warmup_steps=10)
+    loss = module(features)
+    loss.backward(retain_graph=True)
+    loss.backward()  # the same loss again: one count per forward generation
+    assert module.num_steps == 1
+    for _ in range(3):  # gradient accumulation: one count per micro-batch backward
+        module(features).backward()
+    assert module.num_steps == 4
 
 
 # ---------------------------------------------------------------- errors
@@ -337,3 +365,18 @@ def test_errors():
         attention_transfer_loss([f, f], resize="area")
     with pytest.raises(ValueError, match=r"`warmup_steps` must be an int >= 0, but got -1"):
         AttentionTransferLoss(warmup_steps=-1)
+    with pytest.raises(ValueError, match=r"`features\[1\]` must have C, H and W of at least 1 \(B may be 0\), but got shape \(2, 3, 0, 4\)"):
+        attention_transfer_loss([f, torch.randn(2, 3, 0, 4)])
+
+
+@pytest.mark.parametrize("state, error, message", [
+    ({"num_steps": -1}, ValueError, r"`state\['num_steps'\]` must be an int >= 0, but got -1"),
+    ({"num_steps": 2.5}, TypeError, r"`state\['num_steps'\]` must be an int, but got 2.5 \(float\)"),
+    ({}, ValueError, r"`state` must hold exactly the entries \['num_steps'\], but got missing \['num_steps'\]"),
+])
+def test_corrupt_warmup_state_is_refused_and_changes_nothing(state, error, message):
+    module = AttentionTransferLoss(warmup_steps=4)
+    module.num_steps = 3
+    with pytest.raises(error, match=message):
+        module.load_state_dict({"_extra_state": state})
+    assert module.num_steps == 3

@@ -108,3 +108,45 @@ def test_tensor_list_device_message():
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match=r"`xs\[1\]` must be on the device of `xs\[0\]` \(cpu\), but got meta"):
         _checks.check_tensor_list([x, x.to("meta")], "xs", "Tensor[B, K]", 2, same="shape")
+
+
+def test_numpy_scalars_are_numbers_and_ints():
+    np = pytest.importorskip("numpy")
+    assert _checks.check_number(np.float32(0.5), "lam") == 0.5
+    assert type(_checks.check_number(np.int64(3), "x")) is float
+    _checks.check_in_range(np.float64(0.25), "lam", 0.0, 1.0)
+    size = _checks.check_positive_int(np.int64(10), "num_samples")
+    assert size == 10 and type(size) is int
+    assert _checks.check_positive_int(np.uint8(0), "warmup_steps", minimum=0) == 0
+    with pytest.raises(TypeError, match=r"`flag` must be a number, but got True \(bool\)"):
+        _checks.check_number(True, "flag")
+    with pytest.raises(TypeError, match=r"`flag` must be a number, but got .*True.* \(bool_?\)"):
+        _checks.check_number(np.bool_(True), "flag")
+    with pytest.raises(TypeError, match=r"`n` must be an int, but got .*3.0.* \(float64\)"):
+        _checks.check_positive_int(np.float64(3.0), "n")
+    with pytest.raises(ValueError, match=r"`lam` must lie in \[0, 1\], but got 1.5"):
+        _checks.as_lam(np.float32(1.5), 2, torch.zeros(2, 2))
+
+
+def test_messages_show_enough_digits_to_see_the_fault():
+    with pytest.raises(ValueError, match=r"`lam` must lie in \[0, 1\], but got 1.000001$"):
+        _checks.check_in_range(1 + 1e-6, "lam", 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"but got 1.0000000000000002$"):
+        _checks.check_in_range(1 + 2**-52, "lam", 0.0, 1.0)
+    # a float32 entry prints as float32, not with the digits of its float64 widening
+    with pytest.raises(ValueError, match=r"`lam` must lie in \[0, 1\], but got 1.0000001$"):
+        _checks.check_in_range(torch.tensor([0.5, 1.0000001]), "lam", 0.0, 1.0)
+    assert _checks.format_number(1.3) == "1.3" and _checks.format_number(2.0) == "2"
+    assert _checks.format_number(torch.tensor(1.3).item(), torch.float32) == "1.3"
+    assert _checks.format_number(float("-inf")) == "-inf"
+
+
+@pytest.mark.parametrize(
+    "dtype, tolerance", [(torch.float32, 1e-3), (torch.float64, 1e-3), (torch.bfloat16, 2**-6), (torch.float16, 2e-3)]
+)
+def test_distribution_tolerance_follows_the_dtype(dtype, tolerance):
+    assert _checks.distribution_tolerance(dtype) == pytest.approx(tolerance, rel=0.03)
+    row_sum = 1 + 0.9 * tolerance
+    _checks.check_distribution_rows(torch.tensor([[row_sum, 0.0]], dtype=dtype), "p")
+    with pytest.raises(ValueError, match=r"`p` must hold probability rows \(each summing to 1 within"):
+        _checks.check_distribution_rows(torch.tensor([[1 + 3 * tolerance, 0.0]], dtype=dtype), "p")

@@ -531,7 +531,7 @@ def test_constructor_validation():
         DepthSampler(SmallResNet())
     with pytest.raises(ValueError, match=r"`drop_rate` must lie in \(0, 1\], but got 0"):
         DepthSampler(blocks, drop_rate=0.0)
-    with pytest.raises(ValueError, match=r"`growth` must lie in \[1, inf\], but got 0.5"):
+    with pytest.raises(ValueError, match=r"`growth` must lie in \[1, inf\), but got 0.5"):
         DepthSampler(blocks, growth=0.5)
     with pytest.raises(ValueError, match=r"`max_drop_fraction` must lie in \(0, 1\], but got 1.5"):
         DepthSampler(blocks, max_drop_fraction=1.5)
@@ -814,3 +814,78 @@ def test_draw_trailing_refuses_blocks_the_sampler_does_not_own():
         sampler.draw_trailing([[nn.Identity(), nn.Identity()]])
     with pytest.raises(ValueError, match=r"`stages\[1\]` must hold at least one block"):
         sampler.draw_trailing([list(model.layer1), []])
+
+
+class Wobble(nn.Module):  # a residual block of the user's own, under a name no rule knows
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.act = nn.ReLU()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.act(self.body(x) + x)
+
+
+class AddsBias(nn.Module):  # x + a learned offset: not a function of x, not a residual block
+    def __init__(self, c):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x):
+        return x + self.offset
+
+
+class AddsNoise(nn.Module):  # x + noise(x) without anything learned
+    def forward(self, x):
+        return x + torch.randn_like(x)
+
+
+class Projected(nn.Module):  # projection shortcut: the input is not added as it is
+    def __init__(self, c):
+        super().__init__()
+        self.body, self.project = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return self.body(x) + self.project(x)
+
+
+class DataDependent(nn.Module):  # control flow on values: cannot be traced, not guessed
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.body(x) if x.sum() > 0 else x
+
+
+def test_find_blocks_recognises_a_user_block_by_what_it_does():
+    wrapped = Wobble(4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), Wobble(4), AddsBias(4), AddsNoise(), Projected(4), DataDependent(4),
+        nn.Sequential(wrapped), Wobble(4), PreNormBlockRenamed(),
+    )
+    found = find_residual_blocks(model)
+    assert found == [model[1], wrapped, model[7], model[8]]  # registration order, every run
+    assert find_residual_blocks(model) == found
+    assert all(m.calls == 0 for m in (model[1], wrapped, model[7]))  # tracing did not run them
+    for module in (model[2], model[3], model[4], model[5], model[6]):
+        assert not is_residual_block(module)
+    assert find_residual_blocks(model, extra_types=(DataDependent,))[1] is model[5]
+    sampler = DepthSampler.from_model(model[:8], num_groups=2, seed=0)
+    assert sampler.blocks == (model[1], wrapped, model[7])
+    x = torch.randn(2, 3, 6, 6)
+    with sampler.apply([False, True, False]):
+        torch.testing.assert_close(model[:2](x), model[0](x))  # dropped: the identity
+
+
+class PreNormBlockRenamed(nn.Module):  # x + f(x) + g(x + f(x)) without the known child names
+    def __init__(self, dim=4):
+        super().__init__()
+        self.mix = nn.Conv2d(dim, dim, 1)
+        self.feed = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU())
+
+    def forward(self, x):
+        x = x + self.mix(x)
+        return x + self.feed(x)

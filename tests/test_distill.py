@@ -103,6 +103,58 @@ def test_zero_probability_entries_give_finite_gradients(device, temperature):
     assert torch.isfinite(s.grad).all() and torch.isfinite(extreme.grad).all()
 
 
+@pytest.mark.parametrize("temperature", [0.05, 0.25, 0.5])
+def test_confident_probability_teacher_below_t1_is_finite_and_exact(temperature):
+    # p ** (1 / T) underflows for these rows (1e-30 ** 20 = 0 in float32); the log-space
+    # softening keeps the value that the logits kind gives for logits log(p).
+    probs = torch.tensor([[1.0 - 1e-6, 1e-6, 0.0], [1e-30, 1.0 - 1e-30, 0.0], [0.5, 0.5, 0.0]])
+    student = torch.tensor([[3.0, -2.0, 0.5], [0.0, 1.0, -1.0], [2.0, 2.0, 2.0]], requires_grad=True)
+    weight = torch.tensor([1.0, 0.0, 1.0])
+    loss = kd_loss(student, probs, temperature, teacher_kind="probs", weight=weight)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    assert torch.equal(student.grad[1], torch.zeros(3))  # the masked row adds nothing
+    expected, _ = reference_kd(student.detach().double(), probs.double(), temperature, "probs", weight)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+
+
+@given(
+    temperature=st.one_of(st.floats(1e-30, 1e-3), st.floats(1e-3, 100.0)),
+    kind=st.sampled_from(["logits", "probs"]),
+    masked=st.booleans(),
+    scale=st.sampled_from([1.0, 30.0, 1e4]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_finite_and_accurate_at_extreme_temperatures(temperature, kind, masked, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    student = (torch.randn(3, 4, generator=gen) * scale).requires_grad_()
+    if kind == "logits":
+        teacher = torch.randn(3, 4, generator=gen) * scale
+    else:  # one-hot, peaked with a zero, uniform
+        teacher = torch.tensor([[1.0, 0, 0, 0], [0.97, 0.03, 0.0, 0.0], [0.25] * 4])
+    weight = torch.tensor([not masked, True, masked])
+    loss = kd_loss(student, teacher, temperature, teacher_kind=kind, weight=weight)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    exact = kd_loss(student.detach().double(), teacher.double(), temperature, teacher_kind=kind, weight=weight)
+    assert exact.item() >= 0
+    # float32 carries about eps * T^2 of absolute error (see MAX_TEMPERATURE)
+    tolerance = 1e-5 * abs(exact.item()) + 1e-6 * max(1.0, temperature**2)
+    assert abs(loss.item() - exact.item()) <= tolerance
+
+
+def test_bf16_probability_rows_within_their_tolerance_are_accepted():
+    # Accepted by the bank and the fractions (2 eps of bf16 = 0.0156): 1.0078 is one ulp off.
+    probs = torch.tensor([[0.5, 0.5078125], [0.25, 0.75]], dtype=torch.bfloat16)
+    assert float(probs.float().sum(1)[0]) == 1.0078125
+    loss = kd_loss(torch.zeros(2, 2), probs, teacher_kind="probs")
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"summing to 1 within 0.015625\), but got a row summing to 1.0625"):
+        kd_loss(torch.zeros(1, 2), torch.tensor([[0.5, 0.5625]], dtype=torch.bfloat16), teacher_kind="probs")
+    with pytest.raises(ValueError, match=r"within 0.001\), but got a row summing to 1.0078125"):
+        kd_loss(torch.zeros(1, 2), probs[:1].float(), teacher_kind="probs")
+
+
 def test_masked_rows_do_not_dilute_the_loss():
     student, probs = torch.randn(6, 5), random_probs(6, 5, torch.float32, "cpu")
     mask = torch.tensor([True, True, False, False, False, True])
@@ -123,8 +175,15 @@ def test_all_rows_masked_gives_attached_zero():
     assert torch.equal(student.grad, torch.zeros(3, 4))
 
 
-def test_empty_batch_is_zero():
-    assert kd_loss(torch.zeros(0, 3), torch.zeros(0, 3), teacher_kind="logits").item() == 0.0
+@pytest.mark.parametrize("kind", ["logits", "probs"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum"])
+def test_empty_batch_is_an_attached_zero(kind, reduction):
+    student = torch.zeros(0, 3, requires_grad=True)
+    loss = kd_loss(student, torch.zeros(0, 3), teacher_kind=kind, reduction=reduction)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert student.grad.shape == (0, 3)
+    assert kd_loss(student, torch.zeros(0, 3), teacher_kind=kind, reduction="none").shape == (0,)
 
 
 def test_teacher_detached_by_default():
@@ -226,8 +285,12 @@ def test_errors():
         kd_loss(s, torch.randn(2, 4), teacher_kind="logits")
     with pytest.raises(ValueError, match=r"`student_logits` must be a Tensor\[B, C\], but got shape \(6,\)"):
         kd_loss(s.flatten(), t.flatten(), teacher_kind="logits")
-    with pytest.raises(ValueError, match=r"`temperature` must lie in \(0, inf\), but got 0"):
+    with pytest.raises(ValueError, match=r"`temperature` must lie in \(0, 100\], but got 0"):
         kd_loss(s, t, 0.0, teacher_kind="logits")
+    with pytest.raises(ValueError, match=r"`temperature` must lie in \(0, 100\], but got 100.00001"):
+        kd_loss(s, t, 100.00001, teacher_kind="logits")
+    with pytest.raises(ValueError, match=r"`student_logits` must have at least one class \(Tensor\[B, C\] with C >= 1\), but got shape \(2, 0\)"):
+        kd_loss(torch.zeros(2, 0), torch.zeros(2, 0), teacher_kind="probs")
     with pytest.raises(TypeError, match="`student_logits` must have a floating-point dtype"):
         kd_loss(s.long(), t, teacher_kind="logits")
     with pytest.raises(ValueError, match=r"`weight` must be a Tensor\[B\] with B = 2, but got shape \(3,\)"):

@@ -66,7 +66,7 @@ def attention_setup():
     """The same model and loss (weight 2, a quarter into its warm-up) wherever it is built."""
     torch.manual_seed(7)
     loss_fn = AttentionTransferLoss(loss_weight=2.0, warmup_steps=4)
-    loss_fn.step()
+    loss_fn.num_steps = 1
     return TwoBlocks(), loss_fn
 
 

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -708,5 +709,45 @@ def test_loss_errors(call, error, message):
 
 
 def test_load_state_dict_errors():
-    with pytest.raises(KeyError, match=r"lacks the entries \['generator_state'\]"):
+    with pytest.raises(ValueError, match=r"`state_dict` must hold exactly the entries \['step', 'generator_state'\], but got missing \['generator_state'\]"):
         make_mix().load_state_dict({"step": 3})
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_out_of_range_labels_are_refused_naming_the_side(size):
+    targets = torch.arange(size)
+    targets[-1] = 7
+    batch = make_mix(mix_prob=1.0)(IMAGES[:size], targets)
+    with pytest.raises(ValueError, match=r"`batch.targets_a` must hold indices in \[0, 4\], but got 7$"):
+        mixed_cross_entropy(torch.randn(size, 5), batch)
+
+
+def test_ignore_index_is_refused_on_either_side_of_a_pair():
+    batch = make_mix(mix_prob=1.0)(IMAGES, torch.tensor([0, 1, -100, 2]))
+    assert batch.op != "none" and bool((batch.targets_b == -100).any())
+    with pytest.raises(ValueError, match=r"`batch.targets_a` must hold indices in \[0, 4\], but got -100 \(there is no ignore_index"):
+        mixed_cross_entropy(torch.randn(4, 5), batch)
+    only_b = batch._replace(targets_a=torch.tensor([0, 1, 3, 2]))
+    with pytest.raises(ValueError, match=r"`batch.targets_b` must hold indices .* but got -100 \(there is no ignore_index"):
+        mixed_cross_entropy(torch.randn(4, 5), only_b)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_empty_batch_loss_is_an_attached_zero(soft):
+    targets = torch.zeros(0, 5) if soft else torch.zeros(0, dtype=torch.long)
+    batch = make_mix(mix_prob=1.0)(IMAGES[:0], targets)
+    logits = torch.zeros(0, 5, requires_grad=True)
+    loss = mixed_cross_entropy(logits, batch, label_smoothing=0.1)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert logits.grad.shape == (0, 5)
+
+
+@pytest.mark.parametrize("shape", [(4, 0, 8, 8), (4, 3, 0, 8), (4, 3, 8, 0)])
+def test_zero_size_images_are_refused_before_the_mixer_advances(shape):
+    mix = make_mix(mix_prob=1.0)
+    generator_state = mix.generator.get_state()
+    message = re.escape(f"`images` must have C, H and W of at least 1 (B may be 0), but got shape {shape}")
+    with pytest.raises(ValueError, match=message):
+        mix(torch.zeros(shape), TARGETS)
+    assert mix.step == 0 and torch.equal(mix.generator.get_state(), generator_state)

@@ -1,0 +1,377 @@
+"""Bad input, systematically, for the blocks outside the bank and the fractions.
+
+Every row of a table is one rejected call: the exception type, a fragment of the message that
+names the argument, and a check that the object the call was made on is bitwise unchanged.
+The property tests cover the numeric edges that must be accepted: B = 0 and B = 1, C = 1,
+one-hot and uniform rows, extreme temperatures, NumPy scalars.
+"""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from mkfkit.attention import AttentionTransferLoss, attention_map, attention_transfer_loss
+from mkfkit.depth import DepthSampler, find_residual_blocks, recalibrate_batchnorm
+from mkfkit.distill import KDLoss, kd_loss
+from mkfkit.features import FeatureCollector
+from mkfkit.fusion import FeatureFusionTeacher, branch_disagreement, online_distillation_loss
+from mkfkit.mixing import CompoundMix, MixedCrossEntropyLoss, cutmix, mixed_cross_entropy, mixup
+from mkfkit.models import MultiBranchResNet, ResNet
+
+
+def snapshot(obj):
+    """Every bit of an object's state, as bytes: equal snapshots mean nothing changed."""
+    if isinstance(obj, nn.Module):
+        state = obj.state_dict()
+        flags = [m.training for m in obj.modules()]
+    elif isinstance(obj, DepthSampler):
+        state, flags = obj.state_dict(), [obj._applied]
+    else:  # CompoundMix
+        state, flags = obj.state_dict(), []
+    buffer = io.BytesIO()
+    torch.save((state, flags), buffer)
+    return buffer.getvalue()
+
+
+def expect_rejected(obj, call, error, message):
+    before = snapshot(obj)
+    with pytest.raises(error, match=message):
+        call(obj)
+    assert snapshot(obj) == before, "a rejected call changed the state"
+
+
+# --------------------------------------------------------------------------------------------
+# CompoundMix: construction, calls and state
+# --------------------------------------------------------------------------------------------
+
+IMAGES, LABELS = torch.rand(4, 3, 6, 6), torch.tensor([0, 1, 2, 1])
+
+
+def mixer():
+    mix = CompoundMix(mix_prob=1.0, generator=torch.Generator().manual_seed(3))
+    mix(IMAGES, LABELS)  # a step and some draws behind it
+    return mix
+
+
+def mix_state(**changes):
+    return {**mixer().state_dict(), **changes}
+
+
+MIXER_CALLS = [
+    (lambda m: m(torch.zeros(4, 3, 0, 6), LABELS), ValueError, r"`images` must have C, H and W of at least 1"),
+    (lambda m: m(torch.zeros(4, 0, 6, 6), LABELS), ValueError, r"`images` must have C, H and W"),
+    (lambda m: m(IMAGES.double().long(), LABELS), TypeError, r"`images` must have a floating-point dtype"),
+    (lambda m: m(IMAGES, LABELS[:2]), ValueError, r"`targets` must be a Tensor\[B\] with B = 4"),
+    (lambda m: m(IMAGES, LABELS, torch.arange(4.0)), TypeError, r"`indices` must have an integer dtype"),
+    (lambda m: m.load_state_dict({"step": 1}), ValueError, r"`state_dict` must hold exactly the entries .* missing \['generator_state'\]"),
+    (lambda m: m.load_state_dict(mix_state(extra=1)), ValueError, r"unexpected \['extra'\]"),
+    (lambda m: m.load_state_dict(mix_state(step=-1)), ValueError, r"`state_dict\['step'\]` must be an int >= 0, but got -1"),
+    (lambda m: m.load_state_dict(mix_state(step=2.0)), TypeError, r"`state_dict\['step'\]` must be an int, but got 2.0"),
+    (
+        lambda m: m.load_state_dict(mix_state(step=5, generator_state=torch.zeros(7, dtype=torch.uint8))),
+        ValueError,
+        r"`state_dict\['generator_state'\]` must be a CPU torch.Generator state, but got an invalid one",
+    ),
+    (
+        lambda m: m.load_state_dict(mix_state(generator_state=torch.zeros(5056))),
+        TypeError,
+        r"`state_dict\['generator_state'\]` must be a uint8 Tensor\[N\]",
+    ),
+    (lambda m: m.load_state_dict([1, 2]), TypeError, r"`state_dict` must be a dict, but got \[1, 2\]"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", MIXER_CALLS)
+def test_compound_mix_rejections_change_nothing(call, error, message):
+    expect_rejected(mixer(), call, error, message)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"mix_prob": 1.000001}, ValueError, r"`mix_prob` must lie in \[0, 1\], but got 1.000001"),
+        ({"mixup_alpha": float("inf")}, ValueError, r"`mixup_alpha` must lie in \(0, inf\), but got inf"),
+        ({"cutmix_alpha": float("nan")}, ValueError, r"`cutmix_alpha` must lie in \(0, inf\), but got nan"),
+        ({"warmup_steps": 1.5}, TypeError, r"`warmup_steps` must be an int, but got 1.5"),
+        ({"switch_prob": "0.5"}, TypeError, r"`switch_prob` must be a number, but got '0.5'"),
+    ],
+)
+def test_compound_mix_constructor_rejections(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        CompoundMix(**kwargs)
+
+
+def test_compound_mix_and_functionals_accept_numpy_scalars():
+    mix = CompoundMix(np.float32(1.0), np.float64(0.0), np.float32(0.4), warmup_steps=np.int64(0))
+    batch = mix(IMAGES, LABELS)
+    assert batch.op == "mixup"
+    torch.testing.assert_close(mixup(IMAGES, batch.partner, np.float32(0.25)), mixup(IMAGES, batch.partner, 0.25))
+    assert mixed_cross_entropy(torch.randn(4, 3), batch, np.float64(0.1)).isfinite()
+
+
+# --------------------------------------------------------------------------------------------
+# Functional losses: tables of bad arguments (stateless; nothing to change)
+# --------------------------------------------------------------------------------------------
+
+LOGITS, PROBS = torch.randn(3, 4), torch.full((3, 4), 0.25)
+UNMIXED = CompoundMix(mix_prob=0.0)(torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 3]))
+
+LOSS_CALLS = [
+    (lambda: kd_loss(LOGITS, PROBS, 1.3e2, teacher_kind="probs"), ValueError, r"`temperature` must lie in \(0, 100\], but got 130"),
+    (lambda: kd_loss(LOGITS, PROBS, float("nan"), teacher_kind="probs"), ValueError, r"`temperature` must lie in .* but got nan"),
+    (lambda: kd_loss(LOGITS, PROBS, "2", teacher_kind="probs"), TypeError, r"`temperature` must be a number, but got '2' \(str\)"),
+    (lambda: kd_loss(torch.zeros(3, 0), torch.zeros(3, 0), teacher_kind="logits"), ValueError, r"`student_logits` must have at least one class"),
+    (lambda: kd_loss(LOGITS, PROBS * 1.01, teacher_kind="probs"), ValueError, r"`teacher` must hold probability rows .* but got a row summing to 1.01"),
+    (lambda: kd_loss(LOGITS, PROBS, teacher_kind="probs", weight=torch.tensor([1.0, float("nan"), 1.0])), ValueError, r"`weight` must lie in \[0, inf\], but got nan"),
+    (lambda: KDLoss(0.0, teacher_kind="logits"), ValueError, r"`temperature` must lie in \(0, 100\], but got 0"),
+    (lambda: mixed_cross_entropy(torch.zeros(3, 0), UNMIXED), ValueError, r"`logits` must have at least one class"),
+    (lambda: mixed_cross_entropy(LOGITS[:, :3], UNMIXED), ValueError, r"`batch.targets_a` must hold indices in \[0, 2\], but got 3$"),
+    (lambda: MixedCrossEntropyLoss(float("inf")), ValueError, r"`label_smoothing` must lie in \[0, 1\], but got inf"),
+    (lambda: attention_map(torch.zeros(2, 3, 4, 0)), ValueError, r"`features` must have C, H and W of at least 1"),
+    (lambda: attention_map(torch.zeros(2, 3, 4, 4), float("inf")), ValueError, r"`p` must lie in \[1, inf\), but got inf"),
+    (lambda: attention_transfer_loss([torch.zeros(2, 3, 4, 4)]), ValueError, r"`features` must hold at least 2 feature maps, but got 1"),
+    (lambda: online_distillation_loss([LOGITS, LOGITS], LOGITS, torch.tensor([0, 1, 4])), ValueError, r"`targets` must hold indices in \[0, 3\], but got 4"),
+    (lambda: online_distillation_loss([LOGITS, LOGITS], LOGITS, torch.tensor([0, 1, -100])), ValueError, r"`targets` must hold indices in \[0, 3\], but got -100"),
+    (lambda: online_distillation_loss([LOGITS] * 2, LOGITS, torch.tensor([0, 1, 2]), theta=float("inf")), ValueError, r"`theta` must lie in \[0, inf\), but got inf"),
+    (lambda: online_distillation_loss([torch.zeros(3, 0)] * 2, torch.zeros(3, 0), torch.zeros(3, dtype=torch.long)), ValueError, r"`branch_logits\[0\]` must have at least one class"),
+    (lambda: branch_disagreement([LOGITS]), ValueError, r"`logits` must hold at least 2 branches, but got 1"),
+    (lambda: recalibrate_batchnorm(ResNet(blocks=(1,), widths=(4,)), [], num_samples=np.int64(0)), ValueError, r"`num_samples` must be an int >= 1, but got 0"),
+    (lambda: ResNet(num_classes=0), ValueError, r"`num_classes` must be an int >= 1, but got 0"),
+    (lambda: MultiBranchResNet(num_branches=0), ValueError, r"`num_branches` must be an int >= 1, but got 0"),
+    (lambda: FeatureCollector(nn.Linear(2, 2), ["weight"]), ValueError, r"`names` holds 'weight', which is not a submodule"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", LOSS_CALLS)
+def test_functional_rejections(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+# --------------------------------------------------------------------------------------------
+# Modules with state: AttentionTransferLoss, FeatureFusionTeacher, recalibrate_batchnorm
+# --------------------------------------------------------------------------------------------
+
+
+def attention_loss():
+    module = AttentionTransferLoss(warmup_steps=5)
+    module.num_steps = 2
+    return module
+
+
+@pytest.mark.parametrize(
+    "state, error, message",
+    [
+        ({"num_steps": -3}, ValueError, r"`state\['num_steps'\]` must be an int >= 0, but got -3"),
+        ({"num_steps": torch.tensor(3)}, TypeError, r"`state\['num_steps'\]` must be an int"),
+        ({"steps": 3}, ValueError, r"`state` must hold exactly the entries \['num_steps'\]"),
+    ],
+)
+def test_attention_state_rejections_change_nothing(state, error, message):
+    expect_rejected(attention_loss(), lambda m: m.load_state_dict({"_extra_state": state}), error, message)
+
+
+FEATURES = [torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)]
+FUSION_CALLS = [
+    (lambda m: m(FEATURES[:1], [LOGITS[:2]] * 2), ValueError, r"`features` must hold one tensor per branch \(2\), but got 1"),
+    (lambda m: m([FEATURES[0], torch.randn(2, 5, 3, 3)], [LOGITS[:2]] * 2), ValueError, r"`features\[1\]` must be a Tensor\[B, 4, H, W\]"),
+    (lambda m: m(FEATURES, [LOGITS] * 2), ValueError, r"`logits` must have the batch size of `features` \(2\), but got 3"),
+    (lambda m: m(FEATURES, [torch.zeros(2, 0)] * 2), ValueError, r"`logits\[0\]` must have at least one class"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", FUSION_CALLS)
+def test_fusion_rejections_change_nothing(call, error, message):
+    expect_rejected(FeatureFusionTeacher(4, 2, num_layers=1), call, error, message)
+
+
+def calibrated_model():
+    model = ResNet(blocks=(1,), widths=(4,))
+    recalibrate_batchnorm(model, [torch.randn(6, 3, 5, 5)])
+    return model.eval()
+
+
+class FailsOnSecond:
+    """Batches that break in the middle: the first is fine, the second is not a tensor."""
+
+    def __iter__(self):
+        yield torch.randn(4, 3, 5, 5)
+        yield "not a tensor"
+
+
+@pytest.mark.parametrize(
+    "batches, error, message",
+    [
+        ([], ValueError, r"`batches` must yield at least one image, but got none"),
+        ([torch.zeros(0, 3, 5, 5)] * 2, ValueError, r"`batches` must yield at least one image"),
+        (FailsOnSecond(), TypeError, r"`batches` must yield tensors or tuples starting with one, but got 'not a tensor'"),
+    ],
+)
+def test_recalibration_that_fails_leaves_the_statistics_as_they_were(batches, error, message):
+    expect_rejected(calibrated_model(), lambda m: recalibrate_batchnorm(m, batches), error, message)
+
+
+def test_recalibration_with_fewer_images_than_asked_uses_them_all():
+    model = calibrated_model()
+    data = [torch.zeros(0, 3, 5, 5), torch.randn(3, 3, 5, 5), torch.randn(2, 3, 5, 5)]
+    assert recalibrate_batchnorm(model, data, num_samples=2000) == 5
+    stem = model.bn1
+    assert not torch.equal(stem.running_var, torch.ones_like(stem.running_var))  # not a bare reset
+
+
+# --------------------------------------------------------------------------------------------
+# DepthSampler: construction, sample and state
+# --------------------------------------------------------------------------------------------
+
+BLOCKS = [nn.Identity() for _ in range(8)]  # max_dropped = 4 with the defaults
+
+
+def sampler():
+    depth = DepthSampler(BLOCKS, num_groups=3, seed=1)
+    depth.draw(), depth.draw()  # at position 2, with a chain that dropped 1 or 2 blocks
+    return depth
+
+
+def depth_state(**changes):
+    return {**sampler().state_dict(), **changes}
+
+
+def all_dropped():
+    return torch.zeros(8, dtype=torch.bool)
+
+
+SAMPLER_CALLS = [
+    (lambda s: s.load_state_dict({"position": 1, "chain": torch.ones(8, dtype=torch.bool)}), ValueError, r"`state` must hold exactly the entries \['position', 'chain', 'generator'\], but got missing \['generator'\]"),
+    (lambda s: s.load_state_dict(depth_state(chain=torch.ones(8))), TypeError, r"`state\['chain'\]` must be a bool Tensor\[N\], but got Tensor of shape \(8,\), dtype torch.float32"),
+    (lambda s: s.load_state_dict(depth_state(chain=all_dropped())), ValueError, r"`state\['chain'\]` must drop between 1 and 3 of the 8 blocks at position 2, but got 8 dropped"),
+    (lambda s: s.load_state_dict(depth_state(position=0, chain=all_dropped())), ValueError, r"must drop between 0 and 4 of the 8 blocks at position 0, but got 8"),
+    (lambda s: s.load_state_dict(depth_state(chain=torch.ones(8, dtype=torch.bool))), ValueError, r"must drop between 1 and 3 .* but got 0 dropped"),
+    (lambda s: s.load_state_dict(depth_state(position=3)), ValueError, r"`state\['position'\]` must lie in \[0, 2\], but got 3"),
+    (lambda s: s.load_state_dict(depth_state(position=1.0)), TypeError, r"`state\['position'\]` must be an int, but got 1.0"),
+    (lambda s: s.load_state_dict(depth_state(generator=torch.zeros(3, dtype=torch.uint8))), ValueError, r"`state\['generator'\]` must be a CPU torch.Generator state, but got an invalid one"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", SAMPLER_CALLS)
+def test_depth_sampler_rejections_change_nothing(call, error, message):
+    expect_rejected(sampler(), call, error, message)
+
+
+def test_draw_without_the_full_network_needs_two_groups_and_changes_nothing():
+    one_group = DepthSampler(BLOCKS, 1, seed=0)
+    expect_rejected(one_group, lambda s: s.draw(include_full=False), ValueError, r"`include_full=False` needs `num_groups` >= 2")
+
+
+def test_nested_sample_raises_before_the_cycle_and_generator_advance():
+    depth = sampler()
+    with depth.sample():
+        before = snapshot(depth)
+        with pytest.raises(RuntimeError, match="DepthSampler contexts cannot be nested"):
+            depth.sample()
+        assert snapshot(depth) == before
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"growth": float("inf")}, ValueError, r"`growth` must lie in \[1, inf\), but got inf"),
+        ({"growth": float("nan")}, ValueError, r"`growth` must lie in \[1, inf\), but got nan"),
+        ({"drop_rate": 1.0000001}, ValueError, r"`drop_rate` must lie in \(0, 1\], but got 1.0000001"),
+        ({"max_drop_fraction": float("-inf")}, ValueError, r"`max_drop_fraction` must lie in \(0, 1\], but got -inf"),
+        ({"seed": 1.5}, TypeError, r"`seed` must be an int, but got 1.5"),
+        ({"seed": -1}, ValueError, r"`seed` must be an int >= 0, but got -1"),
+    ],
+)
+def test_depth_sampler_constructor_rejections(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        DepthSampler.from_model(ResNet(blocks=(4,), widths=(4,)), **kwargs)
+
+
+def test_depth_sampler_accepts_numpy_numbers():
+    depth = DepthSampler(BLOCKS, np.int64(3), drop_rate=np.float32(0.5), growth=np.float64(2.0), seed=np.int64(4))
+    assert depth.num_groups == 3 and [depth.draw().group for _ in range(3)] == [0, 1, 2]
+    assert len(find_residual_blocks(ResNet(blocks=(2, 2), widths=(4, 8)))) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Numeric edges that must be accepted, and the empty-batch rule
+# --------------------------------------------------------------------------------------------
+
+
+def teacher_rows(kind, batch, classes, generator):
+    if kind == "one_hot":
+        return nn.functional.one_hot(torch.randint(classes, (batch,), generator=generator), classes).float()
+    if kind == "uniform":
+        return torch.full((batch, classes), 1.0 / classes)
+    return torch.rand(batch, classes, generator=generator).softmax(1)
+
+
+@given(
+    batch=st.integers(0, 3),
+    classes=st.integers(1, 5),
+    rows=st.sampled_from(["one_hot", "uniform", "random"]),
+    temperature=st.sampled_from([1e-4, 0.1, 0.5, 1.0, 3.0, 100.0]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_every_loss_is_finite_at_the_edges(batch, classes, rows, temperature, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, classes, generator=gen) * 4).to(dtype).requires_grad_()
+    probs = teacher_rows(rows, batch, classes, gen).to(dtype)
+    labels = torch.randint(classes, (batch,), generator=gen)
+    weight = torch.rand(batch, generator=gen) > 0.5
+    losses = [
+        kd_loss(logits, probs, np.float64(temperature), teacher_kind="probs", weight=weight),
+        kd_loss(logits, probs.float().log().clamp_min(-1e4).to(dtype), temperature, teacher_kind="logits"),
+        online_distillation_loss([logits, logits * 0.5], logits.detach(), labels, temperature).total,
+        mixed_cross_entropy(logits, CompoundMix(mix_prob=1.0)(torch.rand(batch, 1, 2, 2), labels), 0.1),
+    ]
+    sum(losses).backward()
+    assert all(torch.isfinite(loss) and loss.item() >= -1e-4 for loss in losses)
+    assert torch.isfinite(logits.grad).all()
+
+
+@given(batch=st.integers(0, 2), size=st.sampled_from([(1, 1), (3, 2), (4, 4)]), seed=st.integers(0, 2**16))
+def test_property_attention_losses_at_the_edges(batch, size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    features = [torch.randn(batch, 2, *size, generator=gen, requires_grad=True), torch.zeros(batch, 3, 1, 1)]
+    loss = attention_transfer_loss(features) + AttentionTransferLoss()(features)
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= loss.item() <= 4
+    assert torch.isfinite(features[0].grad).all()
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda x: kd_loss(x, torch.zeros(0, 4), teacher_kind="logits"),
+        lambda x: kd_loss(x, torch.zeros(0, 4), teacher_kind="probs", weight=torch.zeros(0, dtype=torch.bool)),
+        lambda x: mixed_cross_entropy(x, CompoundMix()(torch.zeros(0, 1, 2, 2), torch.zeros(0, dtype=torch.long))),
+        lambda x: online_distillation_loss([x, x], x, torch.zeros(0, dtype=torch.long)).total,
+        lambda x: branch_disagreement([x, x]).top1 + branch_disagreement([x, x]).kl,
+        lambda x: attention_transfer_loss([x.view(0, 4, 1, 1), x.view(0, 2, 2, 1)]),
+    ],
+)
+def test_empty_batch_rule_every_loss_gives_an_attached_zero(loss):
+    x = torch.zeros(0, 4, requires_grad=True)
+    value = loss(x)
+    assert value.shape == () and value.item() == 0.0
+    if value.requires_grad:
+        value.backward()
+        assert x.grad.shape == (0, 4)
+
+
+def test_sizes_accept_numpy_integers():
+    fusion = FeatureFusionTeacher(np.int64(4), np.int64(2), num_layers=np.int64(1), kernel_size=np.int32(3))
+    assert fusion.in_channels == (4, 4)
+    model = MultiBranchResNet(np.int64(3), np.int64(1), blocks=(1, 1), widths=(4, 8), shared_stages=np.int64(1))
+    assert len(model(torch.randn(2, 1, 4, 4)).logits) == 2
+    box = tuple(np.int64(v) for v in (0, 2, 0, 2))
+    torch.testing.assert_close(cutmix(IMAGES, torch.tensor([1, 2, 3, 0]), box), cutmix(IMAGES, torch.tensor([1, 2, 3, 0]), (0, 2, 0, 2)))
+    with pytest.raises(TypeError, match=r"`shared_stages` must be an int, but got 1.0"):
+        MultiBranchResNet(blocks=(1, 1), widths=(4, 8), shared_stages=1.0)
