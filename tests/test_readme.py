@@ -1,23 +1,59 @@
+"""The README's code blocks run as written and its test command is the one CI runs."""
+
+import contextlib
+import io
 import re
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.rst"
 
 
-def usage_example() -> str:
-    text = README.read_text()
-    match = re.search(r"runs it\)::\n\n((?:    .*\n|\n)+)", text)
-    assert match, "README.rst lost its usage example"
-    return "\n".join(line[4:] for line in match.group(1).splitlines())
+def usage_examples():
+    """The literal blocks that follow "runs it)::", dedented, in README order."""
+    blocks = re.findall(r"runs it\)::\n\n((?:    .*\n|\n)+)", README.read_text())
+    return ["\n".join(line[4:] for line in block.splitlines()) for block in blocks]
 
 
-def test_readme_usage_example_runs_as_written():
-    namespace = {}
-    exec(compile(usage_example(), str(README), "exec"), namespace)
-    assert bool(namespace["bank"].seen.any())  # the loop really wrote knowledge
+def run_example(source):
+    """Execute one README block; return its namespace and the numbers of its printed lines."""
+    namespace, printed = {}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(source, str(README), "exec"), namespace)
+    return namespace, printed.getvalue().splitlines()
+
+
+def test_readme_has_the_mkf_and_the_kdatff_example():
+    examples = usage_examples()
+    assert len(examples) == 2, "README.rst lost a usage example"
+    assert "KnowledgeBank" in examples[0] and "MultiBranchResNet" in examples[1]
+
+
+def test_readme_mkf_example_trains_and_fills_the_bank():
+    namespace, lines = run_example(usage_examples()[0])
+    steps = [re.fullmatch(r"step +(\d+) +group (\d) +(none|mixup|cutmix) +loss (\d+\.\d+)", line)
+             for line in lines]
+    assert len(steps) == 12 and all(steps), lines
+    groups = [int(step.group(2)) for step in steps]
+    assert groups == [0, 1] * 6  # one sub-network per step, the group cycling
+    losses = [float(step.group(4)) for step in steps]
+    assert sum(losses[-4:]) < sum(losses[:4]), losses  # it learns
+    assert bool(namespace["bank"].seen.all())  # every image's knowledge was written
+
+
+def test_readme_kdatff_example_trains_with_the_attention_ramp():
+    _, lines = run_example(usage_examples()[1])
+    pattern = (r"step (\d)  loss (\d+\.\d+)  branch CE (\d+\.\d+) (\d+\.\d+)  "
+               r"attention (\d+\.\d+)")
+    steps = [re.fullmatch(pattern, line) for line in lines]
+    assert len(steps) == 8 and all(steps), lines
+    losses = [float(step.group(2)) for step in steps]
+    attention = [float(step.group(5)) for step in steps]
+    assert losses[-1] < losses[0], losses
+    # The ramp starts at 0; attention.step() makes the term count from the next step on.
+    assert attention[0] == 0.0 and min(attention[1:]) > 0.0, attention
 
 
 def test_readme_test_command_is_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
-    command = re.search(r"The tests::\n\n    (.+)\n", README.read_text()).group(1)
+    command = re.search(r"The tests[^:]*::\n\n    (.+)\n", README.read_text()).group(1)
     assert command in ci.splitlines()
