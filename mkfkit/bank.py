@@ -7,11 +7,12 @@ For each group ``t`` (sub-network size class) and each training sample ``I`` the
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from mkfkit import kernels
 from mkfkit._checks import (
     as_lam,
     check_choice,
@@ -23,20 +24,23 @@ from mkfkit._checks import (
     check_positive_int,
     check_shape,
     describe,
-    value_checks,
     value_checks_enabled,
 )
 from mkfkit._transfer import to_device
 from mkfkit.distributed import all_gather_uneven, distributed_world_size
-from mkfkit.fraction import Fraction, LinearFraction, QPFraction
+from mkfkit.fraction import (
+    DEFAULT_FRACTION,
+    FractionStrategy,
+    check_storable,
+    pair_known,
+    settle_sides,
+    split_unchecked,
+)
 
 __all__ = ["BankTarget", "KnowledgeBank"]
 
 STORAGES = ("float32", "bfloat16", "float16", "topk")
 SYNCS = ("none", "all_gather")
-BACKENDS = ("auto", "torch", "triton")
-
-FractionStrategy = Callable[[Tensor, Tensor, Tensor, Tensor], Fraction]
 
 
 class BankTarget(NamedTuple):
@@ -336,7 +340,7 @@ class KnowledgeBank(nn.Module):
         check_choice(sync, "sync", SYNCS)
         self.sync = sync
         self.process_group = process_group
-        check_choice(backend, "backend", BACKENDS)
+        check_choice(backend, "backend", kernels.BACKENDS)
         if backend == "triton" and storage == "topk":
             raise ValueError("`backend` 'triton' needs a dense storage (float32, bfloat16, float16), but got storage='topk'")
         self.backend = backend
@@ -428,36 +432,12 @@ class KnowledgeBank(nn.Module):
         if lam is None:
             raise ValueError("`lam` must be given with `index_b`, but got None")
 
-    def _fused_kernels(self, device: torch.device, fraction: Optional[FractionStrategy] = None):
-        """``(kernels, split)`` for the fused path on ``device``, or ``(None, None)``.
-
-        ``split(probs, base_a, base_b, lam) -> (a, b)`` is the fraction (None for a read).
-        """
-        if self.backend == "torch":
-            return None, None
-        from mkfkit import _triton  # imported on first use: it imports Triton
-
-        split = None
-        if isinstance(fraction, QPFraction) and fraction.solver == "exact" and fraction.backend != "torch":
-            split = _triton._qp_fraction
-        elif isinstance(fraction, LinearFraction):
-            split = lambda *inputs: tuple(fraction(*inputs)[:2])  # noqa: E731
-        usable = (
-            self.storage != "topk"
-            and device == self.device
-            and _triton.available(device)
-            and (fraction is None or split is not None)
+    def _fused(self, device: torch.device) -> bool:
+        """Whether the bank's read and write kernels serve a call computing on ``device``."""
+        return kernels.use_triton(
+            self.backend, device, supported=self.storage != "topk" and device == self.device,
+            needs=f", a dense storage and the batch on the bank's device ({self.device})",
         )
-        if self.backend == "triton" and not usable:
-            raise RuntimeError(
-                "`backend` 'triton' needs Triton, the bank and the batch on one CUDA device (or "
-                "the CPU under TRITON_INTERPRET=1) and a LinearFraction or QPFraction(solver='exact') "
-                f"fraction, but got a bank on {self.device}, a batch on {device} and {fraction!r}; "
-                "use backend='auto' or 'torch'"
-            )
-        if not usable or (self.backend == "auto" and device.type != "cuda"):
-            return None, None
-        return _triton, split
 
     def target(
         self,
@@ -487,13 +467,14 @@ class KnowledgeBank(nn.Module):
         self._check_pair(index_a, index_b, lam, batch)
         out = torch.device(device) if device is not None else index_a.device
         weight = None if index_b is None else as_lam(lam, batch, torch.empty(0, device=out))
-        kernels, _ = self._fused_kernels(out)
-        if kernels is not None:
-            probs, _, mask = kernels.bank_read(
+        if self._fused(out):
+            from mkfkit.kernels import bank as bank_kernels  # imports Triton
+
+            probs, _, seen = bank_kernels.read(
                 self.knowledge[group], self.seen[group], _indices_on(index_a, out),
                 None if index_b is None else _indices_on(index_b, out), weight,
             )
-            return BankTarget(probs, mask)
+            return BankTarget(probs, seen[0] if index_b is None else pair_known(*seen, weight))
         raw_a, seen_a = self._gather(group, index_a, out)
         knowledge_a = self._layout.decode(raw_a)
         if index_b is None:
@@ -502,8 +483,7 @@ class KnowledgeBank(nn.Module):
         knowledge_b = self._layout.decode(raw_b)
         weight_b = weight.unsqueeze(1)
         probs = weight_b * knowledge_a + (1 - weight_b) * knowledge_b
-        mask = (seen_a | (weight == 0)) & (seen_b | (weight == 1))
-        return BankTarget(probs, mask)
+        return BankTarget(probs, pair_known(seen_a, seen_b, weight))
 
     # ----------------------------------------------------------------------------- writing
 
@@ -515,7 +495,7 @@ class KnowledgeBank(nn.Module):
         index_a: Tensor,
         index_b: Optional[Tensor] = None,
         lam: Optional[Union[float, Tensor]] = None,
-        fraction: FractionStrategy = LinearFraction(),
+        fraction: FractionStrategy = DEFAULT_FRACTION,
     ) -> None:
         """Fold a batch of sub-network outputs of ``group`` into the bank.
 
@@ -544,13 +524,7 @@ class KnowledgeBank(nn.Module):
         device = probs.device
         if index_b is not None:
             lam = as_lam(lam, batch, torch.empty(0, device=device))
-            if isinstance(fraction, LinearFraction) and not fraction.project:
-                # Its rows leave the simplex (negative entries): stored, they would poison every
-                # later KL target and fail the next fraction's input check far from the cause.
-                raise ValueError(
-                    "`fraction` must return probability rows for the bank to store, but got "
-                    "LinearFraction(project=False), the paper's raw OPT2; use LinearFraction()"
-                )
+            check_storable(fraction)
 
         probs = probs.detach()
         if self.sync == "all_gather" and distributed_world_size(self.process_group) > 1:
@@ -562,54 +536,57 @@ class KnowledgeBank(nn.Module):
             probs = probs.float()
             probs = probs / probs.sum(dim=1, keepdim=True)
         probs = probs.float()
-
-        # Everything is checked above and the bases are the bank's own rows: the fraction's
-        # input checks would only repeat that work with three more host synchronisations.
-        with value_checks(False):
-            self._fold(group, probs, index_a, index_b, lam, fraction)
+        self._fold(group, probs, index_a, index_b, lam, fraction)
 
     def _fold(
         self, group: int, probs: Tensor, index_a: Tensor, index_b: Optional[Tensor],
         lam: Optional[Tensor], fraction: FractionStrategy,
     ) -> None:
-        """Fold checked float32 ``probs`` into ``group`` (fused or torch path)."""
-        device = probs.device
-        kernels, split = self._fused_kernels(device, None if index_b is None else fraction)
-        if kernels is not None:
-            kernels.bank_update(
-                self.knowledge[group], self.seen[group], probs, _indices_on(index_a, device),
-                self.momentum, None if index_b is None else _indices_on(index_b, device), lam, split,
-            )
-            return
-        raw_a, seen_a = self._gather(group, index_a, device)
-        if index_b is None:
-            rows, raw_old, seen_old = _indices_on(index_a, device), raw_a, seen_a
-            known_old = self._layout.decode(raw_a)
-            estimates = probs
-            valid = torch.ones_like(seen_a)
-        else:
-            raw_b, seen_b = self._gather(group, index_b, device)
-            base_a, base_b = self._layout.decode(raw_a), self._layout.decode(raw_b)
-            split = fraction(probs, base_a, base_b, lam)
-            weight = lam.unsqueeze(1)
-            both_seen = seen_a & seen_b
-            rows = torch.cat((_indices_on(index_a, device), _indices_on(index_b, device)))
-            raw_old = tuple(torch.cat(pair) for pair in zip(raw_a, raw_b))
-            seen_old = torch.cat((seen_a, seen_b))
-            known_old = torch.cat((base_a, base_b))
-            estimates = torch.cat(
-                (
-                    torch.where(weight == 1, probs, split.a.float()),
-                    torch.where(weight == 0, probs, split.b.float()),
-                )
-            )
-            valid = torch.cat(
-                (
-                    split.mask_a & ((lam == 1) | both_seen),
-                    split.mask_b & ((lam == 0) | both_seen),
-                )
-            )
+        """Fold checked float32 ``probs`` into ``group``: read the bases, split, EMA, write back.
 
+        The fused path reads and writes with the bank's kernels; the fraction decides its own
+        kernel. Everything is checked already and the bases are the bank's own rows, so the
+        fraction runs unchecked (:func:`~mkfkit.fraction.split_unchecked`).
+        """
+        device = probs.device
+        fused = self._fused(device)
+        if fused:
+            from mkfkit.kernels import bank as bank_kernels  # imports Triton
+        rows = _indices_on(index_a, device)
+        if index_b is None:
+            estimates, valid = probs, None
+            old = None if fused else self._gather(group, index_a, device)
+        else:
+            rows_b = _indices_on(index_b, device)
+            if fused:
+                base_a, base_b, (seen_a, seen_b) = bank_kernels.read(
+                    self.knowledge[group], self.seen[group], rows, rows_b)
+            else:
+                (raw_a, seen_a), (raw_b, seen_b) = (self._gather(group, i, device) for i in (index_a, index_b))
+                base_a, base_b = self._layout.decode(raw_a), self._layout.decode(raw_b)
+                raw_old = tuple(torch.cat(pair) for pair in zip(raw_a, raw_b))
+                old = raw_old, torch.cat((seen_a, seen_b)), torch.cat((base_a, base_b))
+            split = split_unchecked(fraction, probs, base_a, base_b, lam)
+            estimates, valid = settle_sides(split, probs, lam, seen_a & seen_b)
+            rows = torch.cat((rows, rows_b))
+        if fused:
+            bank_kernels.write(self.knowledge[group], self.seen[group], rows, estimates, valid, self.momentum)
+        else:
+            self._write(group, rows, estimates, valid, *old)
+
+    def _write(
+        self, group: int, rows: Tensor, estimates: Tensor, valid: Optional[Tensor],
+        raw_old: Tuple[Tensor, ...], seen_old: Tensor, known_old: Optional[Tensor] = None,
+    ) -> None:
+        """One EMA step per named row with the mean of its valid estimates (torch path).
+
+        ``raw_old``, ``seen_old``: the stored rows at ``rows`` as gathered; ``known_old`` their
+        decoded values (decoded here when not given).
+        """
+        if valid is None:
+            valid = torch.ones_like(seen_old)
+        if known_old is None:
+            known_old = self._layout.decode(raw_old)
         order, mean, count = _mean_per_row(rows, estimates, valid)
         rows, seen_old, known_old = rows[order], seen_old[order], known_old[order]
         momentum = self.momentum
