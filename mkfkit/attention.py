@@ -29,7 +29,7 @@ from mkfkit._checks import (
     check_shape,
     check_tensor_list,
 )
-from mkfkit.distill import compute_dtype
+from mkfkit._dtypes import compute_dtype
 
 __all__ = ["attention_map", "attention_transfer_loss", "AttentionTransferLoss"]
 

@@ -26,7 +26,7 @@ from mkfkit._checks import (
     describe,
     value_checks_enabled,
 )
-from mkfkit._transfer import to_device
+from mkfkit._devices import indices_on as _indices_on
 from mkfkit.distributed import all_gather_uneven, distributed_world_size
 from mkfkit.fraction import (
     DEFAULT_FRACTION,
@@ -668,7 +668,3 @@ class KnowledgeBank(nn.Module):
             self._buffers[name] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
         return self
 
-
-def _indices_on(index: Tensor, device: torch.device) -> Tensor:
-    """``index`` as int64 on ``device``; a copy from the host does not stall it (see to_device)."""
-    return to_device(index.to(torch.int64), device)

@@ -92,11 +92,11 @@ import math
 from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Type, Union
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mkfkit._checks import check_in_range, check_positive_int, describe
+from mkfkit.distributed import shared_seed
 
 __all__ = [
     "DepthSampler",
@@ -388,7 +388,7 @@ class DepthSampler:
         if generator is not None and seed is not None:
             raise ValueError("pass either `generator` or `seed`, not both")
         if generator is None:
-            generator = torch.Generator().manual_seed(_shared_seed() if seed is None else seed)
+            generator = torch.Generator().manual_seed(shared_seed() if seed is None else seed)
         elif not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
             raise TypeError(
                 f"`generator` must be a CPU torch.Generator, but got {describe(generator)}"
@@ -557,14 +557,6 @@ class DepthSampler:
 
 
 _MISSING = object()
-
-
-def _shared_seed() -> int:
-    """A seed from torch's global generator, the same on every rank under torch.distributed."""
-    seed = [int(torch.randint(0, 2**62, (), dtype=torch.int64))]
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(seed, src=0)
-    return seed[0]
 
 
 # --------------------------------------------------------------------------------------------

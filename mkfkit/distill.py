@@ -23,19 +23,12 @@ from mkfkit._checks import (
     check_shape,
     check_tensor,
 )
+from mkfkit._dtypes import compute_dtype
 
 __all__ = ["kd_loss", "KDLoss"]
 
 TEACHER_KINDS = ("logits", "probs")
 REDUCTIONS = ("batchmean", "sum", "none")
-
-
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float32, or float64 when an input already is: half precision never reaches the math.
-
-    Shared by every loss in mkfkit (attention, fusion) so they upcast the same way.
-    """
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _softened_teacher(teacher: Tensor, temperature: float, teacher_kind: str) -> tuple[Tensor, Tensor]:

@@ -42,6 +42,7 @@ from mkfkit._checks import (
     check_same_shape,
     check_shape,
 )
+from mkfkit._dtypes import compute_dtype
 from mkfkit._projection import project_onto_bounds
 
 __all__ = [
@@ -144,7 +145,7 @@ def _prepare(
     atol = max(1e-3, 2 * torch.finfo(mixed.dtype).eps)
     for name, value in (("mixed", mixed), ("base_a", base_a), ("base_b", base_b)):
         check_distribution_rows(value, name, atol=atol)
-    compute = torch.float32 if mixed.dtype in (torch.float16, torch.bfloat16) else mixed.dtype
+    compute = compute_dtype(mixed)
     dtype = mixed.dtype
     if compute != dtype:
         mixed, base_a, base_b = mixed.to(compute), base_a.to(compute), base_b.to(compute)

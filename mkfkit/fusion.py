@@ -27,7 +27,8 @@ from mkfkit._checks import (
     check_tensor_list,
     describe,
 )
-from mkfkit.distill import compute_dtype, kd_loss
+from mkfkit._dtypes import compute_dtype
+from mkfkit.distill import kd_loss
 
 __all__ = [
     "FeatureFusionTeacher",

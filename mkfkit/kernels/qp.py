@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from mkfkit._dtypes import compute_dtype
 from mkfkit._projection import _MAX_PASSES
 from mkfkit.kernels._import import jit, on_device, tl, triton
 
@@ -366,10 +367,6 @@ def _qp_fraction_bwd_kernel(
 # host work is kept to allocating the outputs and one kernel launch: launch settings are cached
 # per shape and dtype, and the current-device guard is skipped when it is already right.
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _launch_config(n_rows: int, n_cols: int) -> Tuple[int, int, bool, int]:
     """Rows per program, columns per block, whether a row fits in one block, warps."""
     single_block = n_cols <= _MAX_BLOCK
@@ -379,10 +376,9 @@ def _launch_config(n_rows: int, n_cols: int) -> Tuple[int, int, bool, int]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_settings(n_rows: int, n_cols: int, dtype: torch.dtype) -> Tuple[Tuple[int], dict]:
+def _launch_settings(n_rows: int, n_cols: int, compute: torch.dtype) -> Tuple[Tuple[int], dict]:
     """Grid and constexpr/launch keywords shared by the forward and backward kernels."""
     rows, block, single_block, num_warps = _launch_config(n_rows, n_cols)
-    compute = _compute_dtype(dtype)
     meta = dict(COMPUTE=_TL_DTYPES[compute], ROWS=rows, BLOCK=block, SINGLE_BLOCK=single_block,
                 num_warps=num_warps)
     return (triton.cdiv(n_rows, rows),), meta
@@ -394,7 +390,7 @@ def _launch_forward(
     """``(a, b, tau, iterations)``; ``iterations`` is written only with ``count_iterations``."""
     mixed, base_a, base_b, lam = (t.contiguous() for t in (mixed, base_a, base_b, lam))
     n_rows, n_cols = mixed.shape
-    compute = _compute_dtype(mixed.dtype)
+    compute = compute_dtype(mixed)
     a = mixed.new_empty((n_rows, n_cols))
     b = mixed.new_empty((n_rows, n_cols))
     tau = mixed.new_empty((2, n_rows), dtype=compute)
@@ -402,7 +398,7 @@ def _launch_forward(
     iterations = mixed.new_empty((n_rows,), dtype=torch.int32) if count_iterations else tau
     if n_rows == 0:
         return a, b, tau, iterations
-    grid, meta = _launch_settings(n_rows, n_cols, mixed.dtype)
+    grid, meta = _launch_settings(n_rows, n_cols, compute)
     with on_device(mixed.device):
         _qp_fraction_fwd_kernel[grid](
             mixed, base_a, base_b, lam, a, b, tau, iterations,
@@ -426,7 +422,7 @@ def _launch_backward(
     d_lam = lam.new_empty((n_rows,))
     if n_rows == 0:
         return d_mixed, d_base_a, d_base_b, d_lam
-    grid, meta = _launch_settings(n_rows, n_cols, mixed.dtype)
+    grid, meta = _launch_settings(n_rows, n_cols, compute_dtype(mixed))
     with on_device(mixed.device):
         _qp_fraction_bwd_kernel[grid](
             grad_a, grad_b, mixed, base_a, base_b, lam, tau, d_mixed, d_base_a, d_base_b, d_lam,
@@ -466,7 +462,7 @@ def _qp_fraction_op(
 
 @_qp_fraction_op.register_fake
 def _(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    tau = mixed.new_empty((2, mixed.shape[0]), dtype=_compute_dtype(mixed.dtype))
+    tau = mixed.new_empty((2, mixed.shape[0]), dtype=compute_dtype(mixed))
     return mixed.new_empty(mixed.shape), mixed.new_empty(mixed.shape), tau
 
 
