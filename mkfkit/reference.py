@@ -25,13 +25,8 @@ CONIC_SOLVERS = ("CLARABEL", "SCS")
 
 
 def cvxpy_qp_fraction(
-    mixed: Tensor,
-    base_a: Tensor,
-    base_b: Tensor,
-    lam: Union[float, Tensor],
-    *,
-    conic_solver: str = "CLARABEL",
-    solver_args: Optional[dict[str, Any]] = None,
+    mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor], *,
+    conic_solver: str = "CLARABEL", solver_args: Optional[dict[str, Any]] = None,
 ) -> Fraction:
     """:func:`mkfkit.qp_fraction` through cvxpylayers (float64 on the CPU inside): the same
     arguments, checks and result, for reference.

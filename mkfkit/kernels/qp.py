@@ -93,10 +93,32 @@ def _load_terms(mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam, mu, COMPU
 
 
 @jit
+def _load_grad_terms(grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam, mu,
+                     COMPUTE: tl.constexpr):
+    """:func:`_load_terms` and the incoming gradients of the same tile (the backward's loads)."""
+    p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
+        mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam, mu, COMPUTE)
+    grad_a = _load_tile(grad_a_ptr, offsets, mask, COMPUTE)
+    grad_b = _load_tile(grad_b_ptr, offsets, mask, COMPUTE)
+    return p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a, grad_b
+
+
+@jit
 def _tile(rows, row_mask, start, cols, n_cols):
     """Offsets (contiguous rows) and mask of the tile of columns ``start + cols``."""
     chunk = start + cols
     return rows[:, None] * n_cols + chunk[None, :], row_mask[:, None] & (chunk < n_cols)[None, :]
+
+
+@jit
+def _program_rows(lam_ptr, n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
+    """The rows a program owns, their mask, the column offsets of one block, the weights as
+    columns, and which rows are solved (both weights positive)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    lam = tl.load(lam_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE)
+    mu = 1.0 - lam
+    return rows, row_mask, tl.arange(0, BLOCK), lam[:, None], mu[:, None], (lam > 0) & (mu > 0)
 
 
 @jit
@@ -146,14 +168,7 @@ def _qp_fraction_fwd_kernel(
     ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     COUNT_ITERATIONS: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < n_rows
-    cols = tl.arange(0, BLOCK)
-    lam = tl.load(lam_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE)
-    mu = 1.0 - lam
-    solve = (lam > 0) & (mu > 0)
-    lam_col = lam[:, None]
-    mu_col = mu[:, None]
+    rows, row_mask, cols, lam_col, mu_col, solve = _program_rows(lam_ptr, n_rows, ROWS, BLOCK, COMPUTE)
 
     tau_a = tl.full([ROWS], 0.0, COMPUTE)
     tau_b = tl.full([ROWS], 0.0, COMPUTE)
@@ -209,7 +224,7 @@ def _qp_fraction_fwd_kernel(
             for start in range(0, n_cols, BLOCK):
                 offsets, mask = _tile(rows, row_mask, start, cols, n_cols)
                 p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
-            mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, COMPUTE)
+                    mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, COMPUTE)
                 x_a, free_a, upper_a = _classify(v_a, lo_a, hi_a, tau_a, mask)
                 x_b, free_b, upper_b = _classify(v_b, lo_b, hi_b, tau_b, mask)
                 acc_x_a += x_a
@@ -250,7 +265,7 @@ def _qp_fraction_fwd_kernel(
         if not SINGLE_BLOCK:
             offsets, mask = _tile(rows, row_mask, start, cols, n_cols)
             p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
-            mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, COMPUTE)
+                mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, COMPUTE)
         a = tl.minimum(tl.maximum(v_a + tau_a[:, None], lo_a), hi_a)
         b = tl.minimum(tl.maximum(v_b + tau_b[:, None], lo_b), hi_b)
         a = tl.where(lam_col > 0, a, base_a)
@@ -289,14 +304,7 @@ def _qp_fraction_bwd_kernel(
     n_rows, n_cols,
     COMPUTE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < n_rows
-    cols = tl.arange(0, BLOCK)
-    lam = tl.load(lam_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE)
-    mu = 1.0 - lam
-    solve = (lam > 0) & (mu > 0)
-    lam_col = lam[:, None]
-    mu_col = mu[:, None]
+    rows, row_mask, cols, lam_col, mu_col, solve = _program_rows(lam_ptr, n_rows, ROWS, BLOCK, COMPUTE)
     solve_col = solve[:, None]
     tau_a = tl.load(tau_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE)
     tau_b = tl.load(tau_ptr + n_rows + rows, mask=row_mask, other=0.0).to(COMPUTE)
@@ -304,10 +312,9 @@ def _qp_fraction_bwd_kernel(
     # Pass 1: the mean incoming gradient over each side's free set.
     if SINGLE_BLOCK:
         offsets, mask = _tile(rows, row_mask, 0, cols, n_cols)
-        p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
-            mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, COMPUTE)
-        grad_a = _load_tile(grad_a_ptr, offsets, mask, COMPUTE)
-        grad_b = _load_tile(grad_b_ptr, offsets, mask, COMPUTE)
+        p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a, grad_b = _load_grad_terms(
+            grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col,
+            COMPUTE)
         acc_grad_a, acc_free_a = _free_grad(grad_a, v_a, lo_a, hi_a, tau_a, mask)
         acc_grad_b, acc_free_b = _free_grad(grad_b, v_b, lo_b, hi_b, tau_b, mask)
     else:
@@ -317,10 +324,9 @@ def _qp_fraction_bwd_kernel(
         acc_free_b = tl.zeros([ROWS, BLOCK], tl.int32)
         for start in range(0, n_cols, BLOCK):
             offsets, mask = _tile(rows, row_mask, start, cols, n_cols)
-            p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
-            mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, COMPUTE)
-            grad_a = _load_tile(grad_a_ptr, offsets, mask, COMPUTE)
-            grad_b = _load_tile(grad_b_ptr, offsets, mask, COMPUTE)
+            p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a, grad_b = _load_grad_terms(
+                grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col,
+                COMPUTE)
             chunk_grad_a, chunk_free_a = _free_grad(grad_a, v_a, lo_a, hi_a, tau_a, mask)
             chunk_grad_b, chunk_free_b = _free_grad(grad_b, v_b, lo_b, hi_b, tau_b, mask)
             acc_grad_a += chunk_grad_a
@@ -335,10 +341,9 @@ def _qp_fraction_bwd_kernel(
     for start in range(0, n_cols, BLOCK):
         if not SINGLE_BLOCK:
             offsets, mask = _tile(rows, row_mask, start, cols, n_cols)
-            p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
-            mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, COMPUTE)
-            grad_a = _load_tile(grad_a_ptr, offsets, mask, COMPUTE)
-            grad_b = _load_tile(grad_b_ptr, offsets, mask, COMPUTE)
+            p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a, grad_b = _load_grad_terms(
+                grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col,
+                COMPUTE)
         target = tl.minimum(tl.maximum(p, 0.0), 1.0)
         to_v_a, to_target_a, to_lam_a = _side_vjp(
             grad_a, mean_a, v_a, lo_a, hi_a, tau_a, mask, target, lam_col, mu_col)
