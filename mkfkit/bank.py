@@ -198,95 +198,14 @@ class KnowledgeBank(nn.Module):
     The composite teacher for a (mixed) batch is
     ``target(t) = lam * K_t[I1] + (1 - lam) * K_t[I2]``.
 
-    **Rows never written.** A fresh row has no knowledge. Its first write stores the estimate
-    as is (no EMA with an arbitrary initial value); :meth:`target` flags rows without knowledge
-    in ``mask``. A fraction needs both bases, so a side of a mixed pair is updated only when
-    its partner carries no weight or both bases are known:
-    side ``a`` iff ``fraction.mask_a`` and (``lam == 1`` or both rows seen), side ``b`` iff
-    ``fraction.mask_b`` and (``lam == 0`` or both rows seen). A pair with an unknown partner is
-    therefore skipped (the unmixed batches, about half of all batches after warm-up, and the
-    warm-up itself, fill every row quickly). A side with weight exactly 1 is the mixed output
-    itself (``a = p~`` where ``lam == 1``, whatever the strategy), and a side with weight 0 is
-    never updated, so an unmixed batch passed through the mixed path with ``lam = 1`` leaves
-    the bank bit for bit as the unmixed call does.
+    The rules (rows never written, duplicates, storage layouts and their error, devices, the
+    fused GPU path, which group teaches which, one MKF step, distributed use) are written out in
+    docs/METHOD.md, "Knowledge bank".
 
-    **Duplicates.** When several entries of one call name the same row (a permutation pairs
-    every image twice; ``DistributedSampler`` pads with repeats; ranks share samples), the
-    row takes *one* EMA step with the mean of all its valid estimates in this call (the
-    ``a``-side entries in batch order, then the ``b``-side entries). The mean comes from a
-    sort-based segmented sum without atomics: deterministic, and bit for bit the same on CPU
-    and CUDA on the torch path (the fused path, below, agrees with it up to rounding).
-
-    **Storage.** ``"float32"`` (``4 C`` bytes a row), ``"bfloat16"`` / ``"float16"``
-    (``2 C``), or ``"topk"``: the ``k`` largest probabilities (float16) and their class ids
-    (int16 for ``C <= 32767``, else int32), the rest of the mass spread evenly over the other
-    classes (``4 k`` bytes a row). Plus one bool a row for ``seen``. The EMA always runs in
-    float32 on decoded rows; compact rows are renormalised when read. A storage precision
-    still bounds the smallest change that survives: with a small momentum in bfloat16
-    (8 significant bits), ``m * |p - K|`` below half a unit in the last place of ``K`` is lost.
-    :meth:`memory_bytes` gives the size of a configuration before allocating it; e.g. ImageNet
-    (1.28M x 1000, T = 3) takes 15.4 GB in float32, 7.7 GB in bfloat16 and 0.50 GB with
-    ``topk`` and ``k = 32``. ``benchmarks/bench_bank.py`` measures the top-k error.
-
-    **Devices.** The bank may live on another device than the model (e.g. a CPU bank for a CUDA
-    model). :meth:`update` computes on the device of ``probs`` and writes the new rows back;
-    :meth:`target` gathers the compact stored rows through pinned host memory, copies them
-    without blocking and decodes them on the caller's device. Indices on the bank's device
-    avoid a copy; CUDA indices for a CPU bank cost one device-to-host synchronisation.
-    Moving a model that holds the bank with ``.half()``/``.to(dtype)`` moves the bank but
-    never converts its storage.
-
-    **Fused GPU path** (``backend``). For a dense layout (float32, bfloat16, float16) on a CUDA
-    device, :meth:`target` is one Triton kernel (gather both rows, decode, mix), and
-    :meth:`update` is a read kernel (both bases and their seen flags), the fraction (the fused
-    exact QP kernel for ``QPFraction(solver="exact")`` with backend "auto"/"triton", torch for
-    ``LinearFraction``), a stable sort of the destination rows and one write-back kernel whose
-    program at the head of each row's run averages that row's estimates in sorted order and
-    takes the EMA step: no atomics, no host synchronisation (CUDA-graph capturable), the same
-    rules as above. It computes what the torch path computes; the results differ only by
-    rounding: the mean of three or more estimates for one row is summed left to right (the
-    torch path's scan associates differently), half-precision rows are renormalised with a
-    differently ordered sum, and the exact QP kernel finds its ``tau`` by Newton steps instead
-    of sorting (both within about 1e-6 in float32). Within the fused path the bitwise rules
-    hold as well: ``lam = 1`` through the mixed path equals the unmixed call, and duplicates
-    give results that do not depend on the rest of the batch. ``backend="auto"`` takes it when it
-    applies (CUDA bank and caller on the same device, dense storage, one of those fractions,
-    Triton importable), ``"torch"`` never, ``"triton"`` always (an error where it cannot run;
-    on CPU it needs Triton's interpreter, for tests).
-
-    **Which group teaches which** is the caller's choice: :meth:`target` takes any group. The
-    paper trains group ``t`` (smaller for larger ``t``) with ``target(t - 1)``, the knowledge
-    of the next larger network. The full network (group 0) has no larger group; we recommend
-    ``target(0)``, its own stored knowledge (self-distillation from past predictions, as in
-    PS-KD): it costs nothing extra, is a temporal ensemble of the full network's earlier
-    predictions and hence smoother and less noisy than its current output, gives a
-    per-sample, data-dependent label smoothing, and keeps a KD term for every group so that
-    the loss scale does not jump with the group. Early in training the stored knowledge is
-    poor: ramp the KD weight of group 0 up (PS-KD ramps linearly) or leave it out during the
-    warm-up. Always read the target *before* updating the same group with the current
-    output, or the teacher contains the student's own present answer.
-
-    One MKF step, with ``batch`` from :class:`~mkfkit.mixing.CompoundMix` and the sampled
-    sub-network of group ``t`` (read the teacher first, then update)::
-
-        teacher = bank.target(max(t - 1, 0), batch.index_a, batch.index_b, batch.lam)
-        logits = model(batch.images)
-        loss = mixed_cross_entropy(logits, batch) + beta * kd_loss(
-            logits, teacher.probs, teacher_kind="probs", weight=teacher.mask.float())
-        bank.update(t, logits.softmax(dim=1), batch.index_a, batch.index_b, batch.lam)
-
-    **Distributed** (``sync="all_gather"``). Every rank sends its probabilities (in their
-    dtype), indices, group and weights to every other rank (:func:`~mkfkit.distributed.
-    all_gather_uneven`, uneven batch sizes allowed), and every rank applies the concatenation
-    of all ranks' batches, in rank order, as one update. Replicas stay identical, bit for bit,
-    and equal a single-process bank fed that concatenated batch. Cost per step and rank: one
-    all-gather of one int64 (the batch sizes; a host sync with NCCL), then all-gathers
-    receiving ``W * B_max * (C * s + 28)`` bytes (``W`` ranks, ``B_max`` largest local batch,
-    ``s`` bytes per probability: 2 for bf16, 4 for float32), e.g. 8 ranks, B = 256, C = 1000,
-    float32: 8.2 MB; compute: each rank runs the fraction and update on ``W * B`` rows. Every
-    rank must call :meth:`update` the same number of times with the same ``group`` (checked)
-    and fraction strategy; unmixed batches travel as mixed ones with ``lam = 1``. Without an
-    initialised process group the bank behaves as a single process.
+    Shapes:
+        ``update``: ``probs`` Tensor[B, C], ``index_a``/``index_b`` int Tensor[B], ``lam`` a
+        number or Tensor[B]. ``target``: ``probs`` float32 Tensor[B, C], ``mask`` bool
+        Tensor[B].
 
     Args:
         num_samples: number of training samples ``N``.
@@ -296,9 +215,10 @@ class KnowledgeBank(nn.Module):
         storage: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"topk"``.
         k: entries kept per row for ``storage="topk"`` (required there, else None).
         device: device of the storage (default CPU).
-        sync: ``"none"`` or ``"all_gather"`` (see above).
+        sync: ``"none"`` or ``"all_gather"`` (every rank applies all ranks' batches).
         process_group: process group for ``sync="all_gather"`` (default: the world).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``: the fused GPU path (see above).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``: the bank's read and write kernels
+            (:func:`mkfkit.kernels.use_triton`); the fraction chooses its own.
 
     Example:
         >>> import torch
