@@ -184,12 +184,9 @@ def print_speed(rows: List[dict]) -> None:
 
 def fused_rows(quick: bool) -> List[dict]:
     """The fused Triton path (backend="triton") against the torch path, bank and batch on CUDA."""
-    try:
-        from mkfkit import _triton
-    except ImportError as error:
-        print(f"fused bank path: skipped (mkfkit._triton not importable: {error})")
-        return []
-    if not torch.cuda.is_available() or not _triton.available("cuda"):
+    from mkfkit import kernels
+
+    if not torch.cuda.is_available() or not kernels.available("cuda"):
         print("fused bank path: skipped (needs a CUDA device and Triton)")
         return []
     samples, classes, batch = (10_000 if quick else 50_000), 1000, 512

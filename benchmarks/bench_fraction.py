@@ -5,7 +5,7 @@ Compares, on the same random instances (float32, value checks off while timing):
 * ``opt2_raw``   -- the paper's OPT2 formula (LinearFraction(project=False))
 * ``opt2_proj``  -- OPT2 projected onto the simplex (LinearFraction(), the default)
 * ``exact``      -- the exact QP in closed form, plain torch (QPFraction(backend="torch"))
-* ``triton``     -- the exact QP as a fused Triton kernel (when mkfkit._triton is usable)
+* ``triton``     -- the exact QP as a fused Triton kernel (when mkfkit.kernels.available)
 * ``cvx_scs`` / ``cvx_clarabel`` -- the same QP through cvxpylayers (the paper's route)
 
 for B in {64, 256, 512} and C in {10, 100, 1000}, forward and forward+backward, on CPU and CUDA.
@@ -56,11 +56,9 @@ def make_instance(batch, num_classes, device, seed=0):
 
 
 def triton_status(device: str) -> tuple[bool, str]:
-    try:
-        from mkfkit import _triton
-    except ImportError as error:
-        return False, f"mkfkit._triton not importable ({error})"
-    if not _triton.available(torch.device(device)):
+    from mkfkit import kernels
+
+    if not kernels.available(torch.device(device)):
         return False, f"Triton not available on {device}"
     return True, ""
 
@@ -114,9 +112,11 @@ def main() -> None:
         try:
             import cvxpylayers  # noqa: F401
 
+            from mkfkit.reference import CvxpyQPFraction
+
             jobs = {"n_jobs_forward": threads, "n_jobs_backward": threads}
             cvx = {
-                f"cvx_{conic.lower()}": QPFraction(solver="cvxpylayers", conic_solver=conic, solver_args=jobs)
+                f"cvx_{conic.lower()}": CvxpyQPFraction(conic_solver=conic, solver_args=jobs)
                 for conic in ("SCS", "CLARABEL")
             }
         except ImportError:

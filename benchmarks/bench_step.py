@@ -122,19 +122,17 @@ def fraction_for(variant: str, device: torch.device):
     if variant in ("mkf-qp", "mkf-qp, T=3 cycle"):
         return QPFraction(backend="torch")
     if variant == "mkf-qp-triton":
-        try:
-            from mkfkit import _triton
-        except ImportError:
-            raise Skip("mkfkit._triton is not importable") from None
-        if not _triton.available(device):
+        from mkfkit import kernels
+
+        if not kernels.available(device):
             raise Skip(f"the Triton kernels do not run on {device.type}")
         return QPFraction(backend="triton")
     if variant == "mkf-cvxpylayers":
         try:
-            import cvxpylayers  # noqa: F401
+            from mkfkit.reference import CvxpyQPFraction
         except ImportError:
             raise Skip("cvxpylayers is not installed (pip install mkfkit[qp])") from None
-        return QPFraction(solver="cvxpylayers")
+        return CvxpyQPFraction()
     raise ValueError(variant)
 
 

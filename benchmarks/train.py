@@ -84,7 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device_report, print_table, synchronize, write_json  # noqa: E402
 from datasets import DATASETS, DatasetError, ImageData, load_dataset  # noqa: E402
 
-from mkfkit._transfer import to_device  # noqa: E402
+from mkfkit._devices import to_device  # noqa: E402
 from mkfkit.attention import AttentionTransferLoss  # noqa: E402
 from mkfkit.bank import KnowledgeBank  # noqa: E402
 from mkfkit.depth import DepthSampler, recalibrate_batchnorm  # noqa: E402

@@ -1,5 +1,6 @@
 """mkfkit: drop-in PyTorch building blocks for MKF and KD-ATFF distillation."""
 
+from mkfkit import attention, bank, depth, distill, features, fraction, fusion, mixing
 from mkfkit._checks import set_value_checks, value_checks
 from mkfkit.attention import AttentionTransferLoss, attention_map, attention_transfer_loss
 from mkfkit.bank import BankTarget, KnowledgeBank
@@ -15,6 +16,7 @@ from mkfkit.features import FeatureCollector
 from mkfkit.fraction import (
     DominantFraction,
     Fraction,
+    FractionStrategy,
     LinearFraction,
     QPFraction,
     dominant_fraction,
@@ -42,39 +44,14 @@ from mkfkit.mixing import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "BankTarget",
-    "DepthSampler",
-    "DominantFraction",
-    "Fraction",
-    "KnowledgeBank",
-    "LinearFraction",
-    "QPFraction",
-    "SubNetwork",
-    "dominant_fraction",
-    "find_residual_blocks",
-    "is_residual_block",
-    "linear_fraction",
-    "qp_fraction",
-    "recalibrate_batchnorm",
-    "AttentionTransferLoss",
-    "BranchDisagreement",
-    "FeatureCollector",
-    "FeatureFusionTeacher",
-    "KDLoss",
-    "OnlineDistillationLoss",
-    "attention_map",
-    "attention_transfer_loss",
-    "branch_disagreement",
-    "kd_loss",
-    "online_distillation_loss",
-    "CompoundMix",
-    "MixedBatch",
-    "MixedCrossEntropyLoss",
-    "cutmix",
-    "mixed_cross_entropy",
-    "mixup",
-    "sample_beta",
-    "sample_box",
+    *attention.__all__,
+    *bank.__all__,
+    *depth.__all__,
+    *distill.__all__,
+    *features.__all__,
+    *fraction.__all__,
+    *fusion.__all__,
+    *mixing.__all__,
     "set_value_checks",
     "value_checks",
 ]

@@ -41,7 +41,7 @@ searches may pick different ones (such kinks are structural with two classes, ra
   all, which on a CPU costs about 50 ns per element (benchmarks/RESULTS.md). Sync-free like the
   sort.
 - ``"newton"``: a safeguarded Newton iteration on ``g(tau) = 1``, the algorithm of the fused
-  Triton kernel (see :mod:`mkfkit._triton`): each pass evaluates ``g`` and the number of
+  Triton kernel (see :mod:`mkfkit.kernels.qp`): each pass evaluates ``g`` and the number of
   breakpoints at or below ``tau`` of each kind (their difference is ``|F|``) and steps to the
   root of the current linear piece, bisecting a bracket instead when that step would leave it or
   the piece is flat. A row stops once a Newton step crossed no breakpoint (``tau`` is then the

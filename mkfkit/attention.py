@@ -31,7 +31,8 @@ from mkfkit._checks import (
     check_state_keys,
     check_tensor_list,
 )
-from mkfkit.distill import batch_mean, compute_dtype
+from mkfkit._dtypes import compute_dtype
+from mkfkit.distill import batch_mean
 
 __all__ = ["attention_map", "attention_transfer_loss", "AttentionTransferLoss"]
 

@@ -7,11 +7,12 @@ For each group ``t`` (sub-network size class) and each training sample ``I`` the
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from mkfkit import kernels
 from mkfkit._checks import (
     as_lam,
     check_choice,
@@ -23,20 +24,23 @@ from mkfkit._checks import (
     check_positive_int,
     check_shape,
     describe,
-    value_checks,
     value_checks_enabled,
 )
-from mkfkit._transfer import to_device
+from mkfkit._devices import indices_on as _indices_on
 from mkfkit.distributed import all_gather_uneven, distributed_world_size
-from mkfkit.fraction import Fraction, LinearFraction, QPFraction
+from mkfkit.fraction import (
+    DEFAULT_FRACTION,
+    FractionStrategy,
+    check_storable,
+    pair_known,
+    settle_sides,
+    split_unchecked,
+)
 
 __all__ = ["BankTarget", "KnowledgeBank"]
 
 STORAGES = ("float32", "bfloat16", "float16", "topk")
 SYNCS = ("none", "all_gather")
-BACKENDS = ("auto", "torch", "triton")
-
-FractionStrategy = Callable[[Tensor, Tensor, Tensor, Tensor], Fraction]
 
 
 class BankTarget(NamedTuple):
@@ -194,95 +198,14 @@ class KnowledgeBank(nn.Module):
     The composite teacher for a (mixed) batch is
     ``target(t) = lam * K_t[I1] + (1 - lam) * K_t[I2]``.
 
-    **Rows never written.** A fresh row has no knowledge. Its first write stores the estimate
-    as is (no EMA with an arbitrary initial value); :meth:`target` flags rows without knowledge
-    in ``mask``. A fraction needs both bases, so a side of a mixed pair is updated only when
-    its partner carries no weight or both bases are known:
-    side ``a`` iff ``fraction.mask_a`` and (``lam == 1`` or both rows seen), side ``b`` iff
-    ``fraction.mask_b`` and (``lam == 0`` or both rows seen). A pair with an unknown partner is
-    therefore skipped (the unmixed batches, about half of all batches after warm-up, and the
-    warm-up itself, fill every row quickly). A side with weight exactly 1 is the mixed output
-    itself (``a = p~`` where ``lam == 1``, whatever the strategy), and a side with weight 0 is
-    never updated, so an unmixed batch passed through the mixed path with ``lam = 1`` leaves
-    the bank bit for bit as the unmixed call does.
+    The rules (rows never written, duplicates, storage layouts and their error, devices, the
+    fused GPU path, which group teaches which, one MKF step, distributed use) are written out in
+    docs/METHOD.md, "Knowledge bank".
 
-    **Duplicates.** When several entries of one call name the same row (a permutation pairs
-    every image twice; ``DistributedSampler`` pads with repeats; ranks share samples), the
-    row takes *one* EMA step with the mean of all its valid estimates in this call (the
-    ``a``-side entries in batch order, then the ``b``-side entries). The mean comes from a
-    sort-based segmented sum without atomics: deterministic, and bit for bit the same on CPU
-    and CUDA on the torch path (the fused path, below, agrees with it up to rounding).
-
-    **Storage.** ``"float32"`` (``4 C`` bytes a row), ``"bfloat16"`` / ``"float16"``
-    (``2 C``), or ``"topk"``: the ``k`` largest probabilities (float16) and their class ids
-    (int16 for ``C <= 32767``, else int32), the rest of the mass spread evenly over the other
-    classes (``4 k`` bytes a row). Plus one bool a row for ``seen``. The EMA always runs in
-    float32 on decoded rows; compact rows are renormalised when read. A storage precision
-    still bounds the smallest change that survives: with a small momentum in bfloat16
-    (8 significant bits), ``m * |p - K|`` below half a unit in the last place of ``K`` is lost.
-    :meth:`memory_bytes` gives the size of a configuration before allocating it; e.g. ImageNet
-    (1.28M x 1000, T = 3) takes 15.4 GB in float32, 7.7 GB in bfloat16 and 0.50 GB with
-    ``topk`` and ``k = 32``. ``benchmarks/bench_bank.py`` measures the top-k error.
-
-    **Devices.** The bank may live on another device than the model (e.g. a CPU bank for a CUDA
-    model). :meth:`update` computes on the device of ``probs`` and writes the new rows back;
-    :meth:`target` gathers the compact stored rows through pinned host memory, copies them
-    without blocking and decodes them on the caller's device. Indices on the bank's device
-    avoid a copy; CUDA indices for a CPU bank cost one device-to-host synchronisation.
-    Moving a model that holds the bank with ``.half()``/``.to(dtype)`` moves the bank but
-    never converts its storage.
-
-    **Fused GPU path** (``backend``). For a dense layout (float32, bfloat16, float16) on a CUDA
-    device, :meth:`target` is one Triton kernel (gather both rows, decode, mix), and
-    :meth:`update` is a read kernel (both bases and their seen flags), the fraction (the fused
-    exact QP kernel for ``QPFraction(solver="exact")`` with backend "auto"/"triton", torch for
-    ``LinearFraction``), a stable sort of the destination rows and one write-back kernel whose
-    program at the head of each row's run averages that row's estimates in sorted order and
-    takes the EMA step: no atomics, no host synchronisation (CUDA-graph capturable), the same
-    rules as above. It computes what the torch path computes; the results differ only by
-    rounding: the mean of three or more estimates for one row is summed left to right (the
-    torch path's scan associates differently), half-precision rows are renormalised with a
-    differently ordered sum, and the exact QP kernel finds its ``tau`` by Newton steps instead
-    of sorting (both within about 1e-6 in float32). Within the fused path the bitwise rules
-    hold as well: ``lam = 1`` through the mixed path equals the unmixed call, and duplicates
-    give results that do not depend on the rest of the batch. ``backend="auto"`` takes it when it
-    applies (CUDA bank and caller on the same device, dense storage, one of those fractions,
-    Triton importable), ``"torch"`` never, ``"triton"`` always (an error where it cannot run;
-    on CPU it needs Triton's interpreter, for tests).
-
-    **Which group teaches which** is the caller's choice: :meth:`target` takes any group. The
-    paper trains group ``t`` (smaller for larger ``t``) with ``target(t - 1)``, the knowledge
-    of the next larger network. The full network (group 0) has no larger group; we recommend
-    ``target(0)``, its own stored knowledge (self-distillation from past predictions, as in
-    PS-KD): it costs nothing extra, is a temporal ensemble of the full network's earlier
-    predictions and hence smoother and less noisy than its current output, gives a
-    per-sample, data-dependent label smoothing, and keeps a KD term for every group so that
-    the loss scale does not jump with the group. Early in training the stored knowledge is
-    poor: ramp the KD weight of group 0 up (PS-KD ramps linearly) or leave it out during the
-    warm-up. Always read the target *before* updating the same group with the current
-    output, or the teacher contains the student's own present answer.
-
-    One MKF step, with ``batch`` from :class:`~mkfkit.mixing.CompoundMix` and the sampled
-    sub-network of group ``t`` (read the teacher first, then update)::
-
-        teacher = bank.target(max(t - 1, 0), batch.index_a, batch.index_b, batch.lam)
-        logits = model(batch.images)
-        loss = mixed_cross_entropy(logits, batch) + beta * kd_loss(
-            logits, teacher.probs, teacher_kind="probs", weight=teacher.mask.float())
-        bank.update(t, logits.softmax(dim=1), batch.index_a, batch.index_b, batch.lam)
-
-    **Distributed** (``sync="all_gather"``). Every rank sends its probabilities (in their
-    dtype), indices, group and weights to every other rank (:func:`~mkfkit.distributed.
-    all_gather_uneven`, uneven batch sizes allowed), and every rank applies the concatenation
-    of all ranks' batches, in rank order, as one update. Replicas stay identical, bit for bit,
-    and equal a single-process bank fed that concatenated batch. Cost per step and rank: one
-    all-gather of one int64 (the batch sizes; a host sync with NCCL), then all-gathers
-    receiving ``W * B_max * (C * s + 28)`` bytes (``W`` ranks, ``B_max`` largest local batch,
-    ``s`` bytes per probability: 2 for bf16, 4 for float32), e.g. 8 ranks, B = 256, C = 1000,
-    float32: 8.2 MB; compute: each rank runs the fraction and update on ``W * B`` rows. Every
-    rank must call :meth:`update` the same number of times with the same ``group`` (checked)
-    and fraction strategy; unmixed batches travel as mixed ones with ``lam = 1``. Without an
-    initialised process group the bank behaves as a single process.
+    Shapes:
+        ``update``: ``probs`` Tensor[B, C], ``index_a``/``index_b`` int Tensor[B], ``lam`` a
+        number or Tensor[B]. ``target``: ``probs`` float32 Tensor[B, C], ``mask`` bool
+        Tensor[B].
 
     Args:
         num_samples: number of training samples ``N``.
@@ -292,9 +215,10 @@ class KnowledgeBank(nn.Module):
         storage: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"topk"``.
         k: entries kept per row for ``storage="topk"`` (required there, else None).
         device: device of the storage (default CPU).
-        sync: ``"none"`` or ``"all_gather"`` (see above).
+        sync: ``"none"`` or ``"all_gather"`` (every rank applies all ranks' batches).
         process_group: process group for ``sync="all_gather"`` (default: the world).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``: the fused GPU path (see above).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``: the bank's read and write kernels
+            (:func:`mkfkit.kernels.use_triton`); the fraction chooses its own.
 
     Example:
         >>> import torch
@@ -336,7 +260,7 @@ class KnowledgeBank(nn.Module):
         check_choice(sync, "sync", SYNCS)
         self.sync = sync
         self.process_group = process_group
-        check_choice(backend, "backend", BACKENDS)
+        check_choice(backend, "backend", kernels.BACKENDS)
         if backend == "triton" and storage == "topk":
             raise ValueError("`backend` 'triton' needs a dense storage (float32, bfloat16, float16), but got storage='topk'")
         self.backend = backend
@@ -428,36 +352,12 @@ class KnowledgeBank(nn.Module):
         if lam is None:
             raise ValueError("`lam` must be given with `index_b`, but got None")
 
-    def _fused_kernels(self, device: torch.device, fraction: Optional[FractionStrategy] = None):
-        """``(kernels, split)`` for the fused path on ``device``, or ``(None, None)``.
-
-        ``split(probs, base_a, base_b, lam) -> (a, b)`` is the fraction (None for a read).
-        """
-        if self.backend == "torch":
-            return None, None
-        from mkfkit import _triton  # imported on first use: it imports Triton
-
-        split = None
-        if isinstance(fraction, QPFraction) and fraction.solver == "exact" and fraction.backend != "torch":
-            split = _triton._qp_fraction
-        elif isinstance(fraction, LinearFraction):
-            split = lambda *inputs: tuple(fraction(*inputs)[:2])  # noqa: E731
-        usable = (
-            self.storage != "topk"
-            and device == self.device
-            and _triton.available(device)
-            and (fraction is None or split is not None)
+    def _fused(self, device: torch.device) -> bool:
+        """Whether the bank's read and write kernels serve a call computing on ``device``."""
+        return kernels.use_triton(
+            self.backend, device, supported=self.storage != "topk" and device == self.device,
+            needs=f", a dense storage and the batch on the bank's device ({self.device})",
         )
-        if self.backend == "triton" and not usable:
-            raise RuntimeError(
-                "`backend` 'triton' needs Triton, the bank and the batch on one CUDA device (or "
-                "the CPU under TRITON_INTERPRET=1) and a LinearFraction or QPFraction(solver='exact') "
-                f"fraction, but got a bank on {self.device}, a batch on {device} and {fraction!r}; "
-                "use backend='auto' or 'torch'"
-            )
-        if not usable or (self.backend == "auto" and device.type != "cuda"):
-            return None, None
-        return _triton, split
 
     def target(
         self,
@@ -487,13 +387,14 @@ class KnowledgeBank(nn.Module):
         self._check_pair(index_a, index_b, lam, batch)
         out = torch.device(device) if device is not None else index_a.device
         weight = None if index_b is None else as_lam(lam, batch, torch.empty(0, device=out))
-        kernels, _ = self._fused_kernels(out)
-        if kernels is not None:
-            probs, _, mask = kernels.bank_read(
+        if self._fused(out):
+            from mkfkit.kernels import bank as bank_kernels  # imports Triton
+
+            probs, _, seen = bank_kernels.read(
                 self.knowledge[group], self.seen[group], _indices_on(index_a, out),
                 None if index_b is None else _indices_on(index_b, out), weight,
             )
-            return BankTarget(probs, mask)
+            return BankTarget(probs, seen[0] if index_b is None else pair_known(*seen, weight))
         raw_a, seen_a = self._gather(group, index_a, out)
         knowledge_a = self._layout.decode(raw_a)
         if index_b is None:
@@ -502,8 +403,7 @@ class KnowledgeBank(nn.Module):
         knowledge_b = self._layout.decode(raw_b)
         weight_b = weight.unsqueeze(1)
         probs = weight_b * knowledge_a + (1 - weight_b) * knowledge_b
-        mask = (seen_a | (weight == 0)) & (seen_b | (weight == 1))
-        return BankTarget(probs, mask)
+        return BankTarget(probs, pair_known(seen_a, seen_b, weight))
 
     # ----------------------------------------------------------------------------- writing
 
@@ -515,7 +415,7 @@ class KnowledgeBank(nn.Module):
         index_a: Tensor,
         index_b: Optional[Tensor] = None,
         lam: Optional[Union[float, Tensor]] = None,
-        fraction: FractionStrategy = LinearFraction(),
+        fraction: FractionStrategy = DEFAULT_FRACTION,
     ) -> None:
         """Fold a batch of sub-network outputs of ``group`` into the bank.
 
@@ -544,13 +444,7 @@ class KnowledgeBank(nn.Module):
         device = probs.device
         if index_b is not None:
             lam = as_lam(lam, batch, torch.empty(0, device=device))
-            if isinstance(fraction, LinearFraction) and not fraction.project:
-                # Its rows leave the simplex (negative entries): stored, they would poison every
-                # later KL target and fail the next fraction's input check far from the cause.
-                raise ValueError(
-                    "`fraction` must return probability rows for the bank to store, but got "
-                    "LinearFraction(project=False), the paper's raw OPT2; use LinearFraction()"
-                )
+            check_storable(fraction)
 
         probs = probs.detach()
         if self.sync == "all_gather" and distributed_world_size(self.process_group) > 1:
@@ -562,54 +456,57 @@ class KnowledgeBank(nn.Module):
             probs = probs.float()
             probs = probs / probs.sum(dim=1, keepdim=True)
         probs = probs.float()
-
-        # Everything is checked above and the bases are the bank's own rows: the fraction's
-        # input checks would only repeat that work with three more host synchronisations.
-        with value_checks(False):
-            self._fold(group, probs, index_a, index_b, lam, fraction)
+        self._fold(group, probs, index_a, index_b, lam, fraction)
 
     def _fold(
         self, group: int, probs: Tensor, index_a: Tensor, index_b: Optional[Tensor],
         lam: Optional[Tensor], fraction: FractionStrategy,
     ) -> None:
-        """Fold checked float32 ``probs`` into ``group`` (fused or torch path)."""
-        device = probs.device
-        kernels, split = self._fused_kernels(device, None if index_b is None else fraction)
-        if kernels is not None:
-            kernels.bank_update(
-                self.knowledge[group], self.seen[group], probs, _indices_on(index_a, device),
-                self.momentum, None if index_b is None else _indices_on(index_b, device), lam, split,
-            )
-            return
-        raw_a, seen_a = self._gather(group, index_a, device)
-        if index_b is None:
-            rows, raw_old, seen_old = _indices_on(index_a, device), raw_a, seen_a
-            known_old = self._layout.decode(raw_a)
-            estimates = probs
-            valid = torch.ones_like(seen_a)
-        else:
-            raw_b, seen_b = self._gather(group, index_b, device)
-            base_a, base_b = self._layout.decode(raw_a), self._layout.decode(raw_b)
-            split = fraction(probs, base_a, base_b, lam)
-            weight = lam.unsqueeze(1)
-            both_seen = seen_a & seen_b
-            rows = torch.cat((_indices_on(index_a, device), _indices_on(index_b, device)))
-            raw_old = tuple(torch.cat(pair) for pair in zip(raw_a, raw_b))
-            seen_old = torch.cat((seen_a, seen_b))
-            known_old = torch.cat((base_a, base_b))
-            estimates = torch.cat(
-                (
-                    torch.where(weight == 1, probs, split.a.float()),
-                    torch.where(weight == 0, probs, split.b.float()),
-                )
-            )
-            valid = torch.cat(
-                (
-                    split.mask_a & ((lam == 1) | both_seen),
-                    split.mask_b & ((lam == 0) | both_seen),
-                )
-            )
+        """Fold checked float32 ``probs`` into ``group``: read the bases, split, EMA, write back.
 
+        The fused path reads and writes with the bank's kernels; the fraction decides its own
+        kernel. Everything is checked already and the bases are the bank's own rows, so the
+        fraction runs unchecked (:func:`~mkfkit.fraction.split_unchecked`).
+        """
+        device = probs.device
+        fused = self._fused(device)
+        if fused:
+            from mkfkit.kernels import bank as bank_kernels  # imports Triton
+        rows = _indices_on(index_a, device)
+        if index_b is None:
+            estimates, valid = probs, None
+            old = None if fused else self._gather(group, index_a, device)
+        else:
+            rows_b = _indices_on(index_b, device)
+            if fused:
+                base_a, base_b, (seen_a, seen_b) = bank_kernels.read(
+                    self.knowledge[group], self.seen[group], rows, rows_b)
+            else:
+                (raw_a, seen_a), (raw_b, seen_b) = (self._gather(group, i, device) for i in (index_a, index_b))
+                base_a, base_b = self._layout.decode(raw_a), self._layout.decode(raw_b)
+                raw_old = tuple(torch.cat(pair) for pair in zip(raw_a, raw_b))
+                old = raw_old, torch.cat((seen_a, seen_b)), torch.cat((base_a, base_b))
+            split = split_unchecked(fraction, probs, base_a, base_b, lam)
+            estimates, valid = settle_sides(split, probs, lam, seen_a & seen_b)
+            rows = torch.cat((rows, rows_b))
+        if fused:
+            bank_kernels.write(self.knowledge[group], self.seen[group], rows, estimates, valid, self.momentum)
+        else:
+            self._write(group, rows, estimates, valid, *old)
+
+    def _write(
+        self, group: int, rows: Tensor, estimates: Tensor, valid: Optional[Tensor],
+        raw_old: Tuple[Tensor, ...], seen_old: Tensor, known_old: Optional[Tensor] = None,
+    ) -> None:
+        """One EMA step per named row with the mean of its valid estimates (torch path).
+
+        ``raw_old``, ``seen_old``: the stored rows at ``rows`` as gathered; ``known_old`` their
+        decoded values (decoded here when not given).
+        """
+        if valid is None:
+            valid = torch.ones_like(seen_old)
+        if known_old is None:
+            known_old = self._layout.decode(raw_old)
         order, mean, count = _mean_per_row(rows, estimates, valid)
         rows, seen_old, known_old = rows[order], seen_old[order], known_old[order]
         momentum = self.momentum
@@ -691,7 +588,3 @@ class KnowledgeBank(nn.Module):
             self._buffers[name] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
         return self
 
-
-def _indices_on(index: Tensor, device: torch.device) -> Tensor:
-    """``index`` as int64 on ``device``; a copy from the host does not stall it (see to_device)."""
-    return to_device(index.to(torch.int64), device)

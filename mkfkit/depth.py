@@ -94,7 +94,6 @@ import operator
 from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Type, Union
 
 import torch
-import torch.distributed as dist
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -107,6 +106,7 @@ from mkfkit._checks import (
     check_state_keys,
     describe,
 )
+from mkfkit.distributed import shared_seed
 
 __all__ = [
     "DepthSampler",
@@ -493,7 +493,7 @@ class DepthSampler:
         if seed is not None:
             check_positive_int(seed, "seed", minimum=0)
         if generator is None:
-            generator = torch.Generator().manual_seed(_shared_seed() if seed is None else int(seed))
+            generator = torch.Generator().manual_seed(shared_seed() if seed is None else int(seed))
         elif not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
             raise TypeError(
                 f"`generator` must be a CPU torch.Generator, but got {describe(generator)}"
@@ -722,14 +722,6 @@ class DepthSampler:
 
 
 _MISSING = object()
-
-
-def _shared_seed() -> int:
-    """A seed from torch's global generator, the same on every rank under torch.distributed."""
-    seed = [int(torch.randint(0, 2**62, (), dtype=torch.int64))]
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(seed, src=0)
-    return seed[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from mkfkit._checks import (
     check_shape,
     check_tensor,
 )
+from mkfkit._dtypes import compute_dtype
 
 __all__ = ["kd_loss", "KDLoss"]
 
@@ -40,14 +41,6 @@ def check_temperature(temperature: object) -> float:
     """A distillation temperature in (0, MAX_TEMPERATURE], as a float."""
     check_in_range(temperature, "temperature", 0.0, MAX_TEMPERATURE, low_open=True)
     return float(temperature)
-
-
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float32, or float64 when an input already is: half precision never reaches the math.
-
-    Shared by every loss in mkfkit (attention, fusion) so they upcast the same way.
-    """
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def batch_mean(per_sample: Tensor, count: Optional[Union[int, Tensor]] = None) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mkfkit._checks import check_tensor
 
-__all__ = ["all_gather_uneven", "distributed_world_size"]
+__all__ = ["all_gather_uneven", "distributed_rank", "distributed_world_size", "shared_seed"]
 
 
 def distributed_world_size(group: Optional[object] = None) -> int:
@@ -24,6 +24,22 @@ def distributed_world_size(group: Optional[object] = None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
+
+
+def distributed_rank() -> int:
+    """This process's rank in the world, or 0 when ``torch.distributed`` is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_rank()
+
+
+def shared_seed() -> int:
+    """A seed from torch's global generator, the same on every rank under torch.distributed
+    (drawn on rank 0 and broadcast)."""
+    seed = [int(torch.randint(0, 2**62, (), dtype=torch.int64))]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(seed, src=0)
+    return seed[0]
 
 
 def all_gather_uneven(tensors: Sequence[Tensor], group: Optional[object] = None) -> List[Tensor]:

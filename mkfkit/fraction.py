@@ -11,23 +11,27 @@ strategy* estimates ``p_a`` and ``p_b``. All strategies share one call and one r
     lam: float or Tensor[B] in [0, 1] (per-sample weights, e.g. CutMix areas)
 
 * :class:`LinearFraction` (the paper's OPT2): ``a = (mixed - (1 - lam) * base_b) / lam``.
-* :class:`QPFraction` (the paper's OPT1): the exact solution of the QP below, in closed form
-  (default), or through a ``cvxpylayers`` layer (the paper's route, as a reference).
+* :class:`QPFraction` (the paper's OPT1): the exact solution of the QP, in closed form (in torch
+  or one fused Triton kernel). The paper's route, a ``cvxpylayers`` layer, is a reference
+  solver for tests and benchmarks: :class:`mkfkit.reference.CvxpyQPFraction`.
 * :class:`DominantFraction` (the paper's "No OPT" ablation): the image with the larger weight
   takes the whole mixed output.
 
-A side whose weight is exactly 0 carries no information about its image: it keeps its base and
-its mask is ``False``, which tells a knowledge bank to skip that update.
+Any callable of that signature is a strategy (:class:`FractionStrategy`). A side whose weight is
+exactly 0 carries no information about its image: it keeps its base and its mask is ``False``,
+which tells a knowledge bank to skip that update. This module is the one home of that rule and
+of its mirror, a side of weight 1 is the mixed output itself (:func:`settle_sides`,
+:func:`pair_known`). The derivations are in docs/METHOD.md, "Knowledge fraction".
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple, Optional, Union
+from typing import NamedTuple, Protocol, Union
 
 import torch
 from torch import Tensor, nn
 
+from mkfkit import kernels
 from mkfkit._checks import (
     as_lam,
     check_choice,
@@ -38,10 +42,12 @@ from mkfkit._checks import (
     check_same_shape,
     check_shape,
 )
+from mkfkit._dtypes import compute_dtype
 from mkfkit._projection import project_onto_bounds
 
 __all__ = [
     "Fraction",
+    "FractionStrategy",
     "LinearFraction",
     "QPFraction",
     "DominantFraction",
@@ -50,9 +56,6 @@ __all__ = [
     "dominant_fraction",
 ]
 
-_SOLVERS = ("exact", "cvxpylayers")
-_BACKENDS = ("auto", "torch", "triton")
-_CONIC_SOLVERS = ("CLARABEL", "SCS")
 
 
 class Fraction(NamedTuple):
@@ -69,6 +72,54 @@ class Fraction(NamedTuple):
     b: Tensor
     mask_a: Tensor
     mask_b: Tensor
+
+
+class FractionStrategy(Protocol):
+    """What a knowledge bank needs of a fraction: one call, one result.
+
+    ``mixed``, ``base_a``, ``base_b``: Tensor[B, C] probability rows; ``lam``: Tensor[B] (the
+    built-in strategies also take a float). The result's ``a`` and ``b`` must be probability
+    rows for a bank to store them.
+    """
+
+    def __call__(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule for lam in {0, 1}, written once
+
+
+def positive_weights(lam: Tensor) -> Tensor:
+    """bool Tensor[2, B]: the sides (a, then b) whose weight is positive, ``lam > 0`` and
+    ``lam < 1``. Only those carry information about their image."""
+    return torch.stack((lam > 0, lam < 1))
+
+
+def pair_known(known_a: Tensor, known_b: Tensor, lam: Tensor) -> Tensor:
+    """bool Tensor[B]: every side of positive weight is known (a side of weight 0 needs
+    nothing), from the bool Tensor[B] ``known_a``, ``known_b``."""
+    positive_a, positive_b = positive_weights(lam)
+    return (known_a | ~positive_a) & (known_b | ~positive_b)
+
+
+def settle_sides(split: Fraction, mixed: Tensor, lam: Tensor, both_known: Tensor) -> tuple[Tensor, Tensor]:
+    """What a split teaches each side: ``(estimates Tensor[2B, C], valid bool Tensor[2B])``,
+    the a sides, then the b sides.
+
+    A side of weight 1 is the mixed output itself (``a = mixed`` where ``lam == 1``, whatever the
+    strategy). A side counts where the strategy's mask says so and its partner carries no weight
+    or both bases are known (``both_known``, bool Tensor[B]): an estimate made from an unknown
+    base is no estimate.
+    """
+    weight = lam.unsqueeze(1)
+    estimates = torch.cat(
+        (
+            torch.where(weight == 1, mixed, split.a.float()),
+            torch.where(weight == 0, mixed, split.b.float()),
+        )
+    )
+    valid = torch.cat((split.mask_a & ((lam == 1) | both_known), split.mask_b & ((lam == 0) | both_known)))
+    return estimates, valid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +145,7 @@ def _prepare(
     atol = max(1e-3, 2 * torch.finfo(mixed.dtype).eps)
     for name, value in (("mixed", mixed), ("base_a", base_a), ("base_b", base_b)):
         check_distribution_rows(value, name, atol=atol)
-    compute = torch.float32 if mixed.dtype in (torch.float16, torch.bfloat16) else mixed.dtype
+    compute = compute_dtype(mixed)
     dtype = mixed.dtype
     if compute != dtype:
         mixed, base_a, base_b = mixed.to(compute), base_a.to(compute), base_b.to(compute)
@@ -119,15 +170,38 @@ def _linear_divisor(weight: Tensor) -> Tensor:
     return weight.clamp_min(torch.finfo(weight.dtype).tiny ** 0.5)
 
 
-def _finish(pair: Tensor, bases: Tensor, weights: Tensor, dtype) -> Fraction:
-    """Keep the base on a side of weight 0, attach the masks, cast back to the input dtype.
+def _finish(pair: Tensor, bases: Tensor, lam: Tensor) -> Fraction:
+    """Keep the base on a side of weight 0 and attach the masks (:func:`positive_weights`).
 
-    ``pair``, ``bases``: Tensor[2, B, C]; ``weights``: Tensor[2, B, 1] (see :func:`_sides`).
+    ``pair``, ``bases``: Tensor[2, B, C]; ``lam``: Tensor[B].
     """
-    masks = weights > 0
-    a, b = torch.where(masks, pair, bases).to(dtype)
-    mask_a, mask_b = masks.view(2, -1)
-    return Fraction(a, b, mask_a, mask_b)
+    masks = positive_weights(lam)
+    a, b = torch.where(masks.unsqueeze(-1), pair, bases)
+    return Fraction(a, b, *masks)
+
+
+def _cast(fraction: Fraction, dtype: torch.dtype) -> Fraction:
+    """``fraction`` with its rows in ``dtype`` (the input dtype of a checked call)."""
+    return fraction._replace(a=fraction.a.to(dtype), b=fraction.b.to(dtype))
+
+
+def split_unchecked(strategy: FractionStrategy, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
+    """``strategy(mixed, base_a, base_b, lam)`` for callers that checked the inputs already
+    (float32 probability rows, ``lam`` a float32 Tensor[B] in [0, 1]): the built-in strategies
+    skip their checks, any other strategy is called as it is."""
+    unchecked = getattr(strategy, "_unchecked", None)
+    return strategy(mixed, base_a, base_b, lam) if unchecked is None else unchecked(mixed, base_a, base_b, lam)
+
+
+def check_storable(strategy: FractionStrategy) -> None:
+    """Refuse a strategy known to return rows off the simplex (for a bank to store)."""
+    if isinstance(strategy, LinearFraction) and not strategy.project:
+        # Its rows leave the simplex (negative entries): stored, they would poison every
+        # later KL target and fail the next fraction's input check far from the cause.
+        raise ValueError(
+            "`fraction` must return probability rows for the bank to store, but got "
+            "LinearFraction(project=False), the paper's raw OPT2; use LinearFraction()"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +260,11 @@ def linear_fraction(
         tensor([[0.7000, 0.3000, 0.0000]])
     """
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
+    return _cast(_linear(mixed, base_a, base_b, lam, project), dtype)
+
+
+def _linear(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, project: bool) -> Fraction:
+    """:func:`linear_fraction` of prepared inputs (no checks, no cast)."""
     bases, weights = _sides(base_a, base_b, lam)
     # Each side uses the other side's base and weight.
     pair = (mixed - weights.flip(0) * bases.flip(0)) / _linear_divisor(weights)
@@ -193,7 +272,7 @@ def linear_fraction(
         bounds = pair.new_zeros(2, *pair.shape)
         bounds[1] = 1
         pair = project_onto_bounds(pair, bounds)
-    return _finish(pair, bases, weights, dtype)
+    return _finish(pair, bases, lam)
 
 
 class LinearFraction(nn.Module):
@@ -217,12 +296,19 @@ class LinearFraction(nn.Module):
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return linear_fraction(mixed, base_a, base_b, lam, project=self.project)
 
+    def _unchecked(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
+        return _linear(mixed, base_a, base_b, lam, self.project)
+
     def extra_repr(self) -> str:
         return f"project={self.project}"
 
 
+DEFAULT_FRACTION = LinearFraction()
+"""The strategy a :class:`~mkfkit.bank.KnowledgeBank` update uses unless told otherwise."""
+
+
 # ---------------------------------------------------------------------------------------------
-# OPT1: the QP, exact or through cvxpylayers
+# OPT1: the QP in closed form
 
 
 def qp_fraction(
@@ -231,10 +317,7 @@ def qp_fraction(
     base_b: Tensor,
     lam: Union[float, Tensor],
     *,
-    solver: str = "exact",
     backend: str = "auto",
-    conic_solver: str = "CLARABEL",
-    solver_args: Optional[dict[str, Any]] = None,
 ) -> Fraction:
     r"""Knowledge fraction by the paper's QP (OPT1), solved exactly.
 
@@ -271,17 +354,9 @@ def qp_fraction(
         base_a: Tensor[B, C], stored knowledge of image a (probability rows).
         base_b: Tensor[B, C], stored knowledge of image b (probability rows).
         lam: float or Tensor[B] in [0, 1], the weight of image a.
-        solver: ``"exact"`` (closed form, default) or ``"cvxpylayers"`` (the same QP through a
-            differentiable conic-program layer, the paper's route; slow, CPU-bound, for
-            reference; needs ``pip install mkfkit[qp]``).
-        backend: for ``solver="exact"``: ``"torch"``, ``"triton"`` (a fused GPU kernel), or
-            ``"auto"`` (Triton for CUDA tensors of dtype float32/bfloat16/float16 when it is
-            available, torch otherwise).
-        conic_solver: for ``solver="cvxpylayers"``: ``"CLARABEL"`` (default; an interior-point
-            method, accurate to about 1e-8) or ``"SCS"`` (cvxpylayers' default, first-order,
-            accurate to about 1e-4).
-        solver_args: for ``solver="cvxpylayers"``: extra keyword arguments of the conic solver
-            (e.g. ``{"eps": 1e-8}`` for SCS).
+        backend: ``"torch"``, ``"triton"`` (one fused kernel launch; an error where it cannot
+            run) or ``"auto"`` (Triton for CUDA tensors of dtype float32/bfloat16/float16 when
+            it is available, torch otherwise); see :func:`mkfkit.kernels.use_triton`.
 
     Returns:
         :class:`Fraction` with ``a, b``: Tensor[B, C] in the dtype of ``mixed``;
@@ -297,18 +372,22 @@ def qp_fraction(
         >>> 0.5 * a + 0.5 * b
         tensor([[0.5000, 0.3000, 0.2000]])
     """
-    _check_qp_options(solver, backend, conic_solver)
+    check_choice(backend, "backend", kernels.BACKENDS)
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
+    return _cast(_qp(mixed, base_a, base_b, lam, backend), dtype)
+
+
+def _qp(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, backend: str) -> Fraction:
+    """:func:`qp_fraction` of prepared inputs (no checks, no cast): here, and only here, the
+    exact QP chooses between torch and its fused kernel."""
     bases, weights = _sides(base_a, base_b, lam)
-    if solver == "cvxpylayers":
-        pair = torch.stack(_cvxpylayers_qp(mixed, base_a, base_b, lam, conic_solver, solver_args or {}))
+    if kernels.use_triton(backend, mixed.device, preferred=mixed.dtype != torch.float64):
+        from mkfkit.kernels.qp import qp_pair  # imports Triton
+
+        pair = torch.stack(qp_pair(mixed, base_a, base_b, lam))
     else:
-        kernels = _fused_kernels(backend, mixed)
-        if kernels is None:
-            pair = project_onto_bounds(*_qp_boxes(mixed, bases, weights))
-        else:
-            pair = torch.stack(kernels.qp_fraction(mixed, base_a, base_b, lam))
-    return _finish(pair, bases, weights, dtype)
+        pair = project_onto_bounds(*_qp_boxes(mixed, bases, weights))
+    return _finish(pair, bases, lam)
 
 
 class QPFraction(nn.Module):
@@ -321,40 +400,19 @@ class QPFraction(nn.Module):
         tensor([[0.5000, 0.3000, 0.2000]])
     """
 
-    def __init__(
-        self,
-        solver: str = "exact",
-        backend: str = "auto",
-        conic_solver: str = "CLARABEL",
-        solver_args: Optional[dict[str, Any]] = None,
-    ) -> None:
+    def __init__(self, backend: str = "auto") -> None:
         super().__init__()
-        _check_qp_options(solver, backend, conic_solver)
-        self.solver, self.backend, self.conic_solver = solver, backend, conic_solver
-        self.solver_args = dict(solver_args or {})
+        check_choice(backend, "backend", kernels.BACKENDS)
+        self.backend = backend
 
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
-        return qp_fraction(
-            mixed,
-            base_a,
-            base_b,
-            lam,
-            solver=self.solver,
-            backend=self.backend,
-            conic_solver=self.conic_solver,
-            solver_args=self.solver_args,
-        )
+        return qp_fraction(mixed, base_a, base_b, lam, backend=self.backend)
+
+    def _unchecked(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
+        return _qp(mixed, base_a, base_b, lam, self.backend)
 
     def extra_repr(self) -> str:
-        if self.solver == "exact":
-            return f"solver='exact', backend={self.backend!r}"
-        return f"solver='cvxpylayers', conic_solver={self.conic_solver!r}"
-
-
-def _check_qp_options(solver: str, backend: str, conic_solver: str) -> None:
-    check_choice(solver, "solver", _SOLVERS)
-    check_choice(backend, "backend", _BACKENDS)
-    check_choice(conic_solver, "conic_solver", _CONIC_SOLVERS)
+        return f"backend={self.backend!r}"
 
 
 def _qp_boxes(mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -372,88 +430,6 @@ def _qp_boxes(mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Te
     divisor = weights.clamp_min(torch.finfo(weights.dtype).tiny)
     bounds = torch.stack((target - weights.flip(0), target.expand_as(v)))
     return v, bounds.div_(divisor).clamp_(0, 1)
-
-
-def _fused_kernels(backend: str, like: Tensor):
-    """The ``mkfkit._triton`` module when ``backend`` selects it for ``like``, else ``None``."""
-    if backend == "torch":
-        return None
-    from mkfkit import _triton  # imported on first use: it imports Triton
-
-    usable = _triton.available(like.device)
-    if backend == "triton":
-        if not usable:
-            raise RuntimeError(
-                "`backend` 'triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on "
-                f"CPU), but got tensors on {like.device} without a usable Triton; "
-                "use backend='auto' or 'torch'"
-            )
-        return _triton
-    return _triton if usable and like.is_cuda and like.dtype != torch.float64 else None
-
-
-@functools.lru_cache(maxsize=None)
-def _qp_layer(num_classes: int):
-    """The QP as a ``CvxpyLayer`` for ``num_classes`` classes, built once per size.
-
-    ``lam * ||a - K_a||^2`` is not DPP (a parameter times a quadratic in the variable), so the
-    objective is written as ``||sqrt(lam) * a - sqrt(lam) * K_a||^2`` with ``sqrt(lam)`` and
-    ``sqrt(lam) * K_a`` as parameters.
-    """
-    try:
-        import cvxpy as cp
-        from cvxpylayers.torch import CvxpyLayer
-    except ImportError as error:
-        raise ImportError(
-            "QPFraction(solver='cvxpylayers') needs cvxpy and cvxpylayers; install them with "
-            "`pip install mkfkit[qp]`, or use solver='exact'"
-        ) from error
-    a, b = cp.Variable(num_classes), cp.Variable(num_classes)
-    lam, one_minus_lam = cp.Parameter(nonneg=True), cp.Parameter(nonneg=True)
-    root_a, root_b = cp.Parameter(nonneg=True), cp.Parameter(nonneg=True)
-    scaled_base_a, scaled_base_b = cp.Parameter(num_classes), cp.Parameter(num_classes)
-    mixed = cp.Parameter(num_classes)
-    objective = cp.sum_squares(root_a * a - scaled_base_a) + cp.sum_squares(root_b * b - scaled_base_b)
-    constraints = [
-        lam * a + one_minus_lam * b == mixed,
-        a >= 0, a <= 1, b >= 0, b <= 1,
-        cp.sum(a) == 1, cp.sum(b) == 1,
-    ]
-    problem = cp.Problem(cp.Minimize(objective), constraints)
-    parameters = [lam, one_minus_lam, root_a, root_b, scaled_base_a, scaled_base_b, mixed]
-    return CvxpyLayer(problem, parameters=parameters, variables=[a, b])
-
-
-def _cvxpylayers_qp(
-    mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, conic_solver: str, solver_args: dict
-) -> tuple[Tensor, Tensor]:
-    """The QP through cvxpylayers (float64 on the CPU inside, where its conic solvers run)."""
-    layer = _qp_layer(mixed.shape[1])
-    mixed64, base_a64, base_b64, lam_host = (t.double().cpu() for t in (mixed, base_a, base_b, lam))
-    # The layer's equality constraints are infeasible unless each row of `mixed` sums to 1
-    # exactly; rows within the input tolerance are renormalised (in float64) first.
-    mixed64 = mixed64 / mixed64.sum(-1, keepdim=True)
-    # Weights 0 and 1 make sqrt's gradient infinite and the QP degenerate, and their answer is
-    # known (below): solve a harmless stand-in on those rows.
-    lam64 = torch.where((lam_host > 0) & (lam_host < 1), lam_host, 0.5)
-    root_a, root_b = lam64.sqrt(), (1 - lam64).sqrt()
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (mixed, base_a, base_b, lam))):
-        # The layer then calls diffcp's solve-only entry point, which rejects backward options.
-        solver_args = {key: value for key, value in solver_args.items() if key != "n_jobs_backward"}
-    a, b = layer(
-        lam64,
-        1 - lam64,
-        root_a,
-        root_b,
-        root_a[:, None] * base_a64,
-        root_b[:, None] * base_b64,
-        mixed64,
-        solver_args={"solve_method": conic_solver, **solver_args},
-    )
-    # A side of full weight is the mixed output itself (the other side keeps its base later).
-    a = torch.where((lam_host == 1)[:, None], mixed64, a)
-    b = torch.where((lam_host == 0)[:, None], mixed64, b)
-    return a.to(mixed.device, mixed.dtype), b.to(mixed.device, mixed.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,11 +461,16 @@ def dominant_fraction(
         Fraction(a=tensor([[0.5000, 0.5000]]), b=tensor([[1., 0.]]), mask_a=tensor([True]), mask_b=tensor([False]))
     """
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
+    return _cast(_dominant(mixed, base_a, base_b, lam), dtype)
+
+
+def _dominant(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
+    """:func:`dominant_fraction` of prepared inputs (no checks, no cast)."""
     mask_a = lam >= 0.5
     mask_b = ~mask_a
     a = torch.where(mask_a[:, None], mixed, base_a)
     b = torch.where(mask_b[:, None], mixed, base_b)
-    return Fraction(a.to(dtype), b.to(dtype), mask_a, mask_b)
+    return Fraction(a, b, mask_a, mask_b)
 
 
 class DominantFraction(nn.Module):
@@ -503,3 +484,6 @@ class DominantFraction(nn.Module):
 
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return dominant_fraction(mixed, base_a, base_b, lam)
+
+    def _unchecked(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
+        return _dominant(mixed, base_a, base_b, lam)

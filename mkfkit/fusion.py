@@ -28,7 +28,8 @@ from mkfkit._checks import (
     check_tensor_list,
     describe,
 )
-from mkfkit.distill import batch_mean, check_classes, check_temperature, compute_dtype, kd_loss
+from mkfkit._dtypes import compute_dtype
+from mkfkit.distill import batch_mean, check_classes, check_temperature, kd_loss
 
 __all__ = [
     "FeatureFusionTeacher",

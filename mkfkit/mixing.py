@@ -51,8 +51,9 @@ from mkfkit._checks import (
     check_tensor,
     describe,
 )
-from mkfkit._transfer import to_device
+from mkfkit._devices import to_device
 from mkfkit.distill import batch_mean, check_classes
+from mkfkit.distributed import distributed_rank
 
 __all__ = [
     "CompoundMix",
@@ -364,12 +365,6 @@ def _check_generator(generator: object) -> torch.Generator:
 _SEED_OFFSET = 0x6D6B666B6D6978  # "mkfkmix"
 
 
-def _distributed_rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 class CompoundMix:
     """MKF's compound data mixing: warm-up, then per batch none / Mixup / CutMix.
 
@@ -435,7 +430,7 @@ class CompoundMix:
         self.cutmix_alpha = float(cutmix_alpha)
         self.warmup_steps = warmup_steps
         if generator is None:
-            rank = 0 if same_on_all_ranks else _distributed_rank()
+            rank = 0 if same_on_all_ranks else distributed_rank()
             seed = torch.initial_seed() + _SEED_OFFSET + rank
             generator = torch.Generator().manual_seed(seed % 2**64)
         self.generator = _check_generator(generator)

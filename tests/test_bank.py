@@ -159,8 +159,10 @@ def test_mixed_updates_match_reference(storage, k, fraction, device):
 
 def test_cvxpylayers_fraction_plugs_in():
     pytest.importorskip("cvxpylayers")
+    from mkfkit.reference import CvxpyQPFraction
+
     bank, reference = make_pair("float32", None, "cpu", samples=4, classes=3, groups=1)
-    strategy = QPFraction(solver="cvxpylayers")
+    strategy = CvxpyQPFraction()
     probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.3, 0.4, 0.3]])
     index = torch.tensor([0, 1, 2])
     for target in (bank, reference):

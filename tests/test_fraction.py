@@ -1,9 +1,5 @@
 """Tests of the knowledge-fraction strategies (mkfkit/fraction.py)."""
 
-import sys
-import types
-import warnings
-
 import cvxpy as cp
 import numpy as np
 import pytest
@@ -12,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mkfkit
-from mkfkit import fraction as fraction_module
 from mkfkit.fraction import (
     DominantFraction,
     Fraction,
@@ -365,79 +360,13 @@ def test_under_cpu_autocast():
 
 
 # ---------------------------------------------------------------------------------------------
-# cvxpylayers reference path
-
-
-TIGHT_CLARABEL = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10}
-
-
-@pytest.mark.parametrize("conic_solver, solver_args, atol", [("CLARABEL", TIGHT_CLARABEL, 1e-5), ("SCS", None, 2e-2)])
-def test_cvxpylayers_agrees_with_exact(conic_solver, solver_args, atol):
-    lam = torch.tensor([0.0, 0.15, 0.5, 0.85, 1.0], dtype=torch.float64)
-    mixed, base_a, base_b, lam, _, _ = make_instance(15, 5, 6, "dirichlet", lam.numpy())
-    exact = qp_fraction(mixed, base_a, base_b, lam)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # solver chatter about accuracy
-        strategy = QPFraction(solver="cvxpylayers", conic_solver=conic_solver, solver_args=solver_args)
-        layer = strategy(mixed, base_a, base_b, lam)
-    torch.testing.assert_close(layer.a, exact.a, atol=atol, rtol=0)
-    torch.testing.assert_close(layer.b, exact.b, atol=atol, rtol=0)
-    assert torch.equal(layer.mask_a, exact.mask_a)
-
-
-@pytest.mark.parametrize("needs_grad", [False, True])
-def test_cvxpylayers_takes_diffcp_job_counts_with_and_without_gradients(needs_grad):
-    # Without gradients the layer calls diffcp's solve-only path, which has no backward options.
-    mixed, base_a, base_b, lam, _, _ = make_instance(17, 3, 4, "dirichlet", [0.3, 0.5, 0.8])
-    mixed.requires_grad_(needs_grad)
-    jobs = {"n_jobs_forward": 1, "n_jobs_backward": 1}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = qp_fraction(mixed, base_a, base_b, lam, solver="cvxpylayers", solver_args=jobs)
-    torch.testing.assert_close(out.a, qp_fraction(mixed, base_a, base_b, lam).a, atol=1e-4, rtol=0)
-    assert out.a.requires_grad == needs_grad
-
-
-def test_cvxpylayers_gradients_agree_with_exact():
-    # float32 rows miss a sum of 1 by rounding: the layer path renormalises them to stay feasible.
-    mixed, base_a, base_b, lam, _, _ = make_instance(16, 4, 5, "dirichlet", [0.3, 0.4, 0.6, 0.7], torch.float32)
-    weights = torch.randn(4, 5)
-    grads = []
-    for solver in ("exact", "cvxpylayers"):
-        source = mixed.clone().requires_grad_(True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = qp_fraction(source, base_a, base_b, lam, solver=solver)
-        assert out.a.dtype == torch.float32
-        (out.a * weights + out.b * weights.flip(0)).sum().backward()
-        grads.append(source.grad)
-    # Only perturbations that keep the rows summing to 1 are defined: compare the gradients'
-    # components in that tangent space (the solvers differ along the all-ones direction).
-    tangent = [grad - grad.mean(-1, keepdim=True) for grad in grads]
-    torch.testing.assert_close(tangent[1], tangent[0], atol=1e-3, rtol=0)
-
-
-def test_cvxpylayers_missing_names_the_qp_extra(monkeypatch):
-    # cvxpy/cvxpylayers#117, #52, #72, #53: the layer is slow, so it is never the default; the
-    # default QPFraction works without cvxpylayers installed.
-    monkeypatch.setitem(sys.modules, "cvxpylayers", None)
-    monkeypatch.setitem(sys.modules, "cvxpylayers.torch", None)
-    fraction_module._qp_layer.cache_clear()
-    instance = make_instance(17, 2, 7, "dirichlet", 0.5)[:4]
-    assert QPFraction()(*instance).a.shape == (2, 7)
-    with pytest.raises(ImportError, match=r"pip install mkfkit\[qp\]"):
-        qp_fraction(*instance, solver="cvxpylayers")
-    fraction_module._qp_layer.cache_clear()
-
-
-# ---------------------------------------------------------------------------------------------
 # Backend dispatch
 
 
 def test_forced_triton_without_triton_raises(monkeypatch):
-    fake = types.SimpleNamespace(available=lambda device: False)
-    monkeypatch.setitem(sys.modules, "mkfkit._triton", fake)
-    monkeypatch.setattr(mkfkit, "_triton", fake, raising=False)
+    from mkfkit import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda device: False)
     instance = make_instance(18, 2, 5, "dirichlet", 0.5, torch.float32)[:4]
     with pytest.raises(RuntimeError, match="`backend` 'triton' needs Triton"):
         qp_fraction(*instance, backend="triton")
@@ -445,15 +374,18 @@ def test_forced_triton_without_triton_raises(monkeypatch):
 
 
 def test_backend_dispatch_uses_the_fused_kernels_and_keeps_masks(monkeypatch):
+    pytest.importorskip("triton")
+    from mkfkit import kernels
+    from mkfkit.kernels import qp as qp_kernels
+
     calls = []
 
     def fake_qp(mixed, base_a, base_b, lam):
         calls.append(lam)
         return torch.full_like(mixed, 7.0), torch.full_like(mixed, 8.0)
 
-    fake = types.SimpleNamespace(available=lambda device: True, qp_fraction=fake_qp)
-    monkeypatch.setitem(sys.modules, "mkfkit._triton", fake)
-    monkeypatch.setattr(mkfkit, "_triton", fake, raising=False)
+    monkeypatch.setattr(kernels, "available", lambda device: True)
+    monkeypatch.setattr(qp_kernels, "qp_pair", fake_qp)
     mixed, base_a, base_b, _, _, _ = make_instance(19, 3, 4, "dirichlet", 0.5, torch.float32)
     lam = torch.tensor([0.0, 0.5, 1.0])
     out = qp_fraction(mixed, base_a, base_b, lam, backend="triton")
@@ -493,12 +425,10 @@ def test_bad_inputs_name_the_argument():
         qp_fraction(mixed * 1.1, base_a, base_b, 0.5)
     with pytest.raises(ValueError, match=r"`base_a` must hold probability rows \(entries >= 0\), but got an entry -0.5"):
         qp_fraction(mixed, torch.tensor([[-0.5, 1.5, 0, 0], [0.25, 0.25, 0.25, 0.25]]), base_b, 0.5)
-    with pytest.raises(ValueError, match=r"`solver` must be one of 'exact', 'cvxpylayers', but got 'osqp'"):
-        QPFraction(solver="osqp")
     with pytest.raises(ValueError, match=r"`backend` must be one of 'auto', 'torch', 'triton', but got 'cuda'"):
         qp_fraction(mixed, base_a, base_b, 0.5, backend="cuda")
-    with pytest.raises(ValueError, match=r"`conic_solver` must be one of 'CLARABEL', 'SCS', but got 'ECOS'"):
-        QPFraction(solver="cvxpylayers", conic_solver="ECOS")
+    with pytest.raises(ValueError, match=r"`backend` must be one of 'auto', 'torch', 'triton', but got 'cuda'"):
+        QPFraction(backend="cuda")
 
 
 def test_value_checks_can_be_switched_off():
@@ -509,6 +439,5 @@ def test_value_checks_can_be_switched_off():
 
 
 def test_repr():
-    assert repr(QPFraction()) == "QPFraction(solver='exact', backend='auto')"
-    assert repr(QPFraction(solver="cvxpylayers")) == "QPFraction(solver='cvxpylayers', conic_solver='CLARABEL')"
+    assert repr(QPFraction()) == "QPFraction(backend='auto')"
     assert repr(LinearFraction(project=False)) == "LinearFraction(project=False)"

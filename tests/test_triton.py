@@ -1,4 +1,4 @@
-"""Tests of the fused Triton QP fraction (mkfkit/_triton.py).
+"""Tests of the fused Triton kernels (mkfkit/kernels/): the QP fraction and the bank paths.
 
 The kernels run compiled on CUDA tensors and, without a GPU, under Triton's interpreter on CPU
 tensors. The interpreter is chosen when Triton is imported, so this module sets
@@ -24,10 +24,12 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 triton = pytest.importorskip("triton")
 
-from mkfkit import _triton  # noqa: E402
+from mkfkit import kernels  # noqa: E402
+from mkfkit.kernels import _import  # noqa: E402
+from mkfkit.kernels import qp as _qp  # noqa: E402
 from mkfkit.fraction import qp_fraction as torch_qp_fraction  # noqa: E402
 
-KERNEL_DEVICES = (["cpu"] if _triton.available("cpu") else []) + (
+KERNEL_DEVICES = (["cpu"] if kernels.available("cpu") else []) + (
     ["cuda"] if torch.cuda.is_available() else []
 )
 
@@ -41,11 +43,11 @@ def pytest_generate_tests(metafunc):
 def _one_program_under_interpreter(monkeypatch):
     # The interpreter pays per program, not per element: pack all rows into one program.
     # Compiled runs keep the tuned launch shape.
-    if _triton._INTERPRETED:
-        monkeypatch.setattr(_triton, "_TILE", 1 << 16)
-    _triton._launch_settings.cache_clear()  # launch settings are cached per shape
+    if _import.INTERPRETED:
+        monkeypatch.setattr(_qp, "_TILE", 1 << 16)
+    _qp._launch_settings.cache_clear()  # launch settings are cached per shape
     yield
-    _triton._launch_settings.cache_clear()
+    _qp._launch_settings.cache_clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ def assert_fraction_close(result, expected, atol):
 )
 def test_matches_reference(kernel_device, batch, num_classes, kind):
     mixed, base_a, base_b, lam = make_instance(batch, num_classes, kind, device=kernel_device)
-    a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    a, b = _qp.qp_pair(mixed, base_a, base_b, lam)
     assert a.dtype == b.dtype == torch.float32
     assert_fraction_close((a, b), reference_fraction(mixed, base_a, base_b, lam), atol=2e-6)
     # Feasibility of the QP: simplex rows and the mixing identity.
@@ -180,7 +182,7 @@ def test_matches_reference_property(kernel_device, batch, num_classes, kind, lam
     if lam_choice == "extreme":
         extremes = torch.tensor([0.0, 1.0, 1e-6, 1 - 1e-6, 0.5], device=kernel_device)
         lam = extremes[torch.arange(batch) % 5]  # mixed need not come from this lam
-    a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    a, b = _qp.qp_pair(mixed, base_a, base_b, lam)
     assert_fraction_close((a, b), reference_fraction(mixed, base_a, base_b, lam), atol=2e-6)
 
 
@@ -188,7 +190,7 @@ def test_float64_is_exact_to_rounding(kernel_device):
     mixed, base_a, base_b, lam = make_instance(
         7, 300, "unrelated", device=kernel_device, dtype=torch.float64
     )
-    a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    a, b = _qp.qp_pair(mixed, base_a, base_b, lam)
     assert a.dtype == torch.float64
     assert_fraction_close((a, b), reference_fraction(mixed, base_a, base_b, lam), atol=1e-13)
 
@@ -196,19 +198,19 @@ def test_float64_is_exact_to_rounding(kernel_device):
 def test_lam_exactly_zero_or_one(kernel_device):
     mixed, base_a, base_b, lam = make_instance(4, 50, "unrelated", device=kernel_device)
     lam = torch.tensor([0.0, 1.0, 0.0, 1.0], device=kernel_device)
-    a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    a, b = _qp.qp_pair(mixed, base_a, base_b, lam)
     # The side of weight 0 keeps its base exactly; the other side is the mixed output exactly.
     zero, one = lam == 0, lam == 1
     assert torch.equal(a[zero], base_a[zero]) and torch.equal(b[zero], mixed[zero])
     assert torch.equal(a[one], mixed[one]) and torch.equal(b[one], base_b[one])
-    assert (_triton._iteration_counts(mixed, base_a, base_b, lam) == 0).all()
+    assert (_qp.iteration_counts(mixed, base_a, base_b, lam) == 0).all()
 
 
 @pytest.mark.parametrize("lam_value", [1e-7, 1e-3, 1 - 1e-3, 1 - 1e-7])
 def test_lam_near_zero_or_one(kernel_device, lam_value):
     mixed, base_a, base_b, _ = make_instance(7, 40, "unrelated", device=kernel_device)
     lam = torch.full((7,), lam_value, device=kernel_device)
-    a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    a, b = _qp.qp_pair(mixed, base_a, base_b, lam)
     assert_fraction_close((a, b), reference_fraction(mixed, base_a, base_b, lam), atol=2e-6)
 
 
@@ -216,7 +218,7 @@ def test_one_hot_rows(kernel_device):
     mixed, base_a, base_b, lam = make_instance(16, 10, "one_hot", device=kernel_device)
     lam[:4] = torch.tensor([0.0, 1.0, 0.5, 0.25])
     inputs = [t.clone().requires_grad_(True) for t in (mixed, base_a, base_b, lam)]
-    a, b = _triton.qp_fraction(*inputs)
+    a, b = _qp.qp_pair(*inputs)
     assert_fraction_close((a, b), reference_fraction(mixed, base_a, base_b, lam), atol=2e-6)
     (a.square().sum() + (b * torch.arange(10.0, device=kernel_device)).sum()).backward()
     assert all(torch.isfinite(t.grad).all() for t in inputs)
@@ -225,11 +227,11 @@ def test_one_hot_rows(kernel_device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_compute_in_float32(kernel_device, dtype):
     mixed, base_a, base_b, lam = make_instance(7, 100, "related", device=kernel_device, dtype=dtype)
-    a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    a, b = _qp.qp_pair(mixed, base_a, base_b, lam)
     assert a.dtype == b.dtype == dtype
     # The kernel upcasts on load, so the result is the float32 one rounded once: to nearest on
     # a GPU, while Triton's interpreter truncates float32 -> bfloat16 (one ulp at most).
-    a32, b32 = _triton.qp_fraction(mixed.float(), base_a.float(), base_b.float(), lam.float())
+    a32, b32 = _qp.qp_pair(mixed.float(), base_a.float(), base_b.float(), lam.float())
     one_ulp = torch.finfo(dtype).eps
     torch.testing.assert_close(a, a32.to(dtype), atol=0, rtol=one_ulp)
     torch.testing.assert_close(b, b32.to(dtype), atol=0, rtol=one_ulp)
@@ -237,14 +239,14 @@ def test_half_precision_inputs_compute_in_float32(kernel_device, dtype):
 
 def test_strided_inputs(kernel_device):
     mixed, base_a, base_b, lam = make_instance(5, 30, "unrelated", device=kernel_device)
-    expected = _triton.qp_fraction(mixed, base_a, base_b, lam)
+    expected = _qp.qp_pair(mixed, base_a, base_b, lam)
     # Column stride 2, transposed storage and a stride-0 lam.
     wide = torch.zeros(5, 60, device=kernel_device)
     wide[:, ::2] = mixed
     lam_expanded = torch.tensor(0.3, device=kernel_device).expand(5)
-    result = _triton.qp_fraction(wide[:, ::2], base_a.t().contiguous().t(), base_b, lam_expanded)
+    result = _qp.qp_pair(wide[:, ::2], base_a.t().contiguous().t(), base_b, lam_expanded)
     lam_full = torch.full((5,), 0.3, device=kernel_device)
-    reference = _triton.qp_fraction(mixed, base_a, base_b, lam_full)
+    reference = _qp.qp_pair(mixed, base_a, base_b, lam_full)
     for got, want in zip(result, reference):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert not torch.equal(expected[0], result[0])  # lam did change
@@ -258,15 +260,15 @@ def test_chunked_rows_match_single_block(kernel_device, monkeypatch):
     weights = torch.randn(2, 3, 37, device=kernel_device)
 
     def run():
-        a, b = _triton.qp_fraction(*inputs)
+        a, b = _qp.qp_pair(*inputs)
         grads = torch.autograd.grad((a * weights[0]).sum() + (b * weights[1]).sum(), inputs)
         return (a, b) + grads
 
     single = run()
-    monkeypatch.setattr(_triton, "_MAX_BLOCK", 16)
-    monkeypatch.setattr(_triton, "_CHUNK", 16)
-    _triton._launch_settings.cache_clear()
-    assert _triton._launch_config(3, 37)[1:3] == (16, False)
+    monkeypatch.setattr(_qp, "_MAX_BLOCK", 16)
+    monkeypatch.setattr(_qp, "_CHUNK", 16)
+    _qp._launch_settings.cache_clear()
+    assert _qp._launch_config(3, 37)[1:3] == (16, False)
     chunked = run()
     for got, want in zip(chunked, single):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
@@ -275,14 +277,14 @@ def test_chunked_rows_match_single_block(kernel_device, monkeypatch):
 
 def test_iteration_counts_are_small(kernel_device):
     mixed, base_a, base_b, lam = make_instance(64, 100, "unrelated", device=kernel_device)
-    passes = _triton._iteration_counts(mixed, base_a, base_b, lam)
+    passes = _qp.iteration_counts(mixed, base_a, base_b, lam)
     # Safeguarded Newton on the piecewise-linear row sum: a handful of passes, never the cap.
     assert passes.float().mean() <= 6 and passes.max() <= 12
 
 
 def test_empty_batch(kernel_device):
     empty = torch.empty(0, 5, device=kernel_device)
-    a, b = _triton.qp_fraction(empty, empty, empty, torch.empty(0, device=kernel_device))
+    a, b = _qp.qp_pair(empty, empty, empty, torch.empty(0, device=kernel_device))
     assert a.shape == b.shape == (0, 5)
 
 
@@ -305,7 +307,7 @@ def test_gradients_match_reference_autograd(kernel_device, batch, num_classes):
     if batch > 1:
         inputs[3][1] = 1.0
     weights = torch.randn(2, batch, num_classes, dtype=torch.float64, device=kernel_device)
-    got = _vjp(_triton.qp_fraction, inputs, weights)
+    got = _vjp(_qp.qp_pair, inputs, weights)
     want = _vjp(reference_fraction, inputs, weights)
     torch.testing.assert_close(tangential(got[0]), tangential(want[0]), atol=1e-9, rtol=1e-9)
     for name, g, w in zip(("base_a", "base_b"), got[1:3], want[1:3]):
@@ -325,7 +327,7 @@ def test_gradients_match_reference_autograd(kernel_device, batch, num_classes):
     # small rows, a row can sit exactly at a kink of the active set, e.g. a = (0, 1, 0) with
     # hi = 1, where float32 rounding may pick the other, equally valid, one-sided Jacobian.)
     inputs = make_instance(batch, num_classes, "related", device=kernel_device, dtype=torch.float64)
-    got32 = _vjp(_triton.qp_fraction, [t.float() for t in inputs], weights.float())
+    got32 = _vjp(_qp.qp_pair, [t.float() for t in inputs], weights.float())
     want = _vjp(reference_fraction, inputs, weights)
     torch.testing.assert_close(
         tangential(got32[0]).double(), tangential(want[0]), atol=1e-4, rtol=1e-4
@@ -341,14 +343,14 @@ def test_gradcheck(kernel_device):
     )
     lam = torch.tensor([0.3, 0.55, 0.8], dtype=torch.float64, device=kernel_device)
     inputs = [t.clone().requires_grad_(True) for t in (mixed, base_a, base_b, lam)]
-    assert torch.autograd.gradcheck(_triton.qp_fraction, inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(_qp.qp_pair, inputs, fast_mode=True)
 
 
 def test_gradients_finite_for_tiny_lam(kernel_device):
     inputs = make_instance(7, 20, "related", device=kernel_device)
     inputs[3].fill_(1e-30)
     weights = torch.randn(2, 7, 20, device=kernel_device)
-    grads = _vjp(_triton.qp_fraction, inputs, weights)
+    grads = _vjp(_qp.qp_pair, inputs, weights)
     assert all(torch.isfinite(g).all() for g in grads)
 
 
@@ -372,7 +374,7 @@ def test_torch_compile_fullgraph(kernel_device):
     base_a.requires_grad_(True)
 
     def loss(mixed, base_a, base_b, lam):
-        a, b = _triton.qp_fraction(mixed, base_a, base_b, lam)
+        a, b = _qp.qp_pair(mixed, base_a, base_b, lam)
         return (a * b).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
@@ -393,25 +395,9 @@ def test_fraction_backend_triton_dispatches_here(kernel_device):
 
 
 def test_available():
-    assert _triton.available("cpu") == _triton._INTERPRETED
-    assert _triton.available("cuda")
-    assert not _triton.available("meta")
-
-
-def test_bad_arguments():
-    device = "cpu"  # the checks run before any launch
-    rows = torch.full((2, 3), 1 / 3, device=device)
-    lam = torch.full((2,), 0.5, device=device)
-    message = r"`base_a` must have the shape of `mixed` \(2, 3\), but got \(2, 4\)"
-    with pytest.raises(ValueError, match=message):
-        _triton.qp_fraction(rows, torch.full((2, 4), 0.25, device=device), rows, lam)
-    message = r"`base_b` must have the dtype of `mixed` \(torch.float32\)"
-    with pytest.raises(TypeError, match=message):
-        _triton.qp_fraction(rows, rows, rows.double(), lam)
-    with pytest.raises(ValueError, match=r"`lam` must be a Tensor\[B\], but got shape \(3,\)"):
-        _triton.qp_fraction(rows, rows, rows, torch.full((3,), 0.5, device=device))
-    with pytest.raises(ValueError, match=r"`mixed` must be a Tensor\[B, C\], but got shape \(3,\)"):
-        _triton.qp_fraction(rows[0], rows[0], rows[0], lam)
+    assert kernels.available("cpu") == _import.INTERPRETED
+    assert kernels.available("cuda")
+    assert not kernels.available("meta")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,8 +514,14 @@ def test_fused_bank_backend_errors(kernel_device):
     bank = KnowledgeBank(4, 3, device=kernel_device, backend="triton")
     probs = torch.full((2, 3), 1 / 3, device=kernel_device)
     index = torch.tensor([0, 1], device=kernel_device)
-    with pytest.raises(RuntimeError, match=r"`backend` 'triton' needs Triton, the bank and the batch"):
-        bank.update(0, probs, index, index.flip(0), 0.5, DominantFraction())
+    # Any fraction plugs into the fused path: the fraction decides its own kernel.
+    bank.update(0, probs, index)
+    before = bank.knowledge.clone()
+    bank.update(0, torch.tensor([[0.5, 0.3, 0.2]] * 2, device=kernel_device), index, index.flip(0), 0.5, DominantFraction())
+    assert not torch.equal(bank.knowledge, before)
+    elsewhere = "meta" if kernel_device == "cpu" else "cpu"
+    with pytest.raises(RuntimeError, match=r"`backend` 'triton' needs Triton and a CUDA device .*, a dense storage and the batch on the bank's device"):
+        bank.target(0, index, device=elsewhere)
 
 
 @pytest.mark.cuda
@@ -584,7 +576,7 @@ def test_fused_bank_large_and_graph_capturable_on_cuda(storage):
 @pytest.mark.parametrize("batch, num_classes", [(512, 1000), (64, 21843), (256, 10)])
 def test_large_on_cuda(batch, num_classes):
     inputs = make_instance(batch, num_classes, "peaked", device="cuda")
-    a, b = _triton.qp_fraction(*inputs)
+    a, b = _qp.qp_pair(*inputs)
     expected = torch_qp_fraction(*inputs, backend="torch")
     assert_fraction_close((a, b), (expected.a, expected.b), atol=5e-6)
     # Gradients in float64: peaked float32 rows hold entries ~1e-9 whose bounds p / lam sit
@@ -593,7 +585,7 @@ def test_large_on_cuda(batch, num_classes):
     # the right-hand finite difference, the sort-based path neither side).
     inputs = make_instance(batch, num_classes, "peaked", device="cuda", dtype=torch.float64)
     weights = torch.randn(2, batch, num_classes, device="cuda", dtype=torch.float64)
-    got = _vjp(_triton.qp_fraction, inputs, weights)
+    got = _vjp(_qp.qp_pair, inputs, weights)
     want = _vjp(lambda *x: tuple(torch_qp_fraction(*x, backend="torch")[:2]), inputs, weights)
     torch.testing.assert_close(tangential(got[0]), tangential(want[0]), atol=1e-9, rtol=1e-9)
     for g, w in zip(got[1:], want[1:]):

@@ -1,4 +1,4 @@
-"""Host-to-device copies that do not stall the host."""
+"""Copies to a device that do not stall the host: tensors and index vectors."""
 
 from __future__ import annotations
 
@@ -20,3 +20,8 @@ def to_device(tensor: Tensor, device: Union[str, torch.device]) -> Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def indices_on(index: Tensor, device: Union[str, torch.device]) -> Tensor:
+    """``index`` as int64 on ``device``; a copy from the host does not stall it (:func:`to_device`)."""
+    return to_device(index.to(torch.int64), device)
