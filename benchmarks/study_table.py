@@ -1,0 +1,85 @@
+"""Summarise the runs of benchmarks/study.sh: one row per configuration of a phase.
+
+    python benchmarks/study_table.py benchmarks/study/final [--json OUT]
+
+Every configuration's runs (one JSON of train.py per seed, in PHASE/NAME-sSEED/ or PHASE/NAME/)
+are gathered; the table gives the last epoch's top-1 mean and sample standard deviation over
+the seeds, the difference to the baseline's mean, the full network's training accuracy (the
+generalisation gap), and the diagnostics of the last epoch (means over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_json  # noqa: E402
+
+DIAGNOSTICS = ("kd", "knowledge_age", "fraction_l1")
+
+
+def gather(phase: Path) -> Dict[str, List[Dict[str, Any]]]:
+    """Finished runs by configuration name (a trailing ``-sN`` seed suffix is dropped)."""
+    configurations: Dict[str, List[Dict[str, Any]]] = {}
+    for path in sorted(phase.glob("*/train_*.json")):
+        name = re.sub(r"-s\d+$", "", path.parent.name)
+        configurations.setdefault(name, []).extend(json.loads(path.read_text())["runs"])
+    return configurations
+
+
+def summarise(configurations: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    rows = []
+    for name, runs in configurations.items():
+        top1 = [run["top1"] for run in runs]
+        last = [run["history"][-1] for run in runs]
+        row = {"configuration": name, "seeds": len(runs),
+               "top1_mean": statistics.mean(top1),
+               "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+               "train_top1": statistics.mean(entry["train_top1"] for entry in last),
+               "seconds_per_epoch": statistics.mean(run["seconds_per_epoch"] for run in runs)}
+        for key in DIAGNOSTICS:
+            values = [entry[key] for entry in last if key in entry]
+            row[key] = statistics.mean(values) if values else None
+        rows.append(row)
+    baseline = next((row["top1_mean"] for row in rows if row["configuration"] == "baseline"), None)
+    for row in rows:
+        row["vs_baseline"] = None if baseline is None else row["top1_mean"] - baseline
+    return rows
+
+
+TABLE = [
+    ("configuration", "configuration", "<"),
+    ("seeds", "seeds", "d"),
+    ("top-1 (%)", lambda row: f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f}", ""),
+    ("vs baseline", "vs_baseline", "+.2f"),
+    ("train top-1", "train_top1", ".2f"),
+    ("KD term", "kd", ".3f"),
+    ("knowledge age", "knowledge_age", ".0f"),
+    ("fraction L1", "fraction_l1", ".3f"),
+    ("s/epoch", "seconds_per_epoch", ".1f"),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("phase", type=Path, help="a phase folder of benchmarks/study.sh")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+    rows = summarise(gather(args.phase))
+    if not rows:
+        print(f"error: no finished runs under {args.phase}", file=sys.stderr)
+        return 2
+    print_table(rows, TABLE, title=f"{args.phase.name}: last-epoch top-1, mean ± std over seeds")
+    if args.json:
+        write_json(args.json, {"phase": str(args.phase), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
