@@ -73,7 +73,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, NoReturn, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device_report, print_table, synchronize, write_json  # noqa: E402
-from datasets import DATASETS, DatasetError, ImageData, load_dataset  # noqa: E402
+from datasets import (  # noqa: E402
+    DATASETS, FASHION_MNIST_DIR, DatasetError, ImageData, load_dataset,
+)
 
 from mkfkit._transfer import to_device  # noqa: E402
 from mkfkit.attention import AttentionTransferLoss  # noqa: E402
@@ -105,40 +107,66 @@ FRACTIONS = {
 CHECKPOINT_MAGIC = b"mkfkit-train-checkpoint-v1\n"
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``error: ...``, with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        # Every process of a torchrun launch parses the same command line: one says it.
+        if launched_processes()[0] == 0:
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default after its help, unless the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "(default: " in text else super()._get_help_string(action)
+
+
+def launched_processes() -> Tuple[int, int, int]:
+    """``(rank, local rank, number of processes)`` of this process as torchrun set them in the
+    environment; ``(0, 0, 1)`` for a plain ``python`` run."""
+    return tuple(int(os.environ.get(name, default))  # type: ignore[return-value]
+                 for name, default in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add = parser.add_argument
-    add("--dataset", default="digits", choices=DATASETS)
-    add("--data-dir", default=None,
-        help="dataset folder (fashion-mnist: the IDX files; cifar100: the pickle release)")
-    add("--train-subset", type=int, default=None, help="use only the first N training images")
-    add("--train-offset", type=int, default=0,
+    add("--dataset", default="digits", choices=DATASETS, help="the images to train on")
+    add("--data-dir", default=None, metavar="DIR",
+        help="dataset folder: fashion-mnist's IDX files (default: "
+             f"{FASHION_MNIST_DIR}), cifar100's pickle release (required); digits has none")
+    add("--train-subset", type=int, default=None, metavar="N",
+        help="use only the first N training images (default: all)")
+    add("--train-offset", type=int, default=0, metavar="K",
         help="skip the first K training images (with --train-subset: images K .. K + N - 1)")
-    add("--validation-size", type=int, default=0,
+    add("--validation-size", type=int, default=0, metavar="N",
         help="hold out the last N of the training images; the runs never train on them")
     add("--evaluate", default="test", choices=["test", "validation"],
         help="report accuracy on the test set or on the held-out validation images")
-    add("--methods", nargs="+", default=DEFAULT_METHODS, choices=ALL_METHODS)
-    add("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    add("--epochs", type=int, default=20)
-    add("--batch-size", type=int, default=64)
-    add("--lr", type=float, default=0.05)
-    add("--weight-decay", type=float, default=5e-4)
-    add("--blocks", nargs="+", type=int, default=[2, 2, 2], help="basic blocks per stage")
-    add("--widths", nargs="+", type=int, default=[16, 32, 64], help="channels per stage")
+    add("--methods", nargs="+", default=DEFAULT_METHODS, choices=ALL_METHODS, metavar="METHOD",
+        help=f"the methods to compare, of {', '.join(ALL_METHODS)} (see the module docstring)")
+    add("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED", help="one run per method and seed")
+    add("--epochs", type=int, default=20, help="passes over the training images per run")
+    add("--batch-size", type=int, default=64,
+        help="images per optimiser step; under torchrun split evenly over the processes")
+    add("--lr", type=float, default=0.05, help="peak learning rate of SGD (cosine schedule)")
+    add("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    add("--blocks", nargs="+", type=int, default=[2, 2, 2], metavar="N", help="basic blocks per stage")
+    add("--widths", nargs="+", type=int, default=[16, 32, 64], metavar="C", help="channels per stage")
     add("--beta", type=float, default=2.0, help="MKF: weight of the distillation loss")
-    add("--beta-ramp", type=float, default=0.0,
+    add("--beta-ramp", type=float, default=0.0, metavar="EPOCHS",
         help="MKF: raise beta linearly from 0 over this many epochs (0: the paper, no ramp)")
     add("--temperature", type=float, default=1.0, help="MKF: distillation temperature")
     add("--knowledge-from", default="previous", choices=["previous", "full"],
         help="MKF: group t > 0 distils from group t - 1 (the paper) or from the full network")
-    add("--max-age", type=int, default=0,
+    add("--max-age", type=int, default=0, metavar="STEPS",
         help="MKF: teach only with knowledge written at most this many steps ago (0: any age)")
     add("--bank-momentum", type=float, default=0.5, help="MKF: EMA weight of new knowledge")
-    add("--groups", type=int, default=3, help="MKF: depth groups per cycle (T)")
+    add("--groups", type=int, default=3, metavar="T", help="MKF: depth groups per cycle (T)")
     add("--warmup", type=float, default=0.1, help="fraction of the steps without mixing")
     add("--mkf-loop", default="cycle", choices=["cycle", "joint"],
         help="MKF: one sampled network per step (the paper), or the full network on every "
@@ -146,34 +174,150 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add("--full-teacher", default="none", choices=["none", "self"],
         help="MKF: the full network (group 0) gets no distillation (the paper), or distils "
              "from its own stored knowledge")
-    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add("--device", default="auto",
+        help="auto (cuda if there is one, else cpu), cpu, cuda or cuda:N; under torchrun "
+             "each process takes the GPU of its local rank")
     # The demo's networks are small: torch's intra-op threads cost more than they gain there,
     # and on a 2-core machine shared with another job two threads ran 2.7x slower than one.
-    add("--threads", type=int, default=1, help="CPU threads for torch (raise it for big models)")
-    add("--out", default=str(Path(__file__).resolve().parent / "out"))
-    add("--checkpoint", default=None, help="save the study here after every epoch")
+    add("--threads", type=int, default=1,
+        help="CPU threads for torch per process (raise it for big models)")
+    add("--out", default=str(Path(__file__).resolve().parent / "out"), metavar="DIR",
+        help="folder for the JSON file and the plot")
+    add("--checkpoint", default=None, metavar="PATH", help="save the study here after every epoch")
     add("--resume", action="store_true", help="continue the study saved in --checkpoint")
-    add("--checkpoint-every", type=int, default=None, help="also save every N steps")
-    add("--stop-after", type=int, default=None, help="stop after N steps (to test --resume)")
-    add("--eval-every", type=int, default=1,
+    add("--checkpoint-every", type=int, default=None, metavar="N",
+        help="also save every N steps (needs --checkpoint)")
+    add("--stop-after", type=int, default=None, metavar="N",
+        help="stop after N steps, to be continued with --resume (needs --checkpoint)")
+    add("--eval-every", type=int, default=1, metavar="N",
         help="evaluate every N epochs (and after the last); diagnostics are logged every epoch")
+    add("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
+        help="under torchrun: seconds a process waits for the others in a collective "
+             "operation before it stops with an error")
     add("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resume and not args.checkpoint:
-        parser.error("--resume needs --checkpoint")
-    if len(args.blocks) != len(args.widths):
-        parser.error("--blocks and --widths need one value per stage each")
-    if args.train_offset < 0 or args.validation_size < 0:
-        parser.error("--train-offset and --validation-size must be >= 0")
-    if args.evaluate == "validation" and args.validation_size == 0:
-        parser.error("--evaluate validation needs --validation-size N > 0")
-    if args.eval_every < 1:
-        parser.error("--eval-every must be >= 1")
-    if args.temperature <= 0 or args.beta < 0 or args.beta_ramp < 0 or args.max_age < 0:
-        parser.error("--temperature must be > 0; --beta, --beta-ramp and --max-age >= 0")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for problem in argument_problems(args):
+        parser.error(problem)
+    args.device = resolve_device(parser, args.device)
     return args
+
+
+def argument_problems(args: argparse.Namespace) -> Iterator[str]:
+    """What is wrong with the parsed arguments, one message each (checks that need no data)."""
+    at_least = [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                ("--threads", args.threads, 1), ("--eval-every", args.eval_every, 1),
+                ("--train-subset", args.train_subset, 1), ("--train-offset", args.train_offset, 0),
+                ("--validation-size", args.validation_size, 0), ("--max-age", args.max_age, 0),
+                ("--groups", args.groups, 1), ("--checkpoint-every", args.checkpoint_every, 1),
+                ("--stop-after", args.stop_after, 1)]
+    at_least += [("--blocks", blocks, 1) for blocks in args.blocks]
+    at_least += [("--widths", width, 1) for width in args.widths]
+    for option, value, minimum in at_least:
+        if value is not None and value < minimum:
+            yield f"{option} must be >= {minimum}, but got {value}"
+    positive = [("--lr", args.lr), ("--temperature", args.temperature),
+                ("--collective-timeout", args.collective_timeout)]
+    for option, value in positive:
+        if not value > 0:  # NaN too
+            yield f"{option} must be > 0, but got {value}"
+    for option, value in [("--weight-decay", args.weight_decay), ("--beta", args.beta),
+                          ("--beta-ramp", args.beta_ramp)]:
+        if not value >= 0:
+            yield f"{option} must be >= 0, but got {value}"
+    if not 0 < args.bank_momentum <= 1:
+        yield f"--bank-momentum must lie in (0, 1], but got {args.bank_momentum}"
+    if not 0 <= args.warmup <= 1:
+        yield f"--warmup must lie in [0, 1] (a fraction of the steps), but got {args.warmup}"
+    for option, values in [("--methods", args.methods), ("--seeds", args.seeds)]:
+        repeated = sorted({str(value) for value in values if values.count(value) > 1})
+        if repeated:
+            yield f"{option} names {', '.join(repeated)} more than once"
+    if len(args.blocks) != len(args.widths):
+        yield (f"--blocks and --widths need one value per stage each, but got {len(args.blocks)} "
+               f"and {len(args.widths)} values")
+    if args.dataset == "digits" and args.data_dir is not None:
+        yield "--data-dir has no effect with --dataset digits (it comes with scikit-learn): drop it"
+    if args.evaluate == "validation" and args.validation_size == 0:
+        yield "--evaluate validation needs --validation-size N > 0"
+    for option, given in [("--resume", args.resume), ("--checkpoint-every", args.checkpoint_every),
+                          ("--stop-after", args.stop_after)]:
+        if given and not args.checkpoint:
+            yield f"{option} needs --checkpoint PATH"
+    if args.checkpoint:
+        folder = Path(args.checkpoint).resolve().parent
+        if Path(args.checkpoint).is_dir():
+            yield f"--checkpoint {args.checkpoint} is a folder; expected a file name"
+        elif not folder.is_dir():
+            yield f"--checkpoint {args.checkpoint}: the folder {folder} does not exist"
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        yield f"--out {args.out} is a file; expected a folder (created if missing)"
+    if args.mkf_loop == "joint" and args.groups < 2 and any(
+        method.startswith("mkf") for method in args.methods
+    ):
+        yield "--mkf-loop joint trains a sub-network besides the full one: it needs --groups >= 2"
+    _, _, processes = launched_processes()
+    if args.batch_size % processes:
+        yield (f"--batch-size {args.batch_size} must be a multiple of the {processes} processes "
+               "that torchrun started (each process takes an equal part of every batch)")
+    if len(args.blocks) == len(args.widths) and min(args.blocks + args.widths) >= 1:
+        yield from depth_problems(args)
+
+
+def depth_problems(args: argparse.Namespace) -> Iterator[str]:
+    """Whether the network of ``--blocks`` can be cut into ``--groups`` depth groups: the
+    library's own rule, asked by building the depth sampler that MKF (and ST) would build."""
+    model = ResNet(blocks=args.blocks, widths=args.widths)
+    blocks = " ".join(map(str, args.blocks))
+    if any(method.startswith("mkf") for method in args.methods):
+        try:
+            DepthSampler.from_model(model, num_groups=args.groups, seed=0)
+        except ValueError as error:
+            yield f"--groups {args.groups} does not fit --blocks {blocks}: {error}"
+    if "st" in args.methods:
+        try:
+            DepthSampler.from_model(model, num_groups=1, seed=0)
+        except ValueError as error:
+            yield f"--blocks {blocks} leaves st no block to drop: {error}"
+
+
+def resolve_device(parser: OneLineParser, device: str) -> str:
+    """``--device`` checked against this torch build and machine; ``auto`` resolved and, under
+    torchrun on CUDA, the GPU of this process's local rank chosen."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda") or (
+        parsed.type == "cpu" and parsed.index is not None
+    ):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, but got {device!r}")
+    if parsed.type == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        build = "this torch build has no CUDA support" if torch.version.cuda is None else (
+            "no CUDA device is visible")
+        parser.error(f"--device {device}: {build} (torch {torch.__version__}); use --device cpu")
+    visible = torch.cuda.device_count()
+    _, local_rank, processes = launched_processes()
+    if processes > 1:
+        if parsed.index is not None:
+            parser.error(f"--device {device}: under torchrun each process takes the GPU of its "
+                         "local rank; pass --device cuda")
+        if local_rank >= visible:
+            parser.error(f"torchrun started more processes on this machine than the {visible} "
+                         "visible GPU(s): pass --nproc_per_node at most that, or --device cpu")
+        return f"cuda:{local_rank}"
+    if parsed.index is not None and parsed.index >= visible:
+        parser.error(f"--device {device}: only {visible} CUDA device(s) are visible "
+                     f"(cuda:0 .. cuda:{visible - 1})")
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,6 +802,16 @@ def plot(results: Dict[str, Dict[str, Any]], methods: List[str], path: Path, tit
 def split(data: ImageData, args: argparse.Namespace) -> ImageData:
     """The training images ``--train-offset``.. (``--train-subset`` of them), less the last
     ``--validation-size``, which replace the test set when ``--evaluate validation``."""
+    available = len(data.train_labels)
+    if args.train_subset and args.train_offset + args.train_subset > available:
+        raise DatasetError(
+            f"--train-offset {args.train_offset} with --train-subset {args.train_subset} needs "
+            f"{args.train_offset + args.train_subset} training images, but {args.dataset} has "
+            f"{available}"
+        )
+    if args.train_offset >= available:
+        raise DatasetError(f"--train-offset {args.train_offset} skips every training image: "
+                           f"{args.dataset} has {available}")
     end = args.train_offset + args.train_subset if args.train_subset else None
     images = data.train_images[args.train_offset : end]
     labels = data.train_labels[args.train_offset : end]
