@@ -60,15 +60,34 @@ Output: a progress bar, a table (top-1 mean and sample standard deviation over s
 seconds per epoch, time relative to the baseline), and in ``--out`` a JSON file and a PNG plot
 of the test accuracy curves. ``--checkpoint PATH`` saves the whole study (finished runs and
 the state of the current one) after every epoch; ``--resume`` continues it exactly.
+
+Several processes (one machine, gloo on the CPU, NCCL with one GPU per process)::
+
+    torchrun --standalone --nproc_per_node 2 benchmarks/train.py --methods baseline mkf-qp
+
+Each process trains on its share of every epoch (the same seeded permutation everywhere, the
+k-th of every P indices for process k); ``--batch-size`` is the batch of one step over all
+processes, so a study takes the same steps whatever their number. DistributedDataParallel
+averages the gradients; every process draws the same augmentation parameters, mixing and
+sub-networks (all random draws are made for the whole batch); the knowledge bank takes in the
+rows of every process (``KnowledgeBank(sync="all_gather")``); evaluation is shared out and the
+counts summed, after every process takes the first one's BatchNorm statistics; the first
+process alone prints, checkpoints and writes the results. At the end of every run the processes
+compare a SHA-256 of their whole state (``process_state_sha256`` in the JSON) and stop if they
+differ. A process that loses contact with the others (one was killed, or a collective operation
+waits longer than ``--collective-timeout``) stops with a one-line error. A checkpoint resumes
+exactly with the same number of processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import io
 import os
+import re
 import statistics
 import sys
 import time
@@ -76,8 +95,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, NoReturn, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,6 +112,7 @@ from mkfkit.attention import AttentionTransferLoss  # noqa: E402
 from mkfkit.bank import KnowledgeBank  # noqa: E402
 from mkfkit.depth import DepthSampler, recalibrate_batchnorm  # noqa: E402
 from mkfkit.distill import kd_loss  # noqa: E402
+from mkfkit.distributed import all_gather_uneven  # noqa: E402
 from mkfkit.fraction import DominantFraction, LinearFraction, QPFraction  # noqa: E402
 from mkfkit.fusion import FeatureFusionTeacher, online_distillation_loss  # noqa: E402
 from mkfkit.mixing import CompoundMix, mixed_cross_entropy  # noqa: E402
@@ -204,6 +226,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for problem in argument_problems(args):
         parser.error(problem)
     args.device = resolve_device(parser, args.device)
+    args.processes = launched_processes()[2]
     return args
 
 
@@ -324,13 +347,35 @@ def resolve_device(parser: OneLineParser, device: str) -> str:
 # Data: whole datasets live in memory as tensors; batches are slices of a seeded permutation.
 # The random draws come from a CPU generator (the same stream on every device); on CUDA they
 # reach the GPU through `to_device`, which does not make the host wait for the queued steps.
+#
+# Under torchrun every process holds the whole dataset and draws the same permutation; each
+# takes its share of it (`share_of_epoch`) and an equal part of every batch. Every random draw
+# is made for the batches of all processes together, the same on each, so the generators stay
+# in step on every process and the first process's checkpoint resumes them all.
+
+
+def share_of_epoch(order: Tensor) -> Tensor:
+    """This process's share of an epoch's permutation: every P-th index from its rank on, after
+    the last ``len % P`` are left out (P processes), so the shares are disjoint and equally long,
+    and the k-th batches of all processes together hold the k-th ``--batch-size`` slice of the
+    permutation, as the k-th batch of one process does."""
+    rank, _, processes = launched_processes()
+    return order[rank : len(order) - len(order) % processes : processes]
+
+
+def draws_for_all_processes(size: int) -> Tuple[int, slice]:
+    """How many draws to make for a batch of ``size`` images on each process, and which of them
+    belong to this process's images."""
+    rank, _, processes = launched_processes()
+    return size * processes, slice(rank * size, (rank + 1) * size)
 
 
 def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
     """Shift each image by up to ``padding`` pixels (zero padding), the standard augmentation."""
     size, channels, height, width = images.shape
     padded = F.pad(images, [padding] * 4)
-    shifts = torch.randint(0, 2 * padding + 1, (2, size, 1, 1, 1), generator=generator)
+    draws, mine = draws_for_all_processes(size)
+    shifts = torch.randint(0, 2 * padding + 1, (2, draws, 1, 1, 1), generator=generator)[:, mine]
     shift_y, shift_x = to_device(shifts, images.device)
     rows = torch.arange(height, device=images.device).view(1, 1, height, 1) + shift_y
     cols = torch.arange(width, device=images.device).view(1, 1, 1, width) + shift_x
@@ -342,7 +387,8 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
 def augment(images: Tensor, dataset: str, generator: torch.Generator) -> Tensor:
     images = random_crop(images, padding=max(1, images.shape[-1] // 8), generator=generator)
     if dataset == "cifar100":  # digits and clothes are not mirror-symmetric
-        flip = to_device(torch.rand(images.shape[0], generator=generator) < 0.5, images.device)
+        draws, mine = draws_for_all_processes(images.shape[0])
+        flip = to_device(torch.rand(draws, generator=generator)[mine] < 0.5, images.device)
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
     return images
 
@@ -371,6 +417,10 @@ class Run:
     attention: Optional[AttentionTransferLoss] = None
     fusion: Optional[FeatureFusionTeacher] = None
     stages: Optional[List[List[nn.Module]]] = None  # ST: the model's stages of blocks
+    # The model and fusion teacher as a training step calls them: under torchrun wrapped in
+    # DistributedDataParallel, which averages the gradients over the processes; else themselves.
+    train_model: Optional[nn.Module] = None
+    train_fusion: Optional[nn.Module] = None
     # loop state
     step: int = 0  # optimiser steps taken
     last_write: Optional[Tensor] = None  # MKF: step of the last write of each knowledge row
@@ -404,12 +454,18 @@ def build_run(method: str, seed: int, args: argparse.Namespace, data: ImageData)
 
     if method.startswith("mkf") or method == "mix-only":
         mix_prob = 0.0 if method == "mkf-nomix" else 0.5
+        # One seed on every process: all mix their batches alike (the bank gathers the partners
+        # of every process, so per-process mixing would work too), and the mixer's state stays
+        # the same everywhere, which the first process's checkpoint relies on.
         run.mix = CompoundMix(mix_prob=mix_prob, warmup_steps=warmup_steps,
                               generator=torch.Generator().manual_seed(seed + 1))
     if method.startswith("mkf"):
+        # One seed on every process: every process trains the same sub-network at each step.
         run.sampler = DepthSampler.from_model(model, num_groups=args.groups, seed=seed + 2)
+        # Under torchrun every process folds the rows of all processes into its bank (one
+        # all-gather per update), so the banks stay identical; alone the sync does nothing.
         run.bank = KnowledgeBank(len(data.train_labels), data.num_classes, args.groups,
-                                 momentum=args.bank_momentum, device=device)
+                                 momentum=args.bank_momentum, device=device, sync="all_gather")
         run.fraction = FRACTIONS[method]()
         run.last_write = torch.full((args.groups, len(data.train_labels)), -1, device=device)
     if method == "st":
@@ -420,14 +476,33 @@ def build_run(method: str, seed: int, args: argparse.Namespace, data: ImageData)
         run.fusion = FeatureFusionTeacher(model.feature_channels, model.num_branches).to(device)
         parameters += list(run.fusion.parameters())
 
+    run.train_model, run.train_fusion = run.model, run.fusion  # replicate() wraps them
     run.optimizer = torch.optim.SGD(parameters, lr=args.lr, momentum=0.9, nesterov=True,
                                     weight_decay=args.weight_decay)
     run.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(run.optimizer, T_max=steps)
     return run
 
 
+def replicate(run: Run) -> None:
+    """Under torchrun: wrap the trained modules in DistributedDataParallel, which gives every
+    process the first one's weights and averages the gradients over the processes."""
+    device = next(run.model.parameters()).device
+    device_ids = [device] if device.type == "cuda" else None
+    # A sub-network leaves the dropped blocks' parameters unused, the same ones on every
+    # process. find_unused_parameters lets DDP finish its reduction without them and leaves
+    # their grad None, as in one process; SubNetwork.zero_touch would give them zero gradients
+    # instead, which SGD's weight decay and momentum then act on. ST needs it too: its
+    # sub-network's backward runs apart from the full network's.
+    run.train_model = DistributedDataParallel(run.model, device_ids=device_ids,
+                                              find_unused_parameters=run.sampler is not None)
+    if run.fusion is not None:
+        run.train_fusion = DistributedDataParallel(run.fusion, device_ids=device_ids)
+
+
 def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
-    return -(-len(data.train_labels) // args.batch_size)
+    processes = launched_processes()[2]
+    share = len(data.train_labels) // processes
+    return -(-share // (args.batch_size // processes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,10 +511,10 @@ def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
 
 def baseline_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor) -> Tensor:
     if run.mix is None:
-        loss = F.cross_entropy(run.model(images), labels)
+        loss = F.cross_entropy(run.train_model(images), labels)
     else:  # mix-only
         batch = run.mix(images, labels, indices)
-        loss = mixed_cross_entropy(run.model(batch.images), batch)
+        loss = mixed_cross_entropy(run.train_model(batch.images), batch)
     loss.backward()
     return loss
 
@@ -496,8 +571,10 @@ def mkf_loss(run: Run, logits: Tensor, batch, group: int, args: argparse.Namespa
         add_stat(run, "fraction_sum", (moved / 2 * known).sum())
         add_stat(run, "fraction_rows", known.sum())
     run.bank.update(group, probs, batch.index_a, batch.index_b, batch.lam, fraction=run.fraction)
-    run.last_write[group, batch.index_a[batch.lam > 0]] = run.step
-    run.last_write[group, batch.index_b[batch.lam < 1]] = run.step
+    # The bank took the rows of every process: so does the record of when they were written.
+    index_a, index_b, lam = all_gather_uneven([batch.index_a, batch.index_b, batch.lam])
+    run.last_write[group, index_a[lam > 0]] = run.step
+    run.last_write[group, index_b[lam < 1]] = run.step
     return loss
 
 
@@ -506,14 +583,16 @@ def mkf_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
     batch = run.mix(images, labels, indices)  # unmixed batches come back with lam = 1
     if args.mkf_loop == "cycle":
         with run.sampler.sample() as subnet:  # groups 0, 1, 2, 0, 1, 2, ...
-            loss = mkf_loss(run, run.model(batch.images), batch, subnet.group, args, per_epoch)
+            loss = mkf_loss(run, run.train_model(batch.images), batch, subnet.group, args,
+                            per_epoch)
             loss.backward()
         return loss
     # joint: the full network on every step, then a sampled sub-network (group 1 or 2).
-    full_loss = mkf_loss(run, run.model(batch.images), batch, 0, args, per_epoch)
+    full_loss = mkf_loss(run, run.train_model(batch.images), batch, 0, args, per_epoch)
     full_loss.backward()
     with run.sampler.sample(include_full=False) as subnet:
-        sub_loss = mkf_loss(run, run.model(batch.images), batch, subnet.group, args, per_epoch)
+        sub_loss = mkf_loss(run, run.train_model(batch.images), batch, subnet.group, args,
+                            per_epoch)
         sub_loss.backward()
     return full_loss + sub_loss
 
@@ -522,11 +601,11 @@ def st_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
     """Stimulative Training: CE on the full network, then KL(full, detached || sub-network) on a
     sub-network that drops a uniform number of trailing blocks per stage; no CE on the
     sub-network, weight 1, temperature 1, no stored knowledge."""
-    full_logits = run.model(images)
+    full_logits = run.train_model(images)
     loss = F.cross_entropy(full_logits, labels)
     loss.backward()
     with run.sampler.apply(run.sampler.draw_trailing(run.stages)):
-        kd = kd_loss(run.model(images), full_logits.detach(), teacher_kind="logits")
+        kd = kd_loss(run.train_model(images), full_logits.detach(), teacher_kind="logits")
         kd.backward()
     add_stat(run, "ce", loss)
     add_stat(run, "kd", kd)
@@ -535,10 +614,10 @@ def st_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
 
 
 def kdatff_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
-    out = run.model(images)  # logits of each branch and the output of each branch block
+    out = run.train_model(images)  # logits of each branch and the output of each branch block
     attention = sum(run.attention(block_features) for block_features in out.features)
     last_block = [block_features[-1] for block_features in out.features]
-    teacher_logits, _ = run.fusion(last_block, out.logits)
+    teacher_logits, _ = run.train_fusion(last_block, out.logits)
     loss = online_distillation_loss(out.logits, teacher_logits, labels, temperature=3.0,
                                     attention_loss=attention).total
     loss.backward()
@@ -569,12 +648,20 @@ TRAIN_ACCURACY_IMAGES = 2000  # clean training images on which the train accurac
 @torch.no_grad()
 def evaluate(run: Run, data: ImageData) -> Dict[str, float]:
     """Top-1 on the evaluation images (``data.test_*``: the test set or the validation
-    images) and ``train_top1`` on the first clean training images, in percent."""
+    images) and ``train_top1`` on the first clean training images, in percent.
+
+    Under torchrun each process evaluates a share of the images and the counts are summed."""
     if run.sampler is not None:
-        # Sub-network passes shifted the BatchNorm statistics; re-estimate them for the full net.
+        # Sub-network passes shifted the BatchNorm statistics; re-estimate them for the full net
+        # (on every process from the same images).
         recalibrate_batchnorm(run.model, in_batches(data.train_images, 500), num_samples=2000)
     modules = [module for module in (run.model, run.fusion) if module is not None]
     for module in modules:
+        if launched_processes()[2] > 1:
+            # The processes share the weights but each kept the BatchNorm statistics of its own
+            # last batch: all take the first process's, as DDP does before each training step.
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
         module.eval()
     accuracy = accuracies(run, data.test_images, data.test_labels)
     train_images = data.train_images[:TRAIN_ACCURACY_IMAGES]
@@ -586,17 +673,21 @@ def evaluate(run: Run, data: ImageData) -> Dict[str, float]:
 
 
 def accuracies(run: Run, images: Tensor, labels: Tensor) -> Dict[str, float]:
-    correct: Dict[str, Tensor] = {}  # counts stay on the device until the end
-    for image_batch, label_batch in zip(in_batches(images), in_batches(labels)):
+    names = ["top1", "ensemble_top1"] if run.method == "kdatff" else ["top1"]
+    correct = torch.zeros(len(names), dtype=torch.int64, device=labels.device)  # on the device
+    rank, _, processes = launched_processes()
+    share = slice(rank, None, processes)
+    for image_batch, label_batch in zip(in_batches(images[share]), in_batches(labels[share])):
         if run.method == "kdatff":
             out = run.model(image_batch)
             teacher_logits, _ = run.fusion([f[-1] for f in out.features], out.logits)
-            outputs = {"top1": out.logits[0], "ensemble_top1": teacher_logits}
+            outputs = [out.logits[0], teacher_logits]
         else:
-            outputs = {"top1": run.model(image_batch)}
-        for name, logits in outputs.items():
-            correct[name] = correct.get(name, 0) + (logits.argmax(1) == label_batch).sum()
-    return {name: 100.0 * int(count) / len(labels) for name, count in correct.items()}
+            outputs = [run.model(image_batch)]
+        correct += torch.stack([(logits.argmax(1) == label_batch).sum() for logits in outputs])
+    if processes > 1:
+        dist.all_reduce(correct)
+    return {name: 100.0 * int(count) / len(labels) for name, count in zip(names, correct)}
 
 
 def epoch_diagnostics(run: Run, per_epoch: int) -> Dict[str, float]:
@@ -627,17 +718,27 @@ class CheckpointError(Exception):
 CONFIG_KEYS = ["dataset", "train_subset", "train_offset", "validation_size", "evaluate",
                "methods", "seeds", "epochs", "batch_size", "lr", "weight_decay", "blocks",
                "widths", "beta", "beta_ramp", "temperature", "knowledge_from", "max_age",
-               "bank_momentum", "groups", "warmup", "mkf_loop", "full_teacher"]
+               "bank_momentum", "groups", "warmup", "mkf_loop", "full_teacher", "processes"]
+# What checkpoints written before a setting was recorded ran with.
+UNRECORDED_SETTINGS = {"processes": 1}
 
 
 def run_state(run: Run) -> Dict[str, Any]:
+    """Everything needed to continue ``run`` exactly. Under torchrun every process calls it at
+    the same point: the one state that differs between them, their own partial sums of this
+    epoch's loss and diagnostics, is gathered into lists in rank order."""
     state = {name: obj.state_dict() for name, obj in run.stateful().items() if obj is not None}
+    partial_sums = {"loss_sum": run.loss_sum, "stats": run.stats}
+    processes = launched_processes()[2]
+    if processes > 1:
+        gathered: List[Any] = [None] * processes
+        dist.all_gather_object(gathered, {**partial_sums, "loss_sum": run.loss_sum.cpu()})
+        partial_sums = {name: [sums[name] for sums in gathered] for name in partial_sums}
     state.update(
         method=run.method, seed=run.seed, epoch=run.epoch, batch_in_epoch=run.batch_in_epoch,
         order=run.order, data_generator=run.data_generator.get_state(),
-        train_seconds=run.train_seconds, loss_sum=run.loss_sum, history=run.history,
-        torch_rng=torch.get_rng_state(), step=run.step, last_write=run.last_write,
-        stats=run.stats,
+        train_seconds=run.train_seconds, history=run.history, torch_rng=torch.get_rng_state(),
+        step=run.step, last_write=run.last_write, **partial_sums,
     )
     return state
 
@@ -649,14 +750,22 @@ def restore_run(run: Run, state: Dict[str, Any]) -> None:
     run.data_generator.set_state(state["data_generator"])
     run.epoch, run.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
     run.order, run.train_seconds = state["order"], float(state["train_seconds"])
-    run.loss_sum, run.history = state["loss_sum"], list(state["history"])
-    run.step, run.stats = int(state["step"]), dict(state["stats"])
+    loss_sum, stats = state["loss_sum"], state["stats"]
+    rank, _, processes = launched_processes()
+    if processes > 1:  # every process's own partial sums (see run_state)
+        loss_sum, stats = loss_sum[rank], stats[rank]
+    run.loss_sum, run.stats = loss_sum, dict(stats)
+    run.history, run.step = list(state["history"]), int(state["step"])
     if run.last_write is not None:
         run.last_write.copy_(state["last_write"])
     torch.set_rng_state(state["torch_rng"])
 
 
 def save_checkpoint(path: str, study: Dict[str, Any]) -> None:
+    """Write ``study`` to ``path``; under torchrun only the first process writes (all of them
+    hold the same state)."""
+    if launched_processes()[0] != 0:
+        return
     buffer = io.BytesIO()
     torch.save(study, buffer)
     payload = buffer.getvalue()
@@ -685,12 +794,19 @@ def load_checkpoint(path: str, args: argparse.Namespace) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: cannot load the checkpoint ({error})") from None
     if not isinstance(study, dict) or set(study) != {"config", "results", "steps_done", "current"}:
         raise CheckpointError(f"{path}: not a checkpoint of benchmarks/train.py")
-    saved, given = study["config"], config_of(args)
-    different = [f"--{k.replace('_', '-')} {saved.get(k)} (saved) vs {given[k]} (given)"
+    saved = {**UNRECORDED_SETTINGS, **study["config"]}
+    given = config_of(args)
+    different = [f"{setting_name(k)} {saved.get(k)} (saved) vs {given[k]} (given)"
                  for k in CONFIG_KEYS if saved.get(k) != given[k]]
     if different:
         raise CheckpointError(f"{path}: saved with other settings: " + "; ".join(different))
     return study
+
+
+def setting_name(key: str) -> str:
+    """How the user sets ``key``: an option, or torchrun's number of processes."""
+    return "processes (torchrun --nproc_per_node)" if key == "processes" else (
+        f"--{key.replace('_', '-')}")
 
 
 def config_of(args: argparse.Namespace) -> Dict[str, Any]:
@@ -706,14 +822,16 @@ def train_run(run: Run, data: ImageData, args: argparse.Namespace, study: Dict[s
     """Train ``run`` to the end (True) or until ``--stop-after`` steps (False)."""
     device = torch.device(args.device)
     per_epoch = steps_per_epoch(data, args)
+    batch_size = args.batch_size // launched_processes()[2]  # this process's part of a batch
     while run.epoch < args.epochs:
         if run.order is None:
             run.order = torch.randperm(len(data.train_labels), generator=run.data_generator)
         start = time.perf_counter()
-        order = to_device(run.order, device)  # run.order stays on the CPU for the checkpoint
+        # run.order stays on the CPU for the checkpoint
+        order = to_device(share_of_epoch(run.order), device)
         while run.batch_in_epoch < per_epoch:
-            first = run.batch_in_epoch * args.batch_size
-            indices = order[first : first + args.batch_size]
+            first = run.batch_in_epoch * batch_size
+            indices = order[first : first + batch_size]
             images = augment(data.train_images[indices], args.dataset, run.data_generator)
             loss = train_step(run, images, data.train_labels[indices], indices, args, per_epoch)
             run.loss_sum = run.loss_sum + loss  # a tensor: no host synchronisation per step
@@ -730,7 +848,9 @@ def train_run(run: Run, data: ImageData, args: argparse.Namespace, study: Dict[s
                     save_checkpoint(args.checkpoint, {**study, "current": run_state(run)})
                 return False
         run.train_seconds += pause(start, device)
-        mean_loss = float(run.loss_sum) / per_epoch
+        sums = mean_over_processes({"loss": run.loss_sum, **run.stats}, device)
+        mean_loss = float(sums.pop("loss")) / per_epoch
+        run.stats = sums
         run.epoch, run.batch_in_epoch, run.order = run.epoch + 1, 0, None
         run.loss_sum = torch.zeros(())
         last = run.epoch == args.epochs
@@ -744,6 +864,18 @@ def train_run(run: Run, data: ImageData, args: argparse.Namespace, study: Dict[s
         if args.checkpoint:
             save_checkpoint(args.checkpoint, {**study, "current": run_state(run)})
     return True
+
+
+def mean_over_processes(sums: Dict[str, Tensor], device: torch.device) -> Dict[str, Tensor]:
+    """This epoch's sums (the loss, the diagnostics) averaged over the processes; alone, as
+    they are. Every process has the same names: they all take the same paths through a step."""
+    processes = launched_processes()[2]
+    if processes == 1:
+        return sums
+    names = sorted(sums)
+    values = torch.stack([sums[name].to(device, torch.float64) for name in names])
+    dist.all_reduce(values)
+    return dict(zip(names, (values / processes).cpu()))
 
 
 def pause(start: float, device: torch.device) -> float:
@@ -799,6 +931,48 @@ def plot(results: Dict[str, Dict[str, Any]], methods: List[str], path: Path, tit
     plt.close(figure)
 
 
+def state_digest(state: Any) -> str:
+    """SHA-256 of a nested state: dicts, lists, tensors (bit for bit), other values by repr."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, Tensor):
+            digest.update(f"tensor {value.dtype} {tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)}".encode())
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"list {len(value)}".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(repr(value).encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
+def process_state_digest(run: Run) -> str:
+    """SHA-256 of everything this process holds of ``run`` but the time it trained."""
+    state = run_state(run)
+    del state["train_seconds"]
+    return state_digest(state)
+
+
+def agreed_state_digests(run: Run, key: str) -> List[str]:
+    """Every process's :func:`process_state_digest` of ``run``, in rank order, after checking
+    that they are equal: the processes must end a run with the same state, bit for bit."""
+    digests: List[Optional[str]] = [None] * launched_processes()[2]
+    dist.all_gather_object(digests, process_state_digest(run))
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the processes ended {key} with different states (SHA-256 by rank: "
+                           f"{digests}): a bug in train.py")
+    return digests  # type: ignore[return-value]
+
+
 def split(data: ImageData, args: argparse.Namespace) -> ImageData:
     """The training images ``--train-offset``.. (``--train-subset`` of them), less the last
     ``--validation-size``, which replace the test set when ``--evaluate validation``."""
@@ -819,6 +993,9 @@ def split(data: ImageData, args: argparse.Namespace) -> ImageData:
         raise DatasetError(f"--validation-size {args.validation_size} leaves no training images "
                            f"of the {len(labels)} selected")
     keep = len(labels) - args.validation_size
+    if keep < args.processes:
+        raise DatasetError(f"the {keep} training images cannot be shared by {args.processes} "
+                           "processes: pass more images or start fewer processes")
     data = data._replace(train_images=images[:keep], train_labels=labels[:keep])
     if args.evaluate == "validation":
         data = data._replace(test_images=images[keep:], test_labels=labels[keep:])
@@ -828,6 +1005,28 @@ def split(data: ImageData, args: argparse.Namespace) -> ImageData:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.processes == 1:
+        return study_main(args)
+    join_processes(args)
+    try:
+        return study_main(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def join_processes(args: argparse.Namespace) -> None:
+    """Join the other processes of a torchrun launch: gloo on the CPU, NCCL on CUDA (one GPU
+    per process). A collective that waits longer than ``--collective-timeout`` fails."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=args.collective_timeout))
+
+
+def study_main(args: argparse.Namespace) -> int:
+    """Every method with every seed; under torchrun the first process reports."""
+    first_process = launched_processes()[0] == 0
     data = split(load_dataset(args.dataset, args.data_dir), args)
     data = ImageData(*(tensor.to(args.device) for tensor in data))
 
@@ -851,7 +1050,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     runs = [(method, seed) for method in args.methods for seed in args.seeds]
     total = len(runs) * args.epochs * steps_per_epoch(data, args)
     progress = tqdm(total=total, initial=study["steps_done"], unit="step",
-                    disable=args.no_progress, dynamic_ncols=True)
+                    disable=args.no_progress or not first_process, dynamic_ncols=True)
     for method, seed in runs:
         key = f"{method}/seed{seed}"
         if key in study["results"]:
@@ -860,18 +1059,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             run = current
         else:
             run = build_run(method, seed, args, data)
+        if args.processes > 1:
+            replicate(run)
         finished = train_run(run, data, args, study, progress)
         if not finished:
             progress.close()
-            print(f"stopped after {study['steps_done']} steps; continue with --resume")
+            if first_process:
+                print(f"stopped after {study['steps_done']} steps; continue with --resume")
             return 0
         study["results"][key] = {
             "method": method, "seed": seed, "history": run.history,
             "top1": run.history[-1]["top1"], "seconds_per_epoch": run.train_seconds / args.epochs,
         }
+        if args.processes > 1:
+            study["results"][key]["process_state_sha256"] = agreed_state_digests(run, key)
         if args.checkpoint:
             save_checkpoint(args.checkpoint, {**study, "current": run_state(run)})
     progress.close()
+    if not first_process:
+        return 0
 
     rows = summarise(study["results"], args.methods)
     print_table(rows, TABLE, title=f"{args.dataset}, {args.epochs} epoch(s), top-1 on the "
@@ -888,9 +1094,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def lost_contact(error: RuntimeError) -> Optional[str]:
+    """What went wrong, in one line, if ``error`` says that a collective operation failed (the
+    other processes stopped, were killed or stopped answering); else None."""
+    if launched_processes()[2] == 1 or not (
+        isinstance(error, dist.DistError) or "gloo" in str(error) or "NCCL" in str(error)
+    ):
+        return None
+    first_line = (str(error).splitlines() or [type(error).__name__])[0]
+    # gloo starts with its source location and ends with advice: keep what happened
+    return re.sub(r"^\[[^\]]*\]\s*", "", first_line).split(". ")[0]
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except (DatasetError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as error:
+        what = lost_contact(error)
+        if what is None:
+            raise
+        rank, _, processes = launched_processes()
+        print(f"error: process {rank} of {processes} lost contact with the others ({what}); one "
+              "of them failed, was killed or stopped answering: see its output", file=sys.stderr)
+        sys.exit(1)
