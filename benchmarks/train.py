@@ -908,25 +908,70 @@ TABLE = [
 ]
 
 
-def plot(results: Dict[str, Dict[str, Any]], methods: List[str], path: Path, title: str) -> None:
+# Line styles and markers tell the methods apart where colours do not (print, colour blindness).
+LINE_STYLES = ["-", "--", "-.", ":"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+MARKED_POINTS = 10  # markers per line and panel: enough to follow a line, few enough to read
+
+
+def accuracy_figure(results: Dict[str, Dict[str, Any]], methods: List[str], title: str):
+    """The accuracy curves of every method: the mean over seeds with a band of one sample
+    standard deviation (the table's spread), over all epochs and zoomed on the last third,
+    where the y range is fitted to the curves so that the final differences show.
+
+    Only evaluated epochs are plotted (``--eval-every``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for method in methods:
+    figure, (whole, zoom) = plt.subplots(1, 2, figsize=(13, 4.5),
+                                         gridspec_kw={"width_ratios": [3, 2]})
+    seeds = set()
+    zoomed: List[Tensor] = []
+    for position, method in enumerate(methods):
         histories = [[h for h in r["history"] if "top1" in h]
                      for r in results.values() if r["method"] == method]
+        seeds.add(len(histories))
         curves = torch.tensor([[h["top1"] for h in history] for history in histories])
-        epochs = [h["epoch"] for h in histories[0]]
-        axes.plot(epochs, curves.mean(0), label=method)
-        axes.fill_between(epochs, curves.min(0).values, curves.max(0).values, alpha=0.2)
-    axes.set(xlabel="epoch", ylabel="test top-1 (%)", title=title)
-    axes.xaxis.get_major_locator().set_params(integer=True)
-    axes.grid(alpha=0.3)
-    axes.legend()
+        epochs = torch.tensor([h["epoch"] for h in histories[0]])
+        mean = curves.mean(0)
+        spread = curves.std(0) if len(histories) > 1 else torch.zeros_like(mean)
+        last_third = epochs > epochs[-1] * 2 / 3
+        last_third[-2:] = True  # two points at least: a line
+        for axes, shown in ((whole, slice(None)), (zoom, last_third)):
+            x, y, band = epochs[shown], mean[shown], spread[shown]
+            axes.plot(x, y, label=method, color=f"C{position % 10}",
+                      linestyle=LINE_STYLES[position % len(LINE_STYLES)],
+                      marker=MARKERS[position % len(MARKERS)],
+                      markevery=max(1, len(x) // MARKED_POINTS))
+            axes.fill_between(x, y - band, y + band, color=f"C{position % 10}", alpha=0.15,
+                              linewidth=0)
+        zoomed += [mean[last_third] - spread[last_third], mean[last_third] + spread[last_third]]
+    low, high = float(torch.cat(zoomed).min()), float(torch.cat(zoomed).max())
+    margin = max(0.1 * (high - low), 0.5)  # half a point at least: a flat line stays visible
+    zoom.set_ylim(low - margin, high + margin)
+    whole.set(xlabel="epoch", ylabel="top-1 (%)", title="all epochs")
+    zoom.set(xlabel="epoch", title="last third of the epochs, zoomed")
+    for axes in (whole, zoom):
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+    count = seeds.pop() if len(seeds) == 1 else f"{min(seeds)}-{max(seeds)}"
+    spread_text = ("line: the one seed" if count == 1 else
+                   f"line: mean over {count} seeds\nband: ± 1 sample standard deviation")
+    # beside the panels: inside, it would hide the ends of the curves
+    zoom.legend(title=spread_text, fontsize="small", title_fontsize="small", loc="upper left",
+                bbox_to_anchor=(1.02, 1), alignment="left")
+    figure.suptitle(title)
     figure.tight_layout()
+    return figure
+
+
+def plot(results: Dict[str, Dict[str, Any]], methods: List[str], path: Path, title: str) -> None:
+    """Save :func:`accuracy_figure` as a PNG file at ``path``."""
+    import matplotlib.pyplot as plt
+
+    figure = accuracy_figure(results, methods, title)
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
@@ -1089,7 +1134,8 @@ def study_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_json(out / f"train_{args.dataset}.json", report)  # also creates the folder --out
     png_path = out / f"train_{args.dataset}.png"
-    plot(study["results"], args.methods, png_path, f"{args.dataset}: test accuracy")
+    plot(study["results"], args.methods, png_path,
+         f"{args.dataset}: top-1 on the {args.evaluate} images")
     print(f"wrote {png_path}")
     return 0
 

@@ -317,3 +317,33 @@ def test_help_shows_every_default(capsys):
     for default in ("--methods METHOD [METHOD ...]", "(default: ['baseline', 'mkf-",
                     "(default: [0, 1, 2])", "(default: 20)", "(default: 64)", "(default: 0.05)"):
         assert default in text, default
+
+
+def test_the_plot_zooms_on_the_last_epochs_and_says_what_the_bands_are():
+    import matplotlib.pyplot as plt
+
+    methods = ["baseline", "mkf-qp", "st"]
+    results = {}
+    for position, method in enumerate(methods):
+        for seed in range(3):
+            # evaluated every other epoch (--eval-every 2) and after the last, 11 epochs
+            history = [{"epoch": epoch, "train_loss": 1.0} for epoch in range(1, 12)]
+            for entry in history:
+                if entry["epoch"] % 2 == 0 or entry["epoch"] == 11:
+                    entry["top1"] = 60 + 3 * entry["epoch"] + 0.5 * position + 0.1 * seed
+            results[f"{method}/seed{seed}"] = {"method": method, "seed": seed, "history": history}
+    figure = train.accuracy_figure(results, methods, "digits: top-1 on the test images")
+    try:
+        whole, zoom = figure.axes
+        lines = zoom.get_lines()
+        assert [line.get_label() for line in lines] == methods
+        assert len({(line.get_linestyle(), line.get_marker()) for line in lines}) == len(methods)
+        assert list(whole.get_lines()[0].get_xdata()) == [2, 4, 6, 8, 10, 11]  # evaluated only
+        assert list(lines[0].get_xdata()) == [8, 10, 11]  # the last third
+        # The zoomed range fits the curves and bands there (84 .. 94.2), not the whole run's.
+        low, high = zoom.get_ylim()
+        assert low < 84 < 94.2 < high and high - low < 1.3 * (94.2 - 84)
+        legend = zoom.get_legend().get_title().get_text()
+        assert "mean over 3 seeds" in legend and "± 1 sample standard deviation" in legend
+    finally:
+        plt.close(figure)
