@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "DatasetError", "ImageData", "load_dataset"]
+__all__ = ["DATASETS", "FASHION_MNIST_DIR", "DatasetError", "ImageData", "load_dataset"]
 
 DATASETS = ("digits", "fashion-mnist", "cifar100")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -60,35 +60,59 @@ Output: a progress bar, a table (top-1 mean and sample standard deviation over s
 seconds per epoch, time relative to the baseline), and in ``--out`` a JSON file and a PNG plot
 of the test accuracy curves. ``--checkpoint PATH`` saves the whole study (finished runs and
 the state of the current one) after every epoch; ``--resume`` continues it exactly.
+
+Several processes (one machine, gloo on the CPU, NCCL with one GPU per process)::
+
+    torchrun --standalone --nproc_per_node 2 benchmarks/train.py --methods baseline mkf-qp
+
+Each process trains on its share of every epoch (the same seeded permutation everywhere, the
+k-th of every P indices for process k); ``--batch-size`` is the batch of one step over all
+processes, so a study takes the same steps whatever their number. DistributedDataParallel
+averages the gradients; every process draws the same augmentation parameters, mixing and
+sub-networks (all random draws are made for the whole batch); the knowledge bank takes in the
+rows of every process (``KnowledgeBank(sync="all_gather")``); evaluation is shared out and the
+counts summed, after every process takes the first one's BatchNorm statistics; the first
+process alone prints, checkpoints and writes the results. At the end of every run the processes
+compare a SHA-256 of their whole state (``process_state_sha256`` in the JSON) and stop if they
+differ. A process that loses contact with the others (one was killed, or a collective operation
+waits longer than ``--collective-timeout``) stops with a one-line error. A checkpoint resumes
+exactly with the same number of processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import io
 import os
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, NoReturn, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import device_report, print_table, synchronize, write_json  # noqa: E402
-from datasets import DATASETS, DatasetError, ImageData, load_dataset  # noqa: E402
+from datasets import (  # noqa: E402
+    DATASETS, FASHION_MNIST_DIR, DatasetError, ImageData, load_dataset,
+)
 
 from mkfkit._devices import to_device  # noqa: E402
 from mkfkit.attention import AttentionTransferLoss  # noqa: E402
 from mkfkit.bank import KnowledgeBank  # noqa: E402
 from mkfkit.depth import DepthSampler, recalibrate_batchnorm  # noqa: E402
 from mkfkit.distill import kd_loss  # noqa: E402
+from mkfkit.distributed import all_gather_uneven  # noqa: E402
 from mkfkit.fraction import DominantFraction, LinearFraction, QPFraction  # noqa: E402
 from mkfkit.fusion import FeatureFusionTeacher, online_distillation_loss  # noqa: E402
 from mkfkit.mixing import CompoundMix, mixed_cross_entropy  # noqa: E402
@@ -105,40 +129,66 @@ FRACTIONS = {
 CHECKPOINT_MAGIC = b"mkfkit-train-checkpoint-v1\n"
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``error: ...``, with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        # Every process of a torchrun launch parses the same command line: one says it.
+        if launched_processes()[0] == 0:
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default after its help, unless the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "(default: " in text else super()._get_help_string(action)
+
+
+def launched_processes() -> Tuple[int, int, int]:
+    """``(rank, local rank, number of processes)`` of this process as torchrun set them in the
+    environment; ``(0, 0, 1)`` for a plain ``python`` run."""
+    return tuple(int(os.environ.get(name, default))  # type: ignore[return-value]
+                 for name, default in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add = parser.add_argument
-    add("--dataset", default="digits", choices=DATASETS)
-    add("--data-dir", default=None,
-        help="dataset folder (fashion-mnist: the IDX files; cifar100: the pickle release)")
-    add("--train-subset", type=int, default=None, help="use only the first N training images")
-    add("--train-offset", type=int, default=0,
+    add("--dataset", default="digits", choices=DATASETS, help="the images to train on")
+    add("--data-dir", default=None, metavar="DIR",
+        help="dataset folder: fashion-mnist's IDX files (default: "
+             f"{FASHION_MNIST_DIR}), cifar100's pickle release (required); digits has none")
+    add("--train-subset", type=int, default=None, metavar="N",
+        help="use only the first N training images (default: all)")
+    add("--train-offset", type=int, default=0, metavar="K",
         help="skip the first K training images (with --train-subset: images K .. K + N - 1)")
-    add("--validation-size", type=int, default=0,
+    add("--validation-size", type=int, default=0, metavar="N",
         help="hold out the last N of the training images; the runs never train on them")
     add("--evaluate", default="test", choices=["test", "validation"],
         help="report accuracy on the test set or on the held-out validation images")
-    add("--methods", nargs="+", default=DEFAULT_METHODS, choices=ALL_METHODS)
-    add("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    add("--epochs", type=int, default=20)
-    add("--batch-size", type=int, default=64)
-    add("--lr", type=float, default=0.05)
-    add("--weight-decay", type=float, default=5e-4)
-    add("--blocks", nargs="+", type=int, default=[2, 2, 2], help="basic blocks per stage")
-    add("--widths", nargs="+", type=int, default=[16, 32, 64], help="channels per stage")
+    add("--methods", nargs="+", default=DEFAULT_METHODS, choices=ALL_METHODS, metavar="METHOD",
+        help=f"the methods to compare, of {', '.join(ALL_METHODS)} (see the module docstring)")
+    add("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED", help="one run per method and seed")
+    add("--epochs", type=int, default=20, help="passes over the training images per run")
+    add("--batch-size", type=int, default=64,
+        help="images per optimiser step; under torchrun split evenly over the processes")
+    add("--lr", type=float, default=0.05, help="peak learning rate of SGD (cosine schedule)")
+    add("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    add("--blocks", nargs="+", type=int, default=[2, 2, 2], metavar="N", help="basic blocks per stage")
+    add("--widths", nargs="+", type=int, default=[16, 32, 64], metavar="C", help="channels per stage")
     add("--beta", type=float, default=2.0, help="MKF: weight of the distillation loss")
-    add("--beta-ramp", type=float, default=0.0,
+    add("--beta-ramp", type=float, default=0.0, metavar="EPOCHS",
         help="MKF: raise beta linearly from 0 over this many epochs (0: the paper, no ramp)")
     add("--temperature", type=float, default=1.0, help="MKF: distillation temperature")
     add("--knowledge-from", default="previous", choices=["previous", "full"],
         help="MKF: group t > 0 distils from group t - 1 (the paper) or from the full network")
-    add("--max-age", type=int, default=0,
+    add("--max-age", type=int, default=0, metavar="STEPS",
         help="MKF: teach only with knowledge written at most this many steps ago (0: any age)")
     add("--bank-momentum", type=float, default=0.5, help="MKF: EMA weight of new knowledge")
-    add("--groups", type=int, default=3, help="MKF: depth groups per cycle (T)")
+    add("--groups", type=int, default=3, metavar="T", help="MKF: depth groups per cycle (T)")
     add("--warmup", type=float, default=0.1, help="fraction of the steps without mixing")
     add("--mkf-loop", default="cycle", choices=["cycle", "joint"],
         help="MKF: one sampled network per step (the paper), or the full network on every "
@@ -146,47 +196,186 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add("--full-teacher", default="none", choices=["none", "self"],
         help="MKF: the full network (group 0) gets no distillation (the paper), or distils "
              "from its own stored knowledge")
-    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add("--device", default="auto",
+        help="auto (cuda if there is one, else cpu), cpu, cuda or cuda:N; under torchrun "
+             "each process takes the GPU of its local rank")
     # The demo's networks are small: torch's intra-op threads cost more than they gain there,
     # and on a 2-core machine shared with another job two threads ran 2.7x slower than one.
-    add("--threads", type=int, default=1, help="CPU threads for torch (raise it for big models)")
-    add("--out", default=str(Path(__file__).resolve().parent / "out"))
-    add("--checkpoint", default=None, help="save the study here after every epoch")
+    add("--threads", type=int, default=1,
+        help="CPU threads for torch per process (raise it for big models)")
+    add("--out", default=str(Path(__file__).resolve().parent / "out"), metavar="DIR",
+        help="folder for the JSON file and the plot")
+    add("--checkpoint", default=None, metavar="PATH", help="save the study here after every epoch")
     add("--resume", action="store_true", help="continue the study saved in --checkpoint")
-    add("--checkpoint-every", type=int, default=None, help="also save every N steps")
-    add("--stop-after", type=int, default=None, help="stop after N steps (to test --resume)")
-    add("--eval-every", type=int, default=1,
+    add("--checkpoint-every", type=int, default=None, metavar="N",
+        help="also save every N steps (needs --checkpoint)")
+    add("--stop-after", type=int, default=None, metavar="N",
+        help="stop after N steps, to be continued with --resume (needs --checkpoint)")
+    add("--eval-every", type=int, default=1, metavar="N",
         help="evaluate every N epochs (and after the last); diagnostics are logged every epoch")
+    add("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
+        help="under torchrun: seconds a process waits for the others in a collective "
+             "operation before it stops with an error")
     add("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resume and not args.checkpoint:
-        parser.error("--resume needs --checkpoint")
-    if len(args.blocks) != len(args.widths):
-        parser.error("--blocks and --widths need one value per stage each")
-    if args.train_offset < 0 or args.validation_size < 0:
-        parser.error("--train-offset and --validation-size must be >= 0")
-    if args.evaluate == "validation" and args.validation_size == 0:
-        parser.error("--evaluate validation needs --validation-size N > 0")
-    if args.eval_every < 1:
-        parser.error("--eval-every must be >= 1")
-    if args.temperature <= 0 or args.beta < 0 or args.beta_ramp < 0 or args.max_age < 0:
-        parser.error("--temperature must be > 0; --beta, --beta-ramp and --max-age >= 0")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for problem in argument_problems(args):
+        parser.error(problem)
+    args.device = resolve_device(parser, args.device)
+    args.processes = launched_processes()[2]
     return args
+
+
+def argument_problems(args: argparse.Namespace) -> Iterator[str]:
+    """What is wrong with the parsed arguments, one message each (checks that need no data)."""
+    at_least = [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                ("--threads", args.threads, 1), ("--eval-every", args.eval_every, 1),
+                ("--train-subset", args.train_subset, 1), ("--train-offset", args.train_offset, 0),
+                ("--validation-size", args.validation_size, 0), ("--max-age", args.max_age, 0),
+                ("--groups", args.groups, 1), ("--checkpoint-every", args.checkpoint_every, 1),
+                ("--stop-after", args.stop_after, 1)]
+    at_least += [("--blocks", blocks, 1) for blocks in args.blocks]
+    at_least += [("--widths", width, 1) for width in args.widths]
+    for option, value, minimum in at_least:
+        if value is not None and value < minimum:
+            yield f"{option} must be >= {minimum}, but got {value}"
+    positive = [("--lr", args.lr), ("--temperature", args.temperature),
+                ("--collective-timeout", args.collective_timeout)]
+    for option, value in positive:
+        if not value > 0:  # NaN too
+            yield f"{option} must be > 0, but got {value}"
+    for option, value in [("--weight-decay", args.weight_decay), ("--beta", args.beta),
+                          ("--beta-ramp", args.beta_ramp)]:
+        if not value >= 0:
+            yield f"{option} must be >= 0, but got {value}"
+    if not 0 < args.bank_momentum <= 1:
+        yield f"--bank-momentum must lie in (0, 1], but got {args.bank_momentum}"
+    if not 0 <= args.warmup <= 1:
+        yield f"--warmup must lie in [0, 1] (a fraction of the steps), but got {args.warmup}"
+    for option, values in [("--methods", args.methods), ("--seeds", args.seeds)]:
+        repeated = sorted({str(value) for value in values if values.count(value) > 1})
+        if repeated:
+            yield f"{option} names {', '.join(repeated)} more than once"
+    if len(args.blocks) != len(args.widths):
+        yield (f"--blocks and --widths need one value per stage each, but got {len(args.blocks)} "
+               f"and {len(args.widths)} values")
+    if args.dataset == "digits" and args.data_dir is not None:
+        yield "--data-dir has no effect with --dataset digits (it comes with scikit-learn): drop it"
+    if args.evaluate == "validation" and args.validation_size == 0:
+        yield "--evaluate validation needs --validation-size N > 0"
+    for option, given in [("--resume", args.resume), ("--checkpoint-every", args.checkpoint_every),
+                          ("--stop-after", args.stop_after)]:
+        if given and not args.checkpoint:
+            yield f"{option} needs --checkpoint PATH"
+    if args.checkpoint:
+        folder = Path(args.checkpoint).resolve().parent
+        if Path(args.checkpoint).is_dir():
+            yield f"--checkpoint {args.checkpoint} is a folder; expected a file name"
+        elif not folder.is_dir():
+            yield f"--checkpoint {args.checkpoint}: the folder {folder} does not exist"
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        yield f"--out {args.out} is a file; expected a folder (created if missing)"
+    if args.mkf_loop == "joint" and args.groups < 2 and any(
+        method.startswith("mkf") for method in args.methods
+    ):
+        yield "--mkf-loop joint trains a sub-network besides the full one: it needs --groups >= 2"
+    _, _, processes = launched_processes()
+    if args.batch_size % processes:
+        yield (f"--batch-size {args.batch_size} must be a multiple of the {processes} processes "
+               "that torchrun started (each process takes an equal part of every batch)")
+    if len(args.blocks) == len(args.widths) and min(args.blocks + args.widths) >= 1:
+        yield from depth_problems(args)
+
+
+def depth_problems(args: argparse.Namespace) -> Iterator[str]:
+    """Whether the network of ``--blocks`` can be cut into ``--groups`` depth groups: the
+    library's own rule, asked by building the depth sampler that MKF (and ST) would build."""
+    model = ResNet(blocks=args.blocks, widths=args.widths)
+    blocks = " ".join(map(str, args.blocks))
+    if any(method.startswith("mkf") for method in args.methods):
+        try:
+            DepthSampler.from_model(model, num_groups=args.groups, seed=0)
+        except ValueError as error:
+            yield f"--groups {args.groups} does not fit --blocks {blocks}: {error}"
+    if "st" in args.methods:
+        try:
+            DepthSampler.from_model(model, num_groups=1, seed=0)
+        except ValueError as error:
+            yield f"--blocks {blocks} leaves st no block to drop: {error}"
+
+
+def resolve_device(parser: OneLineParser, device: str) -> str:
+    """``--device`` checked against this torch build and machine; ``auto`` resolved and, under
+    torchrun on CUDA, the GPU of this process's local rank chosen."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda") or (
+        parsed.type == "cpu" and parsed.index is not None
+    ):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, but got {device!r}")
+    if parsed.type == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        build = "this torch build has no CUDA support" if torch.version.cuda is None else (
+            "no CUDA device is visible")
+        parser.error(f"--device {device}: {build} (torch {torch.__version__}); use --device cpu")
+    visible = torch.cuda.device_count()
+    _, local_rank, processes = launched_processes()
+    if processes > 1:
+        if parsed.index is not None:
+            parser.error(f"--device {device}: under torchrun each process takes the GPU of its "
+                         "local rank; pass --device cuda")
+        if local_rank >= visible:
+            parser.error(f"torchrun started more processes on this machine than the {visible} "
+                         "visible GPU(s): pass --nproc_per_node at most that, or --device cpu")
+        return f"cuda:{local_rank}"
+    if parsed.index is not None and parsed.index >= visible:
+        parser.error(f"--device {device}: only {visible} CUDA device(s) are visible "
+                     f"(cuda:0 .. cuda:{visible - 1})")
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
 # Data: whole datasets live in memory as tensors; batches are slices of a seeded permutation.
 # The random draws come from a CPU generator (the same stream on every device); on CUDA they
 # reach the GPU through `to_device`, which does not make the host wait for the queued steps.
+#
+# Under torchrun every process holds the whole dataset and draws the same permutation; each
+# takes its share of it (`share_of_epoch`) and an equal part of every batch. Every random draw
+# is made for the batches of all processes together, the same on each, so the generators stay
+# in step on every process and the first process's checkpoint resumes them all.
+
+
+def share_of_epoch(order: Tensor) -> Tensor:
+    """This process's share of an epoch's permutation: every P-th index from its rank on, after
+    the last ``len % P`` are left out (P processes), so the shares are disjoint and equally long,
+    and the k-th batches of all processes together hold the k-th ``--batch-size`` slice of the
+    permutation, as the k-th batch of one process does."""
+    rank, _, processes = launched_processes()
+    return order[rank : len(order) - len(order) % processes : processes]
+
+
+def draws_for_all_processes(size: int) -> Tuple[int, slice]:
+    """How many draws to make for a batch of ``size`` images on each process, and which of them
+    belong to this process's images."""
+    rank, _, processes = launched_processes()
+    return size * processes, slice(rank * size, (rank + 1) * size)
 
 
 def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
     """Shift each image by up to ``padding`` pixels (zero padding), the standard augmentation."""
     size, channels, height, width = images.shape
     padded = F.pad(images, [padding] * 4)
-    shifts = torch.randint(0, 2 * padding + 1, (2, size, 1, 1, 1), generator=generator)
+    draws, mine = draws_for_all_processes(size)
+    shifts = torch.randint(0, 2 * padding + 1, (2, draws, 1, 1, 1), generator=generator)[:, mine]
     shift_y, shift_x = to_device(shifts, images.device)
     rows = torch.arange(height, device=images.device).view(1, 1, height, 1) + shift_y
     cols = torch.arange(width, device=images.device).view(1, 1, 1, width) + shift_x
@@ -198,7 +387,8 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
 def augment(images: Tensor, dataset: str, generator: torch.Generator) -> Tensor:
     images = random_crop(images, padding=max(1, images.shape[-1] // 8), generator=generator)
     if dataset == "cifar100":  # digits and clothes are not mirror-symmetric
-        flip = to_device(torch.rand(images.shape[0], generator=generator) < 0.5, images.device)
+        draws, mine = draws_for_all_processes(images.shape[0])
+        flip = to_device(torch.rand(draws, generator=generator)[mine] < 0.5, images.device)
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
     return images
 
@@ -227,6 +417,10 @@ class Run:
     attention: Optional[AttentionTransferLoss] = None
     fusion: Optional[FeatureFusionTeacher] = None
     stages: Optional[List[List[nn.Module]]] = None  # ST: the model's stages of blocks
+    # The model and fusion teacher as a training step calls them: under torchrun wrapped in
+    # DistributedDataParallel, which averages the gradients over the processes; else themselves.
+    train_model: Optional[nn.Module] = None
+    train_fusion: Optional[nn.Module] = None
     # loop state
     step: int = 0  # optimiser steps taken
     last_write: Optional[Tensor] = None  # MKF: step of the last write of each knowledge row
@@ -260,12 +454,18 @@ def build_run(method: str, seed: int, args: argparse.Namespace, data: ImageData)
 
     if method.startswith("mkf") or method == "mix-only":
         mix_prob = 0.0 if method == "mkf-nomix" else 0.5
+        # One seed on every process: all mix their batches alike (the bank gathers the partners
+        # of every process, so per-process mixing would work too), and the mixer's state stays
+        # the same everywhere, which the first process's checkpoint relies on.
         run.mix = CompoundMix(mix_prob=mix_prob, warmup_steps=warmup_steps,
                               generator=torch.Generator().manual_seed(seed + 1))
     if method.startswith("mkf"):
+        # One seed on every process: every process trains the same sub-network at each step.
         run.sampler = DepthSampler.from_model(model, num_groups=args.groups, seed=seed + 2)
+        # Under torchrun every process folds the rows of all processes into its bank (one
+        # all-gather per update), so the banks stay identical; alone the sync does nothing.
         run.bank = KnowledgeBank(len(data.train_labels), data.num_classes, args.groups,
-                                 momentum=args.bank_momentum, device=device)
+                                 momentum=args.bank_momentum, device=device, sync="all_gather")
         run.fraction = FRACTIONS[method]()
         run.last_write = torch.full((args.groups, len(data.train_labels)), -1, device=device)
     if method == "st":
@@ -276,14 +476,33 @@ def build_run(method: str, seed: int, args: argparse.Namespace, data: ImageData)
         run.fusion = FeatureFusionTeacher(model.feature_channels, model.num_branches).to(device)
         parameters += list(run.fusion.parameters())
 
+    run.train_model, run.train_fusion = run.model, run.fusion  # replicate() wraps them
     run.optimizer = torch.optim.SGD(parameters, lr=args.lr, momentum=0.9, nesterov=True,
                                     weight_decay=args.weight_decay)
     run.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(run.optimizer, T_max=steps)
     return run
 
 
+def replicate(run: Run) -> None:
+    """Under torchrun: wrap the trained modules in DistributedDataParallel, which gives every
+    process the first one's weights and averages the gradients over the processes."""
+    device = next(run.model.parameters()).device
+    device_ids = [device] if device.type == "cuda" else None
+    # A sub-network leaves the dropped blocks' parameters unused, the same ones on every
+    # process. find_unused_parameters lets DDP finish its reduction without them and leaves
+    # their grad None, as in one process; SubNetwork.zero_touch would give them zero gradients
+    # instead, which SGD's weight decay and momentum then act on. ST needs it too: its
+    # sub-network's backward runs apart from the full network's.
+    run.train_model = DistributedDataParallel(run.model, device_ids=device_ids,
+                                              find_unused_parameters=run.sampler is not None)
+    if run.fusion is not None:
+        run.train_fusion = DistributedDataParallel(run.fusion, device_ids=device_ids)
+
+
 def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
-    return -(-len(data.train_labels) // args.batch_size)
+    processes = launched_processes()[2]
+    share = len(data.train_labels) // processes
+    return -(-share // (args.batch_size // processes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,10 +511,10 @@ def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
 
 def baseline_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor) -> Tensor:
     if run.mix is None:
-        loss = F.cross_entropy(run.model(images), labels)
+        loss = F.cross_entropy(run.train_model(images), labels)
     else:  # mix-only
         batch = run.mix(images, labels, indices)
-        loss = mixed_cross_entropy(run.model(batch.images), batch)
+        loss = mixed_cross_entropy(run.train_model(batch.images), batch)
     loss.backward()
     return loss
 
@@ -352,8 +571,10 @@ def mkf_loss(run: Run, logits: Tensor, batch, group: int, args: argparse.Namespa
         add_stat(run, "fraction_sum", (moved / 2 * known).sum())
         add_stat(run, "fraction_rows", known.sum())
     run.bank.update(group, probs, batch.index_a, batch.index_b, batch.lam, fraction=run.fraction)
-    run.last_write[group, batch.index_a[batch.lam > 0]] = run.step
-    run.last_write[group, batch.index_b[batch.lam < 1]] = run.step
+    # The bank took the rows of every process: so does the record of when they were written.
+    index_a, index_b, lam = all_gather_uneven([batch.index_a, batch.index_b, batch.lam])
+    run.last_write[group, index_a[lam > 0]] = run.step
+    run.last_write[group, index_b[lam < 1]] = run.step
     return loss
 
 
@@ -362,14 +583,16 @@ def mkf_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
     batch = run.mix(images, labels, indices)  # unmixed batches come back with lam = 1
     if args.mkf_loop == "cycle":
         with run.sampler.sample() as subnet:  # groups 0, 1, 2, 0, 1, 2, ...
-            loss = mkf_loss(run, run.model(batch.images), batch, subnet.group, args, per_epoch)
+            loss = mkf_loss(run, run.train_model(batch.images), batch, subnet.group, args,
+                            per_epoch)
             loss.backward()
         return loss
     # joint: the full network on every step, then a sampled sub-network (group 1 or 2).
-    full_loss = mkf_loss(run, run.model(batch.images), batch, 0, args, per_epoch)
+    full_loss = mkf_loss(run, run.train_model(batch.images), batch, 0, args, per_epoch)
     full_loss.backward()
     with run.sampler.sample(include_full=False) as subnet:
-        sub_loss = mkf_loss(run, run.model(batch.images), batch, subnet.group, args, per_epoch)
+        sub_loss = mkf_loss(run, run.train_model(batch.images), batch, subnet.group, args,
+                            per_epoch)
         sub_loss.backward()
     return full_loss + sub_loss
 
@@ -378,11 +601,11 @@ def st_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
     """Stimulative Training: CE on the full network, then KL(full, detached || sub-network) on a
     sub-network that drops a uniform number of trailing blocks per stage; no CE on the
     sub-network, weight 1, temperature 1, no stored knowledge."""
-    full_logits = run.model(images)
+    full_logits = run.train_model(images)
     loss = F.cross_entropy(full_logits, labels)
     loss.backward()
     with run.sampler.apply(run.sampler.draw_trailing(run.stages)):
-        kd = kd_loss(run.model(images), full_logits.detach(), teacher_kind="logits")
+        kd = kd_loss(run.train_model(images), full_logits.detach(), teacher_kind="logits")
         kd.backward()
     add_stat(run, "ce", loss)
     add_stat(run, "kd", kd)
@@ -391,10 +614,10 @@ def st_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
 
 
 def kdatff_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
-    out = run.model(images)  # logits of each branch and the output of each branch block
+    out = run.train_model(images)  # logits of each branch and the output of each branch block
     attention = sum(run.attention(block_features) for block_features in out.features)
     last_block = [block_features[-1] for block_features in out.features]
-    teacher_logits, _ = run.fusion(last_block, out.logits)
+    teacher_logits, _ = run.train_fusion(last_block, out.logits)
     loss = online_distillation_loss(out.logits, teacher_logits, labels, temperature=3.0,
                                     attention_loss=attention).total
     loss.backward()  # also advances the attention loss's warm-up ramp
@@ -424,12 +647,20 @@ TRAIN_ACCURACY_IMAGES = 2000  # clean training images on which the train accurac
 @torch.no_grad()
 def evaluate(run: Run, data: ImageData) -> Dict[str, float]:
     """Top-1 on the evaluation images (``data.test_*``: the test set or the validation
-    images) and ``train_top1`` on the first clean training images, in percent."""
+    images) and ``train_top1`` on the first clean training images, in percent.
+
+    Under torchrun each process evaluates a share of the images and the counts are summed."""
     if run.sampler is not None:
-        # Sub-network passes shifted the BatchNorm statistics; re-estimate them for the full net.
+        # Sub-network passes shifted the BatchNorm statistics; re-estimate them for the full net
+        # (on every process from the same images).
         recalibrate_batchnorm(run.model, in_batches(data.train_images, 500), num_samples=2000)
     modules = [module for module in (run.model, run.fusion) if module is not None]
     for module in modules:
+        if launched_processes()[2] > 1:
+            # The processes share the weights but each kept the BatchNorm statistics of its own
+            # last batch: all take the first process's, as DDP does before each training step.
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
         module.eval()
     accuracy = accuracies(run, data.test_images, data.test_labels)
     train_images = data.train_images[:TRAIN_ACCURACY_IMAGES]
@@ -441,17 +672,21 @@ def evaluate(run: Run, data: ImageData) -> Dict[str, float]:
 
 
 def accuracies(run: Run, images: Tensor, labels: Tensor) -> Dict[str, float]:
-    correct: Dict[str, Tensor] = {}  # counts stay on the device until the end
-    for image_batch, label_batch in zip(in_batches(images), in_batches(labels)):
+    names = ["top1", "ensemble_top1"] if run.method == "kdatff" else ["top1"]
+    correct = torch.zeros(len(names), dtype=torch.int64, device=labels.device)  # on the device
+    rank, _, processes = launched_processes()
+    share = slice(rank, None, processes)
+    for image_batch, label_batch in zip(in_batches(images[share]), in_batches(labels[share])):
         if run.method == "kdatff":
             out = run.model(image_batch)
             teacher_logits, _ = run.fusion([f[-1] for f in out.features], out.logits)
-            outputs = {"top1": out.logits[0], "ensemble_top1": teacher_logits}
+            outputs = [out.logits[0], teacher_logits]
         else:
-            outputs = {"top1": run.model(image_batch)}
-        for name, logits in outputs.items():
-            correct[name] = correct.get(name, 0) + (logits.argmax(1) == label_batch).sum()
-    return {name: 100.0 * int(count) / len(labels) for name, count in correct.items()}
+            outputs = [run.model(image_batch)]
+        correct += torch.stack([(logits.argmax(1) == label_batch).sum() for logits in outputs])
+    if processes > 1:
+        dist.all_reduce(correct)
+    return {name: 100.0 * int(count) / len(labels) for name, count in zip(names, correct)}
 
 
 def epoch_diagnostics(run: Run, per_epoch: int) -> Dict[str, float]:
@@ -482,17 +717,27 @@ class CheckpointError(Exception):
 CONFIG_KEYS = ["dataset", "train_subset", "train_offset", "validation_size", "evaluate",
                "methods", "seeds", "epochs", "batch_size", "lr", "weight_decay", "blocks",
                "widths", "beta", "beta_ramp", "temperature", "knowledge_from", "max_age",
-               "bank_momentum", "groups", "warmup", "mkf_loop", "full_teacher"]
+               "bank_momentum", "groups", "warmup", "mkf_loop", "full_teacher", "processes"]
+# What checkpoints written before a setting was recorded ran with.
+UNRECORDED_SETTINGS = {"processes": 1}
 
 
 def run_state(run: Run) -> Dict[str, Any]:
+    """Everything needed to continue ``run`` exactly. Under torchrun every process calls it at
+    the same point: the one state that differs between them, their own partial sums of this
+    epoch's loss and diagnostics, is gathered into lists in rank order."""
     state = {name: obj.state_dict() for name, obj in run.stateful().items() if obj is not None}
+    partial_sums = {"loss_sum": run.loss_sum, "stats": run.stats}
+    processes = launched_processes()[2]
+    if processes > 1:
+        gathered: List[Any] = [None] * processes
+        dist.all_gather_object(gathered, {**partial_sums, "loss_sum": run.loss_sum.cpu()})
+        partial_sums = {name: [sums[name] for sums in gathered] for name in partial_sums}
     state.update(
         method=run.method, seed=run.seed, epoch=run.epoch, batch_in_epoch=run.batch_in_epoch,
         order=run.order, data_generator=run.data_generator.get_state(),
-        train_seconds=run.train_seconds, loss_sum=run.loss_sum, history=run.history,
-        torch_rng=torch.get_rng_state(), step=run.step, last_write=run.last_write,
-        stats=run.stats,
+        train_seconds=run.train_seconds, history=run.history, torch_rng=torch.get_rng_state(),
+        step=run.step, last_write=run.last_write, **partial_sums,
     )
     return state
 
@@ -504,14 +749,22 @@ def restore_run(run: Run, state: Dict[str, Any]) -> None:
     run.data_generator.set_state(state["data_generator"])
     run.epoch, run.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
     run.order, run.train_seconds = state["order"], float(state["train_seconds"])
-    run.loss_sum, run.history = state["loss_sum"], list(state["history"])
-    run.step, run.stats = int(state["step"]), dict(state["stats"])
+    loss_sum, stats = state["loss_sum"], state["stats"]
+    rank, _, processes = launched_processes()
+    if processes > 1:  # every process's own partial sums (see run_state)
+        loss_sum, stats = loss_sum[rank], stats[rank]
+    run.loss_sum, run.stats = loss_sum, dict(stats)
+    run.history, run.step = list(state["history"]), int(state["step"])
     if run.last_write is not None:
         run.last_write.copy_(state["last_write"])
     torch.set_rng_state(state["torch_rng"])
 
 
 def save_checkpoint(path: str, study: Dict[str, Any]) -> None:
+    """Write ``study`` to ``path``; under torchrun only the first process writes (all of them
+    hold the same state)."""
+    if launched_processes()[0] != 0:
+        return
     buffer = io.BytesIO()
     torch.save(study, buffer)
     payload = buffer.getvalue()
@@ -540,12 +793,19 @@ def load_checkpoint(path: str, args: argparse.Namespace) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: cannot load the checkpoint ({error})") from None
     if not isinstance(study, dict) or set(study) != {"config", "results", "steps_done", "current"}:
         raise CheckpointError(f"{path}: not a checkpoint of benchmarks/train.py")
-    saved, given = study["config"], config_of(args)
-    different = [f"--{k.replace('_', '-')} {saved.get(k)} (saved) vs {given[k]} (given)"
+    saved = {**UNRECORDED_SETTINGS, **study["config"]}
+    given = config_of(args)
+    different = [f"{setting_name(k)} {saved.get(k)} (saved) vs {given[k]} (given)"
                  for k in CONFIG_KEYS if saved.get(k) != given[k]]
     if different:
         raise CheckpointError(f"{path}: saved with other settings: " + "; ".join(different))
     return study
+
+
+def setting_name(key: str) -> str:
+    """How the user sets ``key``: an option, or torchrun's number of processes."""
+    return "processes (torchrun --nproc_per_node)" if key == "processes" else (
+        f"--{key.replace('_', '-')}")
 
 
 def config_of(args: argparse.Namespace) -> Dict[str, Any]:
@@ -561,14 +821,16 @@ def train_run(run: Run, data: ImageData, args: argparse.Namespace, study: Dict[s
     """Train ``run`` to the end (True) or until ``--stop-after`` steps (False)."""
     device = torch.device(args.device)
     per_epoch = steps_per_epoch(data, args)
+    batch_size = args.batch_size // launched_processes()[2]  # this process's part of a batch
     while run.epoch < args.epochs:
         if run.order is None:
             run.order = torch.randperm(len(data.train_labels), generator=run.data_generator)
         start = time.perf_counter()
-        order = to_device(run.order, device)  # run.order stays on the CPU for the checkpoint
+        # run.order stays on the CPU for the checkpoint
+        order = to_device(share_of_epoch(run.order), device)
         while run.batch_in_epoch < per_epoch:
-            first = run.batch_in_epoch * args.batch_size
-            indices = order[first : first + args.batch_size]
+            first = run.batch_in_epoch * batch_size
+            indices = order[first : first + batch_size]
             images = augment(data.train_images[indices], args.dataset, run.data_generator)
             loss = train_step(run, images, data.train_labels[indices], indices, args, per_epoch)
             run.loss_sum = run.loss_sum + loss  # a tensor: no host synchronisation per step
@@ -585,7 +847,9 @@ def train_run(run: Run, data: ImageData, args: argparse.Namespace, study: Dict[s
                     save_checkpoint(args.checkpoint, {**study, "current": run_state(run)})
                 return False
         run.train_seconds += pause(start, device)
-        mean_loss = float(run.loss_sum) / per_epoch
+        sums = mean_over_processes({"loss": run.loss_sum, **run.stats}, device)
+        mean_loss = float(sums.pop("loss")) / per_epoch
+        run.stats = sums
         run.epoch, run.batch_in_epoch, run.order = run.epoch + 1, 0, None
         run.loss_sum = torch.zeros(())
         last = run.epoch == args.epochs
@@ -599,6 +863,18 @@ def train_run(run: Run, data: ImageData, args: argparse.Namespace, study: Dict[s
         if args.checkpoint:
             save_checkpoint(args.checkpoint, {**study, "current": run_state(run)})
     return True
+
+
+def mean_over_processes(sums: Dict[str, Tensor], device: torch.device) -> Dict[str, Tensor]:
+    """This epoch's sums (the loss, the diagnostics) averaged over the processes; alone, as
+    they are. Every process has the same names: they all take the same paths through a step."""
+    processes = launched_processes()[2]
+    if processes == 1:
+        return sums
+    names = sorted(sums)
+    values = torch.stack([sums[name].to(device, torch.float64) for name in names])
+    dist.all_reduce(values)
+    return dict(zip(names, (values / processes).cpu()))
 
 
 def pause(start: float, device: torch.device) -> float:
@@ -631,32 +907,129 @@ TABLE = [
 ]
 
 
-def plot(results: Dict[str, Dict[str, Any]], methods: List[str], path: Path, title: str) -> None:
+# Line styles and markers tell the methods apart where colours do not (print, colour blindness).
+LINE_STYLES = ["-", "--", "-.", ":"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+MARKED_POINTS = 10  # markers per line and panel: enough to follow a line, few enough to read
+
+
+def accuracy_figure(results: Dict[str, Dict[str, Any]], methods: List[str], title: str):
+    """The accuracy curves of every method: the mean over seeds with a band of one sample
+    standard deviation (the table's spread), over all epochs and zoomed on the last third,
+    where the y range is fitted to the curves so that the final differences show.
+
+    Only evaluated epochs are plotted (``--eval-every``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for method in methods:
+    figure, (whole, zoom) = plt.subplots(1, 2, figsize=(13, 4.5),
+                                         gridspec_kw={"width_ratios": [3, 2]})
+    seeds = set()
+    zoomed: List[Tensor] = []
+    for position, method in enumerate(methods):
         histories = [[h for h in r["history"] if "top1" in h]
                      for r in results.values() if r["method"] == method]
+        seeds.add(len(histories))
         curves = torch.tensor([[h["top1"] for h in history] for history in histories])
-        epochs = [h["epoch"] for h in histories[0]]
-        axes.plot(epochs, curves.mean(0), label=method)
-        axes.fill_between(epochs, curves.min(0).values, curves.max(0).values, alpha=0.2)
-    axes.set(xlabel="epoch", ylabel="test top-1 (%)", title=title)
-    axes.xaxis.get_major_locator().set_params(integer=True)
-    axes.grid(alpha=0.3)
-    axes.legend()
+        epochs = torch.tensor([h["epoch"] for h in histories[0]])
+        mean = curves.mean(0)
+        spread = curves.std(0) if len(histories) > 1 else torch.zeros_like(mean)
+        last_third = epochs > epochs[-1] * 2 / 3
+        last_third[-2:] = True  # two points at least: a line
+        for axes, shown in ((whole, slice(None)), (zoom, last_third)):
+            x, y, band = epochs[shown], mean[shown], spread[shown]
+            axes.plot(x, y, label=method, color=f"C{position % 10}",
+                      linestyle=LINE_STYLES[position % len(LINE_STYLES)],
+                      marker=MARKERS[position % len(MARKERS)],
+                      markevery=max(1, len(x) // MARKED_POINTS))
+            axes.fill_between(x, y - band, y + band, color=f"C{position % 10}", alpha=0.15,
+                              linewidth=0)
+        zoomed += [mean[last_third] - spread[last_third], mean[last_third] + spread[last_third]]
+    low, high = float(torch.cat(zoomed).min()), float(torch.cat(zoomed).max())
+    margin = max(0.1 * (high - low), 0.5)  # half a point at least: a flat line stays visible
+    zoom.set_ylim(low - margin, high + margin)
+    whole.set(xlabel="epoch", ylabel="top-1 (%)", title="all epochs")
+    zoom.set(xlabel="epoch", title="last third of the epochs, zoomed")
+    for axes in (whole, zoom):
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+    count = seeds.pop() if len(seeds) == 1 else f"{min(seeds)}-{max(seeds)}"
+    spread_text = ("line: the one seed" if count == 1 else
+                   f"line: mean over {count} seeds\nband: ± 1 sample standard deviation")
+    # beside the panels: inside, it would hide the ends of the curves
+    zoom.legend(title=spread_text, fontsize="small", title_fontsize="small", loc="upper left",
+                bbox_to_anchor=(1.02, 1), alignment="left")
+    figure.suptitle(title)
     figure.tight_layout()
+    return figure
+
+
+def plot(results: Dict[str, Dict[str, Any]], methods: List[str], path: Path, title: str) -> None:
+    """Save :func:`accuracy_figure` as a PNG file at ``path``."""
+    import matplotlib.pyplot as plt
+
+    figure = accuracy_figure(results, methods, title)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 of a nested state: dicts, lists, tensors (bit for bit), other values by repr."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, Tensor):
+            digest.update(f"tensor {value.dtype} {tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)}".encode())
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"list {len(value)}".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(repr(value).encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
+def process_state_digest(run: Run) -> str:
+    """SHA-256 of everything this process holds of ``run`` but the time it trained."""
+    state = run_state(run)
+    del state["train_seconds"]
+    return state_digest(state)
+
+
+def agreed_state_digests(run: Run, key: str) -> List[str]:
+    """Every process's :func:`process_state_digest` of ``run``, in rank order, after checking
+    that they are equal: the processes must end a run with the same state, bit for bit."""
+    digests: List[Optional[str]] = [None] * launched_processes()[2]
+    dist.all_gather_object(digests, process_state_digest(run))
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the processes ended {key} with different states (SHA-256 by rank: "
+                           f"{digests}): a bug in train.py")
+    return digests  # type: ignore[return-value]
 
 
 def split(data: ImageData, args: argparse.Namespace) -> ImageData:
     """The training images ``--train-offset``.. (``--train-subset`` of them), less the last
     ``--validation-size``, which replace the test set when ``--evaluate validation``."""
+    available = len(data.train_labels)
+    if args.train_subset and args.train_offset + args.train_subset > available:
+        raise DatasetError(
+            f"--train-offset {args.train_offset} with --train-subset {args.train_subset} needs "
+            f"{args.train_offset + args.train_subset} training images, but {args.dataset} has "
+            f"{available}"
+        )
+    if args.train_offset >= available:
+        raise DatasetError(f"--train-offset {args.train_offset} skips every training image: "
+                           f"{args.dataset} has {available}")
     end = args.train_offset + args.train_subset if args.train_subset else None
     images = data.train_images[args.train_offset : end]
     labels = data.train_labels[args.train_offset : end]
@@ -664,6 +1037,9 @@ def split(data: ImageData, args: argparse.Namespace) -> ImageData:
         raise DatasetError(f"--validation-size {args.validation_size} leaves no training images "
                            f"of the {len(labels)} selected")
     keep = len(labels) - args.validation_size
+    if keep < args.processes:
+        raise DatasetError(f"the {keep} training images cannot be shared by {args.processes} "
+                           "processes: pass more images or start fewer processes")
     data = data._replace(train_images=images[:keep], train_labels=labels[:keep])
     if args.evaluate == "validation":
         data = data._replace(test_images=images[keep:], test_labels=labels[keep:])
@@ -673,6 +1049,28 @@ def split(data: ImageData, args: argparse.Namespace) -> ImageData:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.processes == 1:
+        return study_main(args)
+    join_processes(args)
+    try:
+        return study_main(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def join_processes(args: argparse.Namespace) -> None:
+    """Join the other processes of a torchrun launch: gloo on the CPU, NCCL on CUDA (one GPU
+    per process). A collective that waits longer than ``--collective-timeout`` fails."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=args.collective_timeout))
+
+
+def study_main(args: argparse.Namespace) -> int:
+    """Every method with every seed; under torchrun the first process reports."""
+    first_process = launched_processes()[0] == 0
     data = split(load_dataset(args.dataset, args.data_dir), args)
     data = ImageData(*(tensor.to(args.device) for tensor in data))
 
@@ -696,7 +1094,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     runs = [(method, seed) for method in args.methods for seed in args.seeds]
     total = len(runs) * args.epochs * steps_per_epoch(data, args)
     progress = tqdm(total=total, initial=study["steps_done"], unit="step",
-                    disable=args.no_progress, dynamic_ncols=True)
+                    disable=args.no_progress or not first_process, dynamic_ncols=True)
     for method, seed in runs:
         key = f"{method}/seed{seed}"
         if key in study["results"]:
@@ -705,18 +1103,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             run = current
         else:
             run = build_run(method, seed, args, data)
+        if args.processes > 1:
+            replicate(run)
         finished = train_run(run, data, args, study, progress)
         if not finished:
             progress.close()
-            print(f"stopped after {study['steps_done']} steps; continue with --resume")
+            if first_process:
+                print(f"stopped after {study['steps_done']} steps; continue with --resume")
             return 0
         study["results"][key] = {
             "method": method, "seed": seed, "history": run.history,
             "top1": run.history[-1]["top1"], "seconds_per_epoch": run.train_seconds / args.epochs,
         }
+        if args.processes > 1:
+            study["results"][key]["process_state_sha256"] = agreed_state_digests(run, key)
         if args.checkpoint:
             save_checkpoint(args.checkpoint, {**study, "current": run_state(run)})
     progress.close()
+    if not first_process:
+        return 0
 
     rows = summarise(study["results"], args.methods)
     print_table(rows, TABLE, title=f"{args.dataset}, {args.epochs} epoch(s), top-1 on the "
@@ -728,9 +1133,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     write_json(out / f"train_{args.dataset}.json", report)  # also creates the folder --out
     png_path = out / f"train_{args.dataset}.png"
-    plot(study["results"], args.methods, png_path, f"{args.dataset}: test accuracy")
+    plot(study["results"], args.methods, png_path,
+         f"{args.dataset}: top-1 on the {args.evaluate} images")
     print(f"wrote {png_path}")
     return 0
+
+
+def lost_contact(error: RuntimeError) -> Optional[str]:
+    """What went wrong, in one line, if ``error`` says that a collective operation failed (the
+    other processes stopped, were killed or stopped answering); else None."""
+    if launched_processes()[2] == 1 or not (
+        isinstance(error, dist.DistError) or "gloo" in str(error) or "NCCL" in str(error)
+    ):
+        return None
+    first_line = (str(error).splitlines() or [type(error).__name__])[0]
+    # gloo starts with its source location and ends with advice: keep what happened
+    return re.sub(r"^\[[^\]]*\]\s*", "", first_line).split(". ")[0]
 
 
 if __name__ == "__main__":
@@ -739,3 +1157,11 @@ if __name__ == "__main__":
     except (DatasetError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as error:
+        what = lost_contact(error)
+        if what is None:
+            raise
+        rank, _, processes = launched_processes()
+        print(f"error: process {rank} of {processes} lost contact with the others ({what}); one "
+              "of them failed, was killed or stopped answering: see its output", file=sys.stderr)
+        sys.exit(1)

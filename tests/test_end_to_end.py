@@ -21,8 +21,13 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+# The script imports the mkfkit of this checkout, not whichever one is installed.
+SCRIPT_ENVIRONMENT = {
+    **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+}
 import train  # noqa: E402
 
 # The MKF run with the exact QP is last, so the final checkpoint holds its complete state.
@@ -38,7 +43,7 @@ STOP = 7 * STEPS_PER_RUN + 9  # inside the second epoch of the last run (mkf-qp)
 
 def run_script(*arguments, cwd):
     """``benchmarks/train.py`` in a fresh Python process (single-threaded: bitwise repeatable)."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment = {**SCRIPT_ENVIRONMENT, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(BENCHMARKS / "train.py"), *TINY, *arguments],
         cwd=cwd, env=environment, capture_output=True, text=True, timeout=300,
@@ -168,7 +173,7 @@ def test_script_exit_code_and_message_for_bad_inputs(tmp_path):
     no_data = subprocess.run(
         [sys.executable, str(BENCHMARKS / "train.py"), "--dataset", "fashion-mnist",
          "--data-dir", str(tmp_path / "nowhere")],
-        capture_output=True, text=True, timeout=120,
+        env=SCRIPT_ENVIRONMENT, capture_output=True, text=True, timeout=120,
     )
     assert no_data.returncode == 2 and "Traceback" not in no_data.stderr
     assert no_data.stderr.startswith("error: ")
@@ -221,9 +226,124 @@ def test_validation_split_never_touches_the_test_set(tmp_path, monkeypatch, opti
     assert torch.equal(split.test_labels, data.train_labels[96:160])
 
 
-def test_argument_errors_exit_with_one_line(capsys):
-    for bad in (["--evaluate", "validation"], ["--temperature", "0"], ["--eval-every", "0"]):
-        with pytest.raises(SystemExit) as exit_info:
-            train.parse_args(bad)
-        assert exit_info.value.code == 2
-        assert "error:" in capsys.readouterr().err
+@pytest.mark.parametrize("arguments, message", [
+    (["--epochs", "0"], "--epochs must be >= 1, but got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, but got 0"),
+    (["--train-subset", "0"], "--train-subset must be >= 1, but got 0"),
+    (["--train-offset", "-1"], "--train-offset must be >= 0, but got -1"),
+    (["--validation-size", "-5"], "--validation-size must be >= 0, but got -5"),
+    (["--blocks", "2", "0", "2"], "--blocks must be >= 1, but got 0"),
+    (["--widths", "8", "-1", "8"], "--widths must be >= 1, but got -1"),
+    (["--blocks", "2", "2"], "--blocks and --widths need one value per stage each, but got 2 and 3"),
+    (["--threads", "0"], "--threads must be >= 1, but got 0"),
+    (["--eval-every", "0"], "--eval-every must be >= 1, but got 0"),
+    (["--max-age", "-1"], "--max-age must be >= 0, but got -1"),
+    (["--groups", "0"], "--groups must be >= 1, but got 0"),
+    (["--lr", "0"], "--lr must be > 0, but got 0.0"),
+    (["--lr", "nan"], "--lr must be > 0, but got nan"),
+    (["--temperature", "0"], "--temperature must be > 0, but got 0.0"),
+    (["--collective-timeout", "0"], "--collective-timeout must be > 0, but got 0.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0, but got -1.0"),
+    (["--beta", "-1"], "--beta must be >= 0, but got -1.0"),
+    (["--beta-ramp", "-1"], "--beta-ramp must be >= 0, but got -1.0"),
+    (["--bank-momentum", "0"], "--bank-momentum must lie in (0, 1], but got 0.0"),
+    (["--warmup", "1.5"], "--warmup must lie in [0, 1] (a fraction of the steps), but got 1.5"),
+    (["--methods", "st", "baseline", "st"], "--methods names st more than once"),
+    (["--seeds", "1", "1"], "--seeds names 1 more than once"),
+    (["--data-dir", "/nonexistent"], "--data-dir has no effect with --dataset digits"),
+    (["--evaluate", "validation"], "--evaluate validation needs --validation-size N > 0"),
+    (["--resume"], "--resume needs --checkpoint PATH"),
+    (["--stop-after", "5"], "--stop-after needs --checkpoint PATH"),
+    (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint PATH"),
+    (["--checkpoint", "nowhere/study.pt"], "--checkpoint nowhere/study.pt: the folder "),
+    (["--groups", "4"], "--groups 4 does not fit --blocks 2 2 2: `num_groups` must be at most "
+                        "1 + floor(max_drop_fraction * len(blocks)) = 3"),
+    (["--mkf-loop", "joint", "--groups", "1"], "--mkf-loop joint trains a sub-network besides "
+                                               "the full one: it needs --groups >= 2"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, but got 'gpu'"),
+    (["--device", "cpu:1"], "--device must be auto, cpu, cuda or cuda:N, but got 'cpu:1'"),
+    (["--device", "cuda:99"], "--device cuda:99: "),  # no CUDA here, or fewer than 100 GPUs
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["--methods", "mkf"], "argument --methods: invalid choice: 'mkf'"),
+])
+def test_argument_errors_exit_with_one_line(capsys, tmp_path, monkeypatch, arguments, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(arguments)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1, error
+    assert message in error
+
+
+def test_cuda_on_a_machine_without_it_is_refused(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cuda"])
+    assert capsys.readouterr().err.startswith("error: --device cuda: ")
+
+
+def test_out_must_be_a_folder(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", str(tmp_path / "file")])
+    assert "is a file; expected a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--train-subset", "5000"], "--train-offset 0 with --train-subset 5000 needs 5000 "
+                                 "training images, but digits has 1438"),
+    (["--train-offset", "1438"], "--train-offset 1438 skips every training image: digits has 1438"),
+    (["--train-subset", "64", "--validation-size", "64"], "--validation-size 64 leaves no "
+                                                          "training images of the 64 selected"),
+])
+def test_data_dependent_errors_are_one_line_from_the_script(tmp_path, arguments, message):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "train.py"), *arguments,
+                           "--out", str(tmp_path)], env=SCRIPT_ENVIRONMENT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == f"error: {message}\n"
+    assert not any(tmp_path.iterdir())
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
+    options = [action for action in train.build_parser()._actions if action.dest != "help"]
+    assert text.count("(default: ") == len(options)
+    # those of issue 17 (textwrap may break the list of methods after a hyphen)
+    for default in ("--methods METHOD [METHOD ...]", "(default: ['baseline', 'mkf-",
+                    "(default: [0, 1, 2])", "(default: 20)", "(default: 64)", "(default: 0.05)"):
+        assert default in text, default
+
+
+def test_the_plot_zooms_on_the_last_epochs_and_says_what_the_bands_are():
+    import matplotlib.pyplot as plt
+
+    methods = ["baseline", "mkf-qp", "st"]
+    results = {}
+    for position, method in enumerate(methods):
+        for seed in range(3):
+            # evaluated every other epoch (--eval-every 2) and after the last, 11 epochs
+            history = [{"epoch": epoch, "train_loss": 1.0} for epoch in range(1, 12)]
+            for entry in history:
+                if entry["epoch"] % 2 == 0 or entry["epoch"] == 11:
+                    entry["top1"] = 60 + 3 * entry["epoch"] + 0.5 * position + 0.1 * seed
+            results[f"{method}/seed{seed}"] = {"method": method, "seed": seed, "history": history}
+    figure = train.accuracy_figure(results, methods, "digits: top-1 on the test images")
+    try:
+        whole, zoom = figure.axes
+        lines = zoom.get_lines()
+        assert [line.get_label() for line in lines] == methods
+        assert len({(line.get_linestyle(), line.get_marker()) for line in lines}) == len(methods)
+        assert list(whole.get_lines()[0].get_xdata()) == [2, 4, 6, 8, 10, 11]  # evaluated only
+        assert list(lines[0].get_xdata()) == [8, 10, 11]  # the last third
+        # The zoomed range fits the curves and bands there (84 .. 94.2), not the whole run's.
+        low, high = zoom.get_ylim()
+        assert low < 84 < 94.2 < high and high - low < 1.3 * (94.2 - 84)
+        legend = zoom.get_legend().get_title().get_text()
+        assert "mean over 3 seeds" in legend and "± 1 sample standard deviation" in legend
+    finally:
+        plt.close(figure)
