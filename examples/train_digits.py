@@ -95,8 +95,7 @@ def kdatff_step(model, images, labels, attention, fusion):
     attention_loss = sum(attention(branch_features) for branch_features in out.features)
     loss = mkfkit.online_distillation_loss(out.logits, ensemble_logits(fusion, out), labels,
                                            attention_loss=attention_loss).total
-    loss.backward()
-    attention.step()  # advances the warm-up ramp: without it the attention loss stays at 0
+    loss.backward()  # also advances the attention loss's warm-up ramp, once per backward
     return loss
 
 

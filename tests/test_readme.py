@@ -49,7 +49,7 @@ def test_readme_kdatff_example_trains_with_the_attention_ramp():
     losses = [float(step.group(2)) for step in steps]
     attention = [float(step.group(5)) for step in steps]
     assert losses[-1] < losses[0], losses
-    # The ramp starts at 0; attention.step() makes the term count from the next step on.
+    # The ramp starts at 0; each backward advances it, so the term counts from the next step on.
     assert attention[0] == 0.0 and min(attention[1:]) > 0.0, attention
 
 
