@@ -17,11 +17,13 @@ strategy* estimates ``p_a`` and ``p_b``. All strategies share one call and one r
 * :class:`DominantFraction` (the paper's "No OPT" ablation): the image with the larger weight
   takes the whole mixed output.
 
-Any callable of that signature is a strategy (:class:`FractionStrategy`). A side whose weight is
-exactly 0 carries no information about its image: it keeps its base and its mask is ``False``,
-which tells a knowledge bank to skip that update. This module is the one home of that rule and
-of its mirror, a side of weight 1 is the mixed output itself (:func:`settle_sides`,
-:func:`pair_known`). The derivations are in docs/METHOD.md, "Knowledge fraction".
+Any callable of that signature is a strategy (:class:`FractionStrategy`). A side of weight 0
+carries no information about its image: it keeps its base and its mask is ``False``, which
+tells a knowledge bank to skip that update. A subnormal weight (below ``finfo.tiny``: 1.2e-38
+in float32, 2.2e-308 in float64) counts as 0, since the mixed row cannot hold that side's
+share to the dtype's precision (:func:`positive_weights`). This module is the one home of that
+rule and of its mirror, a side whose partner has weight 0 is the mixed output itself
+(:func:`settle_sides`, :func:`pair_known`). The derivations are in docs/METHOD.md, "Knowledge fraction".
 """
 
 from __future__ import annotations
@@ -90,9 +92,18 @@ class FractionStrategy(Protocol):
 
 
 def positive_weights(lam: Tensor) -> Tensor:
-    """bool Tensor[2, B]: the sides (a, then b) whose weight is positive, ``lam > 0`` and
-    ``lam < 1``. Only those carry information about their image."""
-    return torch.stack((lam > 0, lam < 1))
+    """bool Tensor[2, B]: the sides (a, then b) whose weight counts as positive. Only those
+    carry information about their image.
+
+    A weight counts when it is at least ``finfo(lam.dtype).tiny``, the smallest normal number
+    (float32, and bfloat16/float16 inputs, which the fractions compute in float32: 1.2e-38;
+    float64: 2.2e-308); a subnormal weight counts as 0. Its share of the mixed row, the products
+    ``lam * p_a``, is then subnormal too and keeps fewer significant bits than the dtype has
+    (none at the smallest subnormal), so the side's bounds ``mixed / lam`` and its estimate are
+    noise. For ``lam`` in [0, 1] only side a can have such a weight (``1 - lam >= eps / 2``):
+    the sides are ``lam >= tiny`` and ``lam < 1``.
+    """
+    return torch.stack((lam, 1 - lam)) >= torch.finfo(lam.dtype).tiny
 
 
 def pair_known(known_a: Tensor, known_b: Tensor, lam: Tensor) -> Tensor:
@@ -106,19 +117,20 @@ def settle_sides(split: Fraction, mixed: Tensor, lam: Tensor, both_known: Tensor
     """What a split teaches each side: ``(estimates Tensor[2B, C], valid bool Tensor[2B])``,
     the a sides, then the b sides.
 
-    A side of weight 1 is the mixed output itself (``a = mixed`` where ``lam == 1``, whatever the
-    strategy). A side counts where the strategy's mask says so and its partner carries no weight
+    A side whose partner carries no weight (:func:`positive_weights`) is the mixed output itself
+    (``a = mixed`` where ``lam == 1``, whatever the strategy). A side counts where the
+    strategy's mask says so and its partner carries no weight
     or both bases are known (``both_known``, bool Tensor[B]): an estimate made from an unknown
     base is no estimate.
     """
-    weight = lam.unsqueeze(1)
+    positive_a, positive_b = positive_weights(lam)
     estimates = torch.cat(
         (
-            torch.where(weight == 1, mixed, split.a.float()),
-            torch.where(weight == 0, mixed, split.b.float()),
+            torch.where(positive_b.unsqueeze(1), split.a.float(), mixed),
+            torch.where(positive_a.unsqueeze(1), split.b.float(), mixed),
         )
     )
-    valid = torch.cat((split.mask_a & ((lam == 1) | both_known), split.mask_b & ((lam == 0) | both_known)))
+    valid = torch.cat((split.mask_a & (~positive_b | both_known), split.mask_b & (~positive_a | both_known)))
     return estimates, valid
 
 
@@ -234,8 +246,13 @@ def linear_fraction(
     distribution), keeps the row sum at 1 and is differentiable. ``project=False`` gives the raw
     formula, faithful to the paper.
 
-    A side of weight exactly 0 keeps its base (``a = base_a`` where ``lam == 0``, ``b = base_b``
-    where ``lam == 1``) and its mask is ``False``. Values and gradients are finite for every
+    A side of weight 0 keeps its base (``a = base_a`` where ``lam == 0``, ``b = base_b`` where
+    ``lam == 1``) and its mask is ``False``; so does side a for a subnormal ``lam``
+    (:func:`positive_weights`). The projection is exact for every ``lam``: each raw row is
+    first shifted by its largest entry (the projection onto the simplex does not change when a
+    constant is added to a row) and entries below -1, which project to 0, are raised to -1, so
+    the search sees numbers of order 1 however large ``1 / lam`` makes the raw row, and every
+    projected row is on the simplex up to the rounding of a sum of order 1. Values and gradients are finite for every
     ``lam`` in [0, 1]: a weight below sqrt(finfo.tiny) (about 1e-19 in float32) divides as
     sqrt(finfo.tiny), where ``1 / lam`` would overflow.
 
@@ -248,7 +265,7 @@ def linear_fraction(
 
     Returns:
         :class:`Fraction` with ``a, b``: Tensor[B, C] in the dtype of ``mixed``;
-        ``mask_a = lam > 0``, ``mask_b = lam < 1``.
+        ``mask_a = lam >= finfo.tiny``, ``mask_b = lam < 1`` (:func:`positive_weights`).
 
     Example:
         >>> mixed = torch.tensor([[0.5, 0.3, 0.2]])
@@ -267,11 +284,19 @@ def _linear(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, project:
     """:func:`linear_fraction` of prepared inputs (no checks, no cast)."""
     bases, weights = _sides(base_a, base_b, lam)
     # Each side uses the other side's base and weight.
-    pair = (mixed - weights.flip(0) * bases.flip(0)) / _linear_divisor(weights)
+    numerator = mixed - weights.flip(0) * bases.flip(0)
     if project:
-        bounds = pair.new_zeros(2, *pair.shape)
+        # The projection ignores a constant added to a row: shifted by its largest entry, a row
+        # has its maximum at 0, the shift tau of the projection lies in [0, 1], and an entry at
+        # or below -1 projects to 0 however far below it lies, so it is raised to -1. The
+        # search then sees entries and breakpoints of order 1 only. Unshifted, a weight of 1e-8
+        # puts the row near 1e8, where float32 cannot tell 0 from 1 (the row sums to C - 1).
+        shifted = ((numerator - numerator.amax(-1, keepdim=True)) / _linear_divisor(weights)).clamp(min=-1)
+        bounds = shifted.new_zeros(2, *shifted.shape)
         bounds[1] = 1
-        pair = project_onto_bounds(pair, bounds)
+        pair = project_onto_bounds(shifted, bounds)
+    else:
+        pair = numerator / _linear_divisor(weights)
     return _finish(pair, bases, lam)
 
 
@@ -360,7 +385,8 @@ def qp_fraction(
 
     Returns:
         :class:`Fraction` with ``a, b``: Tensor[B, C] in the dtype of ``mixed``;
-        ``mask_a = lam > 0``, ``mask_b = lam < 1`` (a side of weight 0 keeps its base).
+        ``mask_a = lam >= finfo.tiny``, ``mask_b = lam < 1`` (:func:`positive_weights`; a side
+        of weight 0 keeps its base).
 
     Example:
         >>> mixed = torch.tensor([[0.5, 0.3, 0.2]])
@@ -425,8 +451,8 @@ def _qp_boxes(mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Te
     target = mixed.clamp(0, 1)
     # 0 <= other side <= 1 under the mixing identity, written as bounds on this side. The ratios
     # stay O(1) even for tiny weights (mixed is then tiny too), so divide exactly; a side of
-    # weight 0 divides by finfo.tiny (finite quotients, a box of [0, 1]) and is replaced by its
-    # base afterwards. Rounding can overshoot [0, 1].
+    # weight 0 or subnormal (which counts as 0, see positive_weights) divides by finfo.tiny
+    # (finite quotients) and is replaced by its base afterwards. Rounding can overshoot [0, 1].
     divisor = weights.clamp_min(torch.finfo(weights.dtype).tiny)
     bounds = torch.stack((target - weights.flip(0), target.expand_as(v)))
     return v, bounds.div_(divisor).clamp_(0, 1)
