@@ -43,6 +43,9 @@ from mkfkit._checks import (
     check_same_dtype,
     check_same_shape,
     check_shape,
+    check_tensor,
+    describe,
+    value_checks_enabled,
 )
 from mkfkit._dtypes import compute_dtype
 from mkfkit._projection import project_onto_bounds
@@ -148,15 +151,15 @@ def _prepare(
     """
     check_floating(mixed, "mixed")
     check_shape(mixed, "mixed", (None, None), "Tensor[B, C]")
+    if mixed.shape[1] == 0:
+        raise ValueError(f"`mixed` must have at least one class (C >= 1; B may be 0), but got shape {tuple(mixed.shape)}")
     for name, value in (("base_a", base_a), ("base_b", base_b)):
         check_floating(value, name)
         check_same_shape(value, name, mixed, "mixed")
         check_same_device(value, name, mixed, "mixed")
         check_same_dtype(value, name, mixed, "mixed")
-    # Half-precision rows round each entry by up to eps/2, so their sums drift further.
-    atol = max(1e-3, 2 * torch.finfo(mixed.dtype).eps)
     for name, value in (("mixed", mixed), ("base_a", base_a), ("base_b", base_b)):
-        check_distribution_rows(value, name, atol=atol)
+        check_distribution_rows(value, name)  # within distribution_tolerance of their dtype
     compute = compute_dtype(mixed)
     dtype = mixed.dtype
     if compute != dtype:
@@ -199,14 +202,71 @@ def _cast(fraction: Fraction, dtype: torch.dtype) -> Fraction:
 
 def split_unchecked(strategy: FractionStrategy, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
     """``strategy(mixed, base_a, base_b, lam)`` for callers that checked the inputs already
-    (float32 probability rows, ``lam`` a float32 Tensor[B] in [0, 1]): the built-in strategies
-    skip their checks, any other strategy is called as it is."""
-    unchecked = getattr(strategy, "_unchecked", None)
-    return strategy(mixed, base_a, base_b, lam) if unchecked is None else unchecked(mixed, base_a, base_b, lam)
+    (float32 probability rows, ``lam`` a float32 Tensor[B] in [0, 1]).
+
+    The built-in strategies skip their checks: their rows are clipped to [0, 1] and sum to 1 up
+    to the rounding of a sum of order 1 for every weight, by construction (tested in every
+    dtype). Any other strategy, a subclass overriding ``forward`` included, is called as it is
+    and what it returns is checked (:func:`check_split`).
+    """
+    if type(strategy) in _BUILT_IN:
+        return strategy._unchecked(mixed, base_a, base_b, lam)
+    return check_split(strategy(mixed, base_a, base_b, lam), strategy, mixed)
 
 
-def check_storable(strategy: FractionStrategy) -> None:
-    """Refuse a strategy known to return rows off the simplex (for a bank to store)."""
+def _label(strategy: object) -> str:
+    """How an error message names a strategy: a function by its name, an object by its repr."""
+    return getattr(strategy, "__qualname__", None) or repr(strategy)
+
+
+def check_split(split: object, strategy: FractionStrategy, mixed: Tensor) -> Fraction:
+    """What a strategy returned, checked before a bank stores it, as a :class:`Fraction`.
+
+    It must be a ``Fraction(a, b, mask_a, mask_b)`` (or a 4-tuple in that order) with ``a``, ``b``
+    floating-point Tensor[B, C] on the device of ``mixed`` and bool masks Tensor[B]; with value
+    checks on (:func:`mkfkit.value_checks`, one host synchronisation per side), every row of
+    ``a`` and ``b`` whose mask is set must be a probability row within
+    :func:`~mkfkit._checks.distribution_tolerance` of its dtype. The error names the strategy.
+    """
+    if not isinstance(split, tuple) or len(split) != 4:
+        raise TypeError(
+            f"`fraction` {_label(strategy)} must return a Fraction(a, b, mask_a, mask_b), but got "
+            f"{describe(split)}"
+        )
+    split = Fraction(*split)
+    batch, classes = mixed.shape
+    try:
+        for side, mask_name in (("a", "mask_a"), ("b", "mask_b")):
+            rows, mask = getattr(split, side), getattr(split, mask_name)
+            check_floating(rows, side)
+            check_shape(rows, side, (batch, classes), f"Tensor[B, C] with B = {batch}, C = {classes}")
+            check_same_device(rows, side, mixed, "mixed")
+            check_tensor(mask, mask_name)
+            if mask.dtype != torch.bool:
+                raise TypeError(f"`{mask_name}` must have dtype torch.bool, but got {mask.dtype}")
+            check_shape(mask, mask_name, (batch,), f"Tensor[B] with B = {batch}")
+            check_same_device(mask, mask_name, mixed, "mixed")
+            if value_checks_enabled(rows):
+                # Rows the bank skips (mask False) may hold anything.
+                check_distribution_rows(torch.where(mask.unsqueeze(1), rows, 1 / classes), side)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"`fraction` {_label(strategy)} returned rows a bank cannot store: {error}") from None
+    return split
+
+
+def check_storable(strategy: object) -> None:
+    """Refuse what cannot serve a bank as a strategy: no callable, a class instead of an
+    instance, or a strategy known to return rows off the simplex."""
+    if isinstance(strategy, type):
+        raise TypeError(
+            f"`fraction` must be a fraction strategy object, but got the class {strategy.__name__}; "
+            f"use {strategy.__name__}()"
+        )
+    if not callable(strategy):
+        raise TypeError(
+            "`fraction` must be a fraction strategy, an object called as fraction(mixed, base_a, "
+            f"base_b, lam) -> Fraction such as LinearFraction() or QPFraction(), but got {describe(strategy)}"
+        )
     if isinstance(strategy, LinearFraction) and not strategy.project:
         # Its rows leave the simplex (negative entries): stored, they would poison every
         # later KL target and fail the next fraction's input check far from the cause.
@@ -428,8 +488,7 @@ class QPFraction(nn.Module):
 
     def __init__(self, backend: str = "auto") -> None:
         super().__init__()
-        check_choice(backend, "backend", kernels.BACKENDS)
-        self.backend = backend
+        self.backend = kernels.check_backend(backend)
 
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return qp_fraction(mixed, base_a, base_b, lam, backend=self.backend)
@@ -513,3 +572,7 @@ class DominantFraction(nn.Module):
 
     def _unchecked(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
         return _dominant(mixed, base_a, base_b, lam)
+
+
+_BUILT_IN = (LinearFraction, QPFraction, DominantFraction)
+"""The strategies whose rows :func:`split_unchecked` trusts without looking at them."""
