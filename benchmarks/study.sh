@@ -25,8 +25,11 @@ mkdir -p "$checkpoints"
 common=(--dataset fashion-mnist --train-subset 7000 --validation-size 2000 --widths 8 16 32
         --epochs 60 --threads 1 --no-progress)
 [ -n "${DATA_DIR:-}" ] && common+=(--data-dir "$DATA_DIR")
-paper=(--mkf-loop cycle --full-teacher none --beta 2)
+paper=(--mkf-loop cycle --full-teacher none --knowledge-from previous --beta 2 --beta-ramp 0
+       --temperature 1)
 candidate=(--mkf-loop joint --full-teacher self --beta 2 --beta-ramp 20)
+recommended=(--mkf-loop joint --full-teacher none --knowledge-from previous --beta 2 --beta-ramp 0
+             --temperature 1)
 
 run() {  # run NAME QUEUE ARGS...: one configuration, if it belongs to this queue
     local name=$1 owner=$2
@@ -55,6 +58,30 @@ tune)
         --full-teacher self --beta-ramp 20 --knowledge-from full
     run mkf-joint-t2 1 "${tune[@]}" --methods mkf-qp --mkf-loop joint --full-teacher none \
         --temperature 2
+    ;;
+final)
+    # One run per seed, so every finished seed lands as it finishes; the queues interleave the
+    # comparisons that matter most (baseline, recommended) before the rest.
+    for seed in 0 1 2; do
+        run "baseline-s$seed" 1 --seeds "$seed" --eval-every 5 --methods baseline
+        run "recommended-s$seed" 0 --seeds "$seed" --eval-every 5 --methods mkf-qp "${recommended[@]}"
+    done
+    for seed in 0 1 2; do
+        run "st-s$seed" 1 --seeds "$seed" --eval-every 5 --methods st
+        run "mkf-paper-qp-s$seed" 0 --seeds "$seed" --eval-every 5 --methods mkf-qp "${paper[@]}"
+        run "mix-only-s$seed" 1 --seeds "$seed" --eval-every 5 --methods mix-only
+        run "mkf-paper-opt2-s$seed" 0 --seeds "$seed" --eval-every 5 --methods mkf-opt2 "${paper[@]}"
+        run "mkf-paper-nofraction-s$seed" 1 --seeds "$seed" --eval-every 5 \
+            --methods mkf-nofraction "${paper[@]}"
+        run "mkf-paper-nomix-s$seed" 0 --seeds "$seed" --eval-every 5 --methods mkf-nomix "${paper[@]}"
+    done
+    ;;
+other)
+    common+=(--train-offset 20000)
+    for seed in 0 1 2; do
+        run "baseline-s$seed" 1 --seeds "$seed" --eval-every 5 --methods baseline
+        run "recommended-s$seed" 0 --seeds "$seed" --eval-every 5 --methods mkf-qp "${recommended[@]}"
+    done
     ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

@@ -27,13 +27,15 @@ Methods (``--methods``; the first four run by default):
   with ``KL(full network's detached output || sub-network)``, weight 1, temperature 1; no
   mixing, no stored knowledge, no cross-entropy on the sub-network.
 
-Choices the MKF paper leaves open (docs/METHOD.md, "Open points of the training loop"); the
-defaults are the paper's wherever it gives a value:
+Choices the MKF paper leaves open (docs/METHOD.md, "Open points of the training loop"); every
+default but the loop's is the paper's value:
 
-* ``--mkf-loop cycle`` (default, the paper's text): one sampled sub-network per step, the group
-  cycling 0 (full net), 1, 2; the full network trains on every third step. ``joint``: the full
-  network trains on every step, then one sampled sub-network (group 1 or 2) on the same batch;
-  both losses are summed. It costs about two steps per step.
+* ``--mkf-loop joint`` (default, the configuration the Fashion-MNIST study recommends): the full
+  network trains on every step with the paper's loss for group 0, then one sampled sub-network
+  (group 1 or 2) on the same batch with the paper's loss for its group; both gradients are
+  summed. It costs about two steps per step. ``cycle`` (the paper's text): one sampled network
+  per step, the group cycling 0 (full net), 1, 2, so the full network trains on every third
+  step; in the study it under-trains the full network at the same number of epochs.
 * ``--full-teacher none`` (default: the paper names no teacher for the full network): group 0
   gets cross-entropy only. ``self``: it distils from its own stored knowledge, the EMA of its
   past predictions (as PS-KD does).
@@ -190,9 +192,10 @@ def build_parser() -> OneLineParser:
     add("--bank-momentum", type=float, default=0.5, help="MKF: EMA weight of new knowledge")
     add("--groups", type=int, default=3, metavar="T", help="MKF: depth groups per cycle (T)")
     add("--warmup", type=float, default=0.1, help="fraction of the steps without mixing")
-    add("--mkf-loop", default="cycle", choices=["cycle", "joint"],
-        help="MKF: one sampled network per step (the paper), or the full network on every "
-             "step plus one sampled sub-network")
+    add("--mkf-loop", default="joint", choices=["joint", "cycle"],
+        help="MKF: the full network on every step plus one sampled sub-network (recommended: "
+             "benchmarks/RESULTS.md, 'Does MKF work?'), or one sampled network per step, the "
+             "group cycling 0, 1, ..., T-1 (the paper's text)")
     add("--full-teacher", default="none", choices=["none", "self"],
         help="MKF: the full network (group 0) gets no distillation (the paper), or distils "
              "from its own stored knowledge")
