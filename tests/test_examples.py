@@ -47,3 +47,9 @@ def test_example_rejects_a_count_below_one_in_one_line(argument):
     assert done.returncode == 2 and done.stdout == ""
     error = done.stderr.splitlines()[-1]
     assert error.endswith(f"argument {argument}: must be at least 1, got 0"), done.stderr
+
+
+def test_example_needs_a_sub_network_group():
+    done = run_example("--groups", "1")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines()[-1].endswith("argument --groups: must be at least 2, got 1")
