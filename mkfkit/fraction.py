@@ -95,31 +95,27 @@ def positive_weights(lam: Tensor) -> Tensor:
     return torch.stack((lam > 0, lam < 1))
 
 
-def pair_known(known_a: Tensor, known_b: Tensor, lam: Tensor) -> Tensor:
+def pair_known(known: Tensor, lam: Tensor) -> Tensor:
     """bool Tensor[B]: every side of positive weight is known (a side of weight 0 needs
-    nothing), from the bool Tensor[B] ``known_a``, ``known_b``."""
-    positive_a, positive_b = positive_weights(lam)
-    return (known_a | ~positive_a) & (known_b | ~positive_b)
+    nothing), from ``known``, bool Tensor[2, B] (side a, then side b)."""
+    # For booleans, known >= needed is "known or not needed".
+    return (known >= positive_weights(lam)).all(0)
 
 
-def settle_sides(split: Fraction, mixed: Tensor, lam: Tensor, both_known: Tensor) -> tuple[Tensor, Tensor]:
+def settle_sides(pair: Tensor, masks: Tensor, mixed: Tensor, lam: Tensor, known: Tensor) -> tuple[Tensor, Tensor]:
     """What a split teaches each side: ``(estimates Tensor[2B, C], valid bool Tensor[2B])``,
     the a sides, then the b sides.
 
-    A side of weight 1 is the mixed output itself (``a = mixed`` where ``lam == 1``, whatever the
+    ``pair``, ``masks``: the split as :func:`split_unchecked` returns it (Tensor[2, B, C], bool
+    Tensor[2, B]); ``known``: bool Tensor[2, B], whether each side's base is known. A side of
+    weight 1 is the mixed output itself (``a = mixed`` where ``lam == 1``, whatever the
     strategy). A side counts where the strategy's mask says so and its partner carries no weight
-    or both bases are known (``both_known``, bool Tensor[B]): an estimate made from an unknown
-    base is no estimate.
+    or both bases are known: an estimate made from an unknown base is no estimate.
     """
-    weight = lam.unsqueeze(1)
-    estimates = torch.cat(
-        (
-            torch.where(weight == 1, mixed, split.a.float()),
-            torch.where(weight == 0, mixed, split.b.float()),
-        )
-    )
-    valid = torch.cat((split.mask_a & ((lam == 1) | both_known), split.mask_b & ((lam == 0) | both_known)))
-    return estimates, valid
+    partner_weightless = ~positive_weights(lam).flip(0)
+    estimates = torch.where(partner_weightless.unsqueeze(-1), mixed, pair.float())
+    valid = masks & (partner_weightless | known.all(0))
+    return estimates.flatten(0, 1), valid.flatten()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,11 +148,11 @@ def _prepare(
     return mixed, base_a, base_b, as_lam(lam, mixed.shape[0], mixed), dtype
 
 
-def _sides(base_a: Tensor, base_b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
-    """Both sides stacked, a then b: their bases Tensor[2, B, C] and weights Tensor[2, B, 1]
-    (``lam``, ``1 - lam``). Every strategy computes both sides at once: one operation over the
-    stack costs about half as much as two over the sides."""
-    return torch.stack((base_a, base_b)), torch.stack((lam, 1 - lam))[..., None]
+def _weights(lam: Tensor) -> Tensor:
+    """The weights of both sides, a then b, Tensor[2, B, 1] (``lam``, ``1 - lam``), stacked as the
+    bases are (Tensor[2, B, C]). Every strategy computes both sides at once: one operation over
+    the stack costs about half as much as two over the sides."""
+    return torch.stack((lam, 1 - lam)).unsqueeze(-1)
 
 
 def _linear_divisor(weight: Tensor) -> Tensor:
@@ -185,12 +181,20 @@ def _cast(fraction: Fraction, dtype: torch.dtype) -> Fraction:
     return fraction._replace(a=fraction.a.to(dtype), b=fraction.b.to(dtype))
 
 
-def split_unchecked(strategy: FractionStrategy, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
-    """``strategy(mixed, base_a, base_b, lam)`` for callers that checked the inputs already
-    (float32 probability rows, ``lam`` a float32 Tensor[B] in [0, 1]): the built-in strategies
-    skip their checks, any other strategy is called as it is."""
-    unchecked = getattr(strategy, "_unchecked", None)
-    return strategy(mixed, base_a, base_b, lam) if unchecked is None else unchecked(mixed, base_a, base_b, lam)
+def split_unchecked(strategy: FractionStrategy, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """``strategy(mixed, *bases, lam)`` with both sides stacked, ``(pair Tensor[2, B, C], masks
+    bool Tensor[2, B])`` (a, then b), for callers that checked the inputs already (float32
+    probability rows, ``bases`` Tensor[2, B, C], ``lam`` a float32 Tensor[B] in [0, 1]).
+
+    The built-in strategies skip their checks and leave a side whose mask is False as it comes
+    (its base is not put back: a caller that reads the masks never looks at it); any other
+    strategy is called as it is.
+    """
+    split = getattr(strategy, "_split", None)
+    if split is not None:
+        return split(mixed, bases, lam)
+    fraction = strategy(mixed, *bases, lam)
+    return torch.stack((fraction.a, fraction.b)), torch.stack((fraction.mask_a, fraction.mask_b))
 
 
 def check_storable(strategy: FractionStrategy) -> None:
@@ -260,19 +264,21 @@ def linear_fraction(
         tensor([[0.7000, 0.3000, 0.0000]])
     """
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
-    return _cast(_linear(mixed, base_a, base_b, lam, project), dtype)
+    bases = torch.stack((base_a, base_b))
+    return _cast(_finish(_linear(mixed, bases, lam, project), bases, lam), dtype)
 
 
-def _linear(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, project: bool) -> Fraction:
-    """:func:`linear_fraction` of prepared inputs (no checks, no cast)."""
-    bases, weights = _sides(base_a, base_b, lam)
+def _linear(mixed: Tensor, bases: Tensor, lam: Tensor, project: bool) -> Tensor:
+    """Both sides of :func:`linear_fraction`, Tensor[2, B, C], from prepared inputs (no checks,
+    no cast, sides of weight 0 not reset to their base)."""
+    weights = _weights(lam)
     # Each side uses the other side's base and weight.
     pair = (mixed - weights.flip(0) * bases.flip(0)) / _linear_divisor(weights)
     if project:
         bounds = pair.new_zeros(2, *pair.shape)
         bounds[1] = 1
         pair = project_onto_bounds(pair, bounds)
-    return _finish(pair, bases, lam)
+    return pair
 
 
 class LinearFraction(nn.Module):
@@ -296,8 +302,8 @@ class LinearFraction(nn.Module):
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return linear_fraction(mixed, base_a, base_b, lam, project=self.project)
 
-    def _unchecked(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
-        return _linear(mixed, base_a, base_b, lam, self.project)
+    def _split(self, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+        return _linear(mixed, bases, lam, self.project), positive_weights(lam)
 
     def extra_repr(self) -> str:
         return f"project={self.project}"
@@ -374,20 +380,19 @@ def qp_fraction(
     """
     check_choice(backend, "backend", kernels.BACKENDS)
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
-    return _cast(_qp(mixed, base_a, base_b, lam, backend), dtype)
+    bases = torch.stack((base_a, base_b))
+    return _cast(_finish(_qp(mixed, bases, lam, backend), bases, lam), dtype)
 
 
-def _qp(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, backend: str) -> Fraction:
-    """:func:`qp_fraction` of prepared inputs (no checks, no cast): here, and only here, the
-    exact QP chooses between torch and its fused kernel."""
-    bases, weights = _sides(base_a, base_b, lam)
+def _qp(mixed: Tensor, bases: Tensor, lam: Tensor, backend: str) -> Tensor:
+    """Both sides of :func:`qp_fraction`, Tensor[2, B, C], from prepared inputs (no checks, no
+    cast, sides of weight 0 not reset to their base): here, and only here, the exact QP chooses
+    between torch and its fused kernel."""
     if kernels.use_triton(backend, mixed.device, preferred=mixed.dtype != torch.float64):
         from mkfkit.kernels.qp import qp_pair  # imports Triton
 
-        pair = torch.stack(qp_pair(mixed, base_a, base_b, lam))
-    else:
-        pair = project_onto_bounds(*_qp_boxes(mixed, bases, weights))
-    return _finish(pair, bases, lam)
+        return torch.stack(qp_pair(mixed, *bases, lam))
+    return project_onto_bounds(*_qp_boxes(mixed, bases, _weights(lam)))
 
 
 class QPFraction(nn.Module):
@@ -408,8 +413,8 @@ class QPFraction(nn.Module):
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return qp_fraction(mixed, base_a, base_b, lam, backend=self.backend)
 
-    def _unchecked(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
-        return _qp(mixed, base_a, base_b, lam, self.backend)
+    def _split(self, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+        return _qp(mixed, bases, lam, self.backend), positive_weights(lam)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -417,7 +422,7 @@ class QPFraction(nn.Module):
 
 def _qp_boxes(mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """The points the exact QP projects, Tensor[2, B, C], and their boxes, Tensor[2, 2, B, C]
-    (``lo``, then ``hi``), both sides stacked as :func:`_sides` stacks ``bases`` and ``weights``.
+    (``lo``, then ``hi``), both sides stacked as ``bases`` and ``weights`` (:func:`_weights`) are.
     """
     # base + residual, with residual = mixed - lam * base_a - (1 - lam) * base_b.
     v = bases + (mixed - (weights * bases).sum(0))
@@ -461,16 +466,15 @@ def dominant_fraction(
         Fraction(a=tensor([[0.5000, 0.5000]]), b=tensor([[1., 0.]]), mask_a=tensor([True]), mask_b=tensor([False]))
     """
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
-    return _cast(_dominant(mixed, base_a, base_b, lam), dtype)
+    masks = _dominant_masks(lam)
+    a, b = torch.where(masks.unsqueeze(-1), mixed, torch.stack((base_a, base_b)))
+    return _cast(Fraction(a, b, *masks), dtype)
 
 
-def _dominant(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
-    """:func:`dominant_fraction` of prepared inputs (no checks, no cast)."""
+def _dominant_masks(lam: Tensor) -> Tensor:
+    """bool Tensor[2, B]: the side that takes the mixed output, a where ``lam >= 0.5``, else b."""
     mask_a = lam >= 0.5
-    mask_b = ~mask_a
-    a = torch.where(mask_a[:, None], mixed, base_a)
-    b = torch.where(mask_b[:, None], mixed, base_b)
-    return Fraction(a, b, mask_a, mask_b)
+    return torch.stack((mask_a, ~mask_a))
 
 
 class DominantFraction(nn.Module):
@@ -485,5 +489,5 @@ class DominantFraction(nn.Module):
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return dominant_fraction(mixed, base_a, base_b, lam)
 
-    def _unchecked(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
-        return _dominant(mixed, base_a, base_b, lam)
+    def _split(self, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+        return mixed.expand_as(bases), _dominant_masks(lam)
