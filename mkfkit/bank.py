@@ -132,7 +132,7 @@ def _make_layout(storage: str, classes: int, k: Optional[int]) -> Union[_Dense, 
     return _Dense(getattr(torch, storage))
 
 
-def _mean_per_row(rows: Tensor, estimates: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def _mean_per_row(rows: Tensor, estimates: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
     """Average the valid estimates that name the same row, without atomics or host syncs.
 
     A stable sort puts the entries of each row next to each other, valid ones first, in their
@@ -151,28 +151,30 @@ def _mean_per_row(rows: Tensor, estimates: Tensor, valid: Tensor) -> Tuple[Tenso
         valid: bool ``Tensor[E]``, entries that count.
 
     Returns:
-        ``(order, mean, count)``: ``order`` sorts the entries by row; ``mean[i]``
-        (``Tensor[E, C]``) is the mean of the valid estimates of row ``rows[order[i]]`` and
-        ``count[i]`` (int64 ``Tensor[E]``) their number (0: leave the row alone). Every
-        entry of a row carries the same values, so writing all of them, duplicates included,
-        is deterministic.
+        ``(mean, count)``: ``mean[i]`` (``Tensor[E, C]``) is the mean of the valid estimates of
+        row ``rows[i]`` and ``count[i]`` (int64 ``Tensor[E]``) their number (0: leave the row
+        alone). Every entry of a row carries the same values, so writing all of them,
+        duplicates included, is deterministic.
     """
     entries = rows.shape[0]
-    # Key 2 * row for a valid entry, 2 * row + 1 for an invalid one.
-    keys, order = torch.sort(rows * 2 + ~valid, stable=True)
-    valid_key = keys & -2
-    start = torch.searchsorted(keys, valid_key)  # the row's first entry
-    stop = torch.searchsorted(keys, valid_key, right=True)  # just past its last valid entry
-    count = stop - start
-    rank = torch.arange(entries, device=rows.device) - start  # place of each entry in its row
+    # Sorted by the key 2 * row for a valid entry, 2 * row + 1 for an invalid one. A row's
+    # entries start where its key 2 * row would be inserted; its valid ones stop where 2 * row
+    # would be inserted after its equals.
+    valid_key = rows * 2
+    keys, order = torch.sort(valid_key + ~valid, stable=True)
+    # The place of each sorted entry in its row.
+    rank = torch.arange(entries, device=rows.device) - torch.searchsorted(keys, keys & -2)
+    start = torch.searchsorted(keys, valid_key)
+    stop = torch.searchsorted(keys, valid_key, right=True)
 
     total = estimates.index_select(0, order)
     shifts = [2**step for step in range(math.ceil(math.log2(max(entries, 1))))]
     same_row = rank >= rank.new_tensor(shifts).unsqueeze(1)  # Tensor[steps, E]: entry i - shift too
     for shift, same in zip(shifts, same_row.unsqueeze(-1)):
         total = torch.where(same, total + total.roll(shift, 0), total)
-    mean = total.index_select(0, (stop - 1).clamp_min(0)) / count.clamp_min(1).unsqueeze(1).to(total.dtype)
-    return order, mean, count
+    count = stop - start
+    # The sum sits at the row's last valid entry (none: the row is left alone, any entry will do).
+    return total.index_select(0, (stop - 1).clamp_min(0)) / count.clamp_min(1).unsqueeze(1), count
 
 
 class KnowledgeBank(nn.Module):
@@ -507,16 +509,12 @@ class KnowledgeBank(nn.Module):
             valid = torch.ones_like(seen_old)
         if known_old is None:
             known_old = self._layout.decode(raw_old)
-        order, mean, count = _mean_per_row(rows, estimates, valid)
-        rows, seen_old, known_old = (t.index_select(0, order) for t in (rows, seen_old, known_old))
+        mean, count = _mean_per_row(rows, estimates, valid)
         momentum = self.momentum
         blended = momentum * mean + (1 - momentum) * known_old
         new = torch.where(seen_old.unsqueeze(1), blended, mean)
         written = count > 0
-        encoded = [
-            torch.where(written.unsqueeze(1), fresh, old.index_select(0, order))
-            for fresh, old in zip(self._layout.encode(new), raw_old)
-        ]
+        encoded = [torch.where(written.unsqueeze(1), fresh, old) for fresh, old in zip(self._layout.encode(new), raw_old)]
         seen_new = seen_old | written
 
         rows = rows.to(self.device)
