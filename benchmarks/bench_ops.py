@@ -33,7 +33,7 @@ from mkfkit.distill import kd_loss  # noqa: E402
 from mkfkit.fraction import LinearFraction, QPFraction  # noqa: E402
 from mkfkit.mixing import CompoundMix, mixed_cross_entropy  # noqa: E402
 
-PHASES = ("target", "losses", "update", "backward")
+PHASES = ("target", "losses", "backward", "update")
 FRACTIONS = {"linear": LinearFraction, "qp": lambda: QPFraction(backend="torch")}
 
 
@@ -58,14 +58,16 @@ class OpCounter(TorchDispatchMode):
 
 def bookkeeping(bank: KnowledgeBank, fraction, logits: torch.Tensor, batch, group: int = 0,
                 enter=lambda phase: None) -> torch.Tensor:
-    """MKF's bookkeeping of one step before its backward: teacher, losses, bank update; returns
-    the loss. ``enter(phase)`` is called as each phase begins (``"target"``, ``"losses"``,
+    """MKF's bookkeeping of one step: teacher, losses, backward, bank update; returns the loss.
+    ``enter(phase)`` is called as each phase begins (``"target"``, ``"losses"``, ``"backward"``,
     ``"update"``)."""
     enter("target")
     teacher = bank.target(group, batch.index_a, batch.index_b, batch.lam)
     enter("losses")
     loss = mixed_cross_entropy(logits, batch) + kd_loss(
         logits, teacher.probs, 4.0, teacher_kind="probs", weight=teacher.mask)
+    enter("backward")
+    loss.backward()
     enter("update")
     bank.update(group, logits.detach().softmax(1), batch.index_a, batch.index_b, batch.lam, fraction)
     return loss
@@ -89,13 +91,11 @@ def count(batch: int, classes: int, fraction: str, storage: str, checks: bool) -
     bank, mixed, logits = setup(batch, classes, storage)
     strategy = FRACTIONS[fraction]()
     with mkfkit.value_checks(checks):
-        bookkeeping(bank, strategy, logits, mixed).backward()  # first call: lazy imports, caches
+        bookkeeping(bank, strategy, logits, mixed)  # first call: lazy imports, caches
         logits.grad = None
         counter = OpCounter()
         with counter:
-            loss = bookkeeping(bank, strategy, logits, mixed, enter=counter.enter)
-            counter.enter("backward")
-            loss.backward()
+            bookkeeping(bank, strategy, logits, mixed, enter=counter.enter)
     return dict(fraction=fraction, storage=storage, value_checks=checks, B=batch, C=classes,
                 ops=sum(counter.counts.values()), **{phase: counter.phases[phase] for phase in PHASES},
                 by_op=dict(counter.counts.most_common()))
@@ -116,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print_table(rows, [("fraction", "fraction", "<"), ("bank storage", "storage", "<"),
                        ("value checks", "value_checks", "<"), ("B", "B", "d"), ("C", "C", "d"),
                        *((phase, phase, "d") for phase in PHASES), ("aten ops", "ops", "d")],
-                title="aten operations of one step's bookkeeping (target, kd + mixed CE, update, backward)")
+                title="aten operations of one step's bookkeeping (target, kd + mixed CE, backward, update)")
     for row in rows[: args.top and len(rows)]:
         print(f"\n{row['fraction']} {row['storage']} checks={row['value_checks']}:")
         for name, calls in list(row["by_op"].items())[: args.top]:
