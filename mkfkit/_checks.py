@@ -217,6 +217,19 @@ def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_device(value: object, name: str) -> torch.device:
+    """A device as a ``torch.device``: a ``torch.device``, a device string or a CUDA index."""
+    try:
+        if isinstance(value, (torch.device, str)) or (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+            return torch.device(value)
+    except RuntimeError:
+        pass
+    raise ValueError(
+        f"`{name}` must be a torch.device or a device string such as 'cpu' or 'cuda:0', but got "
+        f"{describe(value)}"
+    )
+
+
 def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
     if value not in choices:
         options = ", ".join(repr(c) for c in choices)

@@ -8,6 +8,7 @@ For each group ``t`` (sub-network size class) and each training sample ``I`` the
 from __future__ import annotations
 
 import math
+from collections import abc
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -17,6 +18,7 @@ from mkfkit import kernels
 from mkfkit._checks import (
     as_lam,
     check_choice,
+    check_device,
     check_distribution_rows,
     check_floating,
     check_in_range,
@@ -24,7 +26,11 @@ from mkfkit._checks import (
     check_number,
     check_positive_int,
     check_shape,
+    check_state_keys,
+    check_tensor,
     describe,
+    distribution_tolerance,
+    format_number,
     value_checks_enabled,
 )
 from mkfkit._devices import indices_on as _indices_on
@@ -73,6 +79,10 @@ class _Dense:
     def encode(self, rows: Tensor) -> Tuple[Tensor, ...]:
         return (rows.to(self.dtype),)
 
+    def check(self, knowledge: Tensor, prefix: str) -> None:
+        """Refuse stored rows that are not probability rows (a state to load)."""
+        check_distribution_rows(knowledge, f"state_dict['{prefix}knowledge']")
+
     def decode(self, raw: Tuple[Tensor, ...]) -> Tensor:
         (stored,) = raw
         if self.dtype == torch.float32:
@@ -103,6 +113,28 @@ class _TopK:
     def encode(self, rows: Tensor) -> Tuple[Tensor, ...]:
         values, ids = rows.topk(self.k, dim=-1)
         return values.to(torch.float16), ids.to(self.id_dtype)
+
+    def check(self, values: Tensor, ids: Tensor, prefix: str) -> None:
+        """Refuse stored entries no row can have (a state to load): values outside [0, 1] or
+        summing past 1, class ids outside [0, C) or named twice in a row."""
+        check_in_range(values, f"state_dict['{prefix}values']", 0.0, 1.0)
+        check_in_range(ids, f"state_dict['{prefix}ids']", 0, self.classes - 1)
+        if not value_checks_enabled(values) or values.numel() == 0:
+            return
+        sums = values.sum(-1, dtype=torch.float32)
+        tolerance = distribution_tolerance(torch.float16)
+        if float(sums.max()) > 1 + tolerance:
+            raise ValueError(
+                f"`state_dict['{prefix}values']` must hold rows summing to at most 1 (within "
+                f"{tolerance:g}), but got a row summing to {format_number(float(sums.max()), torch.float32)}"
+            )
+        ordered = ids.sort(-1).values
+        repeated = ordered[..., 1:] == ordered[..., :-1]
+        if bool(repeated.any()):
+            raise ValueError(
+                f"`state_dict['{prefix}ids']` must name each class at most once per row, but got "
+                f"class {int(ordered[..., 1:][repeated][0])} twice"
+            )
 
     def decode(self, raw: Tuple[Tensor, ...]) -> Tensor:
         values, ids = raw
@@ -251,19 +283,19 @@ class KnowledgeBank(nn.Module):
         self.momentum = check_number(momentum, "momentum")
         self._layout = _make_layout(storage, num_classes, k)
         self.storage = storage
-        self.k = k
+        self.k = None if k is None else int(k)
         check_choice(sync, "sync", SYNCS)
         self.sync = sync
         self.process_group = process_group
-        check_choice(backend, "backend", kernels.BACKENDS)
         if backend == "triton" and storage == "topk":
             raise ValueError("`backend` 'triton' needs a dense storage (float32, bfloat16, float16), but got storage='topk'")
-        self.backend = backend
-        empty = self._layout.empty(num_groups, num_samples, num_classes)
+        self.backend = kernels.check_backend(backend)
+        device = None if device is None else check_device(device, "device")
+        empty = self._layout.empty(self.num_groups, self.num_samples, self.num_classes)
         self._storage_names = tuple(empty)
         for name, tensor in empty.items():
             self.register_buffer(name, tensor.to(device))
-        self.register_buffer("seen", torch.zeros(num_groups, num_samples, dtype=torch.bool, device=device))
+        self.register_buffer("seen", torch.zeros(self.num_groups, self.num_samples, dtype=torch.bool, device=device))
 
     # ----------------------------------------------------------------------------- size
 
@@ -391,7 +423,7 @@ class KnowledgeBank(nn.Module):
         self._check_group(group)
         batch = index_a.shape[0] if isinstance(index_a, Tensor) else 0
         self._check_pair(index_a, index_b, lam, batch)
-        out = torch.device(device) if device is not None else index_a.device
+        out = check_device(device, "device") if device is not None else index_a.device
         weight = None if index_b is None else as_lam(lam, batch, torch.empty(0, device=out))
         if self._fused(out):
             from mkfkit.kernels import bank as bank_kernels  # imports Triton
@@ -438,18 +470,19 @@ class KnowledgeBank(nn.Module):
                 ``fraction(mixed, base_a, base_b, lam) -> Fraction`` (``LinearFraction``,
                 ``QPFraction``, ``DominantFraction``, or your own). The paper's raw OPT2,
                 ``LinearFraction(project=False)``, is refused: its rows leave the simplex.
+                What your own strategy returns is checked before anything is written
+                (:func:`~mkfkit.fraction.check_split`; its values only with value checks on).
         """
         self._check_group(group)
         check_floating(probs, "probs")
         check_shape(probs, "probs", (None, self.num_classes), f"Tensor[B, C] with C = {self.num_classes}")
         batch = probs.shape[0]
         self._check_pair(index_a, index_b, lam, batch)
-        # Half-precision rows round each entry by up to eps/2, so their sums drift further.
-        check_distribution_rows(probs, "probs", atol=max(1e-3, 2 * torch.finfo(probs.dtype).eps))
+        check_distribution_rows(probs, "probs")  # within distribution_tolerance of their dtype
+        check_storable(fraction)
         device = probs.device
         if index_b is not None:
             lam = as_lam(lam, batch, torch.empty(0, device=device))
-            check_storable(fraction)
 
         probs = probs.detach()
         if self.sync == "all_gather" and distributed_world_size(self.process_group) > 1:
@@ -471,7 +504,8 @@ class KnowledgeBank(nn.Module):
 
         The fused path reads and writes with the bank's kernels; the fraction decides its own
         kernel. Everything is checked already and the bases are the bank's own rows, so the
-        fraction runs unchecked (:func:`~mkfkit.fraction.split_unchecked`).
+        fraction runs unchecked; a strategy other than the built-in ones has its result checked
+        before anything is written (:func:`~mkfkit.fraction.split_unchecked`).
         """
         device = probs.device
         fused = self._fused(device)
@@ -559,24 +593,67 @@ class KnowledgeBank(nn.Module):
         return self._layout_state()
 
     def set_extra_state(self, state: Dict[str, object]) -> None:
-        # Checked (before any buffer is copied) in _load_from_state_dict.
+        # Checked (before any buffer is copied) in _load_from_state_dict: check_state_dict.
         pass
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ANN001
+        """``nn.Module.load_state_dict``, all or nothing: the whole state is checked first
+        (:meth:`check_state_dict`); a rejected state leaves the bank unchanged."""
+        if strict:
+            self.check_state_dict(state_dict)
+        return super().load_state_dict(state_dict, strict, assign)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: E501
-        saved = state_dict.get(prefix + "_extra_state")
-        if saved is None:
+        # Also the path of a parent's load_state_dict, which passes strict=True whatever it was
+        # given and decides on missing and unexpected keys at the end. A state without any of
+        # the bank's entries loads nothing into it and reports them missing (an error only for a
+        # strict load); a state with some of them must hold all, checked before any is copied.
+        names = (*self._storage_names, "seen", "_extra_state")
+        if not any(prefix + name in state_dict for name in names):
+            missing_keys.extend(prefix + name for name in names)
+            return
+        self.check_state_dict(state_dict, prefix, strict=False)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def check_state_dict(self, state_dict: Dict[str, object], prefix: str = "", *, strict: bool = True) -> None:
+        """Raise the error loading ``state_dict`` would raise for the bank, changing nothing.
+
+        The bank's entries are those under ``prefix`` (``"bank."`` for a parent's child
+        ``bank``). They must be all there, of the bank's layout, dtypes and shapes, with
+        probability rows (for ``storage="topk"``: values in [0, 1] summing to at most 1,
+        distinct class ids in [0, C) per row; values checked with value checks on).
+        ``strict=True`` also refuses other entries under ``prefix``.
+
+        Inside a parent module, siblings that come before the bank are loaded by the time the
+        bank checks its entries; check first to keep the whole model unchanged, e.g.
+        ``model.bank.check_state_dict(checkpoint, "bank.")`` before
+        ``model.load_state_dict(checkpoint)``.
+        """
+        label = "state_dict" if not prefix else f"state_dict (under '{prefix}')"
+        layout = state_dict.get(prefix + "_extra_state") if isinstance(state_dict, abc.Mapping) else None
+        if layout is None:
             raise ValueError(
                 "`state_dict` must come from a KnowledgeBank (it holds no layout description "
                 f"under '{prefix}_extra_state')"
             )
-        if saved != self._layout_state():
+        if layout != self._layout_state():
             raise ValueError(
                 f"`state_dict` must describe a bank of this layout {self._layout_state()}, "
-                f"but got {saved}"
+                f"but got {layout}"
             )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        names = (*self._storage_names, "seen", "_extra_state")
+        entries = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        check_state_keys(entries if strict else {key: entries[key] for key in names if key in entries}, label, names)
+        for name in names[:-1]:
+            key, own, value = f"state_dict['{prefix}{name}']", getattr(self, name), entries[name]
+            check_tensor(value, key)
+            if value.dtype != own.dtype:
+                raise TypeError(f"`{key}` must have dtype {own.dtype}, but got {value.dtype}")
+            if value.shape != own.shape:
+                raise ValueError(f"`{key}` must have shape {tuple(own.shape)}, but got {tuple(value.shape)}")
+        self._layout.check(*(entries[name] for name in self._storage_names), prefix)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001
         # The storage dtypes are the bank's format: a parent's .half() or .to(dtype) may move

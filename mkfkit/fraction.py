@@ -17,11 +17,13 @@ strategy* estimates ``p_a`` and ``p_b``. All strategies share one call and one r
 * :class:`DominantFraction` (the paper's "No OPT" ablation): the image with the larger weight
   takes the whole mixed output.
 
-Any callable of that signature is a strategy (:class:`FractionStrategy`). A side whose weight is
-exactly 0 carries no information about its image: it keeps its base and its mask is ``False``,
-which tells a knowledge bank to skip that update. This module is the one home of that rule and
-of its mirror, a side of weight 1 is the mixed output itself (:func:`settle_sides`,
-:func:`pair_known`). The derivations are in docs/METHOD.md, "Knowledge fraction".
+Any callable of that signature is a strategy (:class:`FractionStrategy`). A side of weight 0
+carries no information about its image: it keeps its base and its mask is ``False``, which
+tells a knowledge bank to skip that update. A subnormal weight (below ``finfo.tiny``: 1.2e-38
+in float32, 2.2e-308 in float64) counts as 0, since the mixed row cannot hold that side's
+share to the dtype's precision (:func:`positive_weights`). This module is the one home of that
+rule and of its mirror, a side whose partner has weight 0 is the mixed output itself
+(:func:`settle_sides`, :func:`pair_known`). The derivations are in docs/METHOD.md, "Knowledge fraction".
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from mkfkit._checks import (
     check_same_dtype,
     check_same_shape,
     check_shape,
+    check_tensor,
+    describe,
+    value_checks_enabled,
 )
 from mkfkit._dtypes import compute_dtype
 from mkfkit._projection import project_onto_bounds
@@ -90,9 +95,18 @@ class FractionStrategy(Protocol):
 
 
 def positive_weights(lam: Tensor) -> Tensor:
-    """bool Tensor[2, B]: the sides (a, then b) whose weight is positive, ``lam > 0`` and
-    ``lam < 1``. Only those carry information about their image."""
-    return torch.stack((lam > 0, lam < 1))
+    """bool Tensor[2, B]: the sides (a, then b) whose weight counts as positive. Only those
+    carry information about their image.
+
+    A weight counts when it is at least ``finfo(lam.dtype).tiny``, the smallest normal number
+    (float32, and bfloat16/float16 inputs, which the fractions compute in float32: 1.2e-38;
+    float64: 2.2e-308); a subnormal weight counts as 0. Its share of the mixed row, the products
+    ``lam * p_a``, is then subnormal too and keeps fewer significant bits than the dtype has
+    (none at the smallest subnormal), so the side's bounds ``mixed / lam`` and its estimate are
+    noise. For ``lam`` in [0, 1] only side a can have such a weight (``1 - lam >= eps / 2``):
+    the sides are ``lam >= tiny`` and ``lam < 1``.
+    """
+    return torch.stack((lam, 1 - lam)) >= torch.finfo(lam.dtype).tiny
 
 
 def pair_known(known: Tensor, lam: Tensor) -> Tensor:
@@ -107,10 +121,11 @@ def settle_sides(pair: Tensor, masks: Tensor, mixed: Tensor, lam: Tensor, known:
     the a sides, then the b sides.
 
     ``pair``, ``masks``: the split as :func:`split_unchecked` returns it (Tensor[2, B, C], bool
-    Tensor[2, B]); ``known``: bool Tensor[2, B], whether each side's base is known. A side of
-    weight 1 is the mixed output itself (``a = mixed`` where ``lam == 1``, whatever the
-    strategy). A side counts where the strategy's mask says so and its partner carries no weight
-    or both bases are known: an estimate made from an unknown base is no estimate.
+    Tensor[2, B]); ``known``: bool Tensor[2, B], whether each side's base is known. A side whose
+    partner carries no weight (:func:`positive_weights`) is the mixed output itself (``a =
+    mixed`` where ``lam == 1``, whatever the strategy). A side counts where the strategy's mask
+    says so and its partner carries no weight or both bases are known: an estimate made from an
+    unknown base is no estimate.
     """
     partner_weightless = ~positive_weights(lam).flip(0)
     estimates = torch.where(partner_weightless.unsqueeze(-1), mixed, pair.float())
@@ -132,15 +147,15 @@ def _prepare(
     """
     check_floating(mixed, "mixed")
     check_shape(mixed, "mixed", (None, None), "Tensor[B, C]")
+    if mixed.shape[1] == 0:
+        raise ValueError(f"`mixed` must have at least one class (C >= 1; B may be 0), but got shape {tuple(mixed.shape)}")
     for name, value in (("base_a", base_a), ("base_b", base_b)):
         check_floating(value, name)
         check_same_shape(value, name, mixed, "mixed")
         check_same_device(value, name, mixed, "mixed")
         check_same_dtype(value, name, mixed, "mixed")
-    # Half-precision rows round each entry by up to eps/2, so their sums drift further.
-    atol = max(1e-3, 2 * torch.finfo(mixed.dtype).eps)
     for name, value in (("mixed", mixed), ("base_a", base_a), ("base_b", base_b)):
-        check_distribution_rows(value, name, atol=atol)
+        check_distribution_rows(value, name)  # within distribution_tolerance of their dtype
     compute = compute_dtype(mixed)
     dtype = mixed.dtype
     if compute != dtype:
@@ -186,19 +201,72 @@ def split_unchecked(strategy: FractionStrategy, mixed: Tensor, bases: Tensor, la
     bool Tensor[2, B])`` (a, then b), for callers that checked the inputs already (float32
     probability rows, ``bases`` Tensor[2, B, C], ``lam`` a float32 Tensor[B] in [0, 1]).
 
-    The built-in strategies skip their checks and leave a side whose mask is False as it comes
-    (its base is not put back: a caller that reads the masks never looks at it); any other
-    strategy is called as it is.
+    The built-in strategies skip their checks: their rows are clipped to [0, 1] and sum to 1 up
+    to the rounding of a sum of order 1 for every weight, by construction (tested in every
+    dtype); a side whose mask is False is left as it comes (its base is not put back: a caller
+    that reads the masks never looks at it). Any other strategy, a subclass overriding
+    ``forward`` included, is called as it is and what it returns is checked
+    (:func:`check_split`; its value checks are skipped while ``torch.compile`` traces).
     """
-    split = getattr(strategy, "_split", None)
-    if split is not None:
-        return split(mixed, bases, lam)
-    fraction = strategy(mixed, *bases, lam)
+    if type(strategy) in _BUILT_IN:
+        return strategy._split(mixed, bases, lam)
+    fraction = check_split(strategy(mixed, *bases, lam), strategy, mixed)
     return torch.stack((fraction.a, fraction.b)), torch.stack((fraction.mask_a, fraction.mask_b))
 
 
-def check_storable(strategy: FractionStrategy) -> None:
-    """Refuse a strategy known to return rows off the simplex (for a bank to store)."""
+def _label(strategy: object) -> str:
+    """How an error message names a strategy: a function by its name, an object by its repr."""
+    return getattr(strategy, "__qualname__", None) or repr(strategy)
+
+
+def check_split(split: object, strategy: FractionStrategy, mixed: Tensor) -> Fraction:
+    """What a strategy returned, checked before a bank stores it, as a :class:`Fraction`.
+
+    It must be a ``Fraction(a, b, mask_a, mask_b)`` (or a 4-tuple in that order) with ``a``, ``b``
+    floating-point Tensor[B, C] on the device of ``mixed`` and bool masks Tensor[B]; with value
+    checks on (:func:`mkfkit.value_checks`, one host synchronisation per side), every row of
+    ``a`` and ``b`` whose mask is set must be a probability row within
+    :func:`~mkfkit._checks.distribution_tolerance` of its dtype. The error names the strategy.
+    """
+    if not isinstance(split, tuple) or len(split) != 4:
+        raise TypeError(
+            f"`fraction` {_label(strategy)} must return a Fraction(a, b, mask_a, mask_b), but got "
+            f"{describe(split)}"
+        )
+    split = Fraction(*split)
+    batch, classes = mixed.shape
+    try:
+        for side, mask_name in (("a", "mask_a"), ("b", "mask_b")):
+            rows, mask = getattr(split, side), getattr(split, mask_name)
+            check_floating(rows, side)
+            check_shape(rows, side, (batch, classes), f"Tensor[B, C] with B = {batch}, C = {classes}")
+            check_same_device(rows, side, mixed, "mixed")
+            check_tensor(mask, mask_name)
+            if mask.dtype != torch.bool:
+                raise TypeError(f"`{mask_name}` must have dtype torch.bool, but got {mask.dtype}")
+            check_shape(mask, mask_name, (batch,), f"Tensor[B] with B = {batch}")
+            check_same_device(mask, mask_name, mixed, "mixed")
+            if value_checks_enabled(rows):
+                # Rows the bank skips (mask False) may hold anything.
+                check_distribution_rows(torch.where(mask.unsqueeze(1), rows, 1 / classes), side)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"`fraction` {_label(strategy)} returned rows a bank cannot store: {error}") from None
+    return split
+
+
+def check_storable(strategy: object) -> None:
+    """Refuse what cannot serve a bank as a strategy: no callable, a class instead of an
+    instance, or a strategy known to return rows off the simplex."""
+    if isinstance(strategy, type):
+        raise TypeError(
+            f"`fraction` must be a fraction strategy object, but got the class {strategy.__name__}; "
+            f"use {strategy.__name__}()"
+        )
+    if not callable(strategy):
+        raise TypeError(
+            "`fraction` must be a fraction strategy, an object called as fraction(mixed, base_a, "
+            f"base_b, lam) -> Fraction such as LinearFraction() or QPFraction(), but got {describe(strategy)}"
+        )
     if isinstance(strategy, LinearFraction) and not strategy.project:
         # Its rows leave the simplex (negative entries): stored, they would poison every
         # later KL target and fail the next fraction's input check far from the cause.
@@ -238,8 +306,13 @@ def linear_fraction(
     distribution), keeps the row sum at 1 and is differentiable. ``project=False`` gives the raw
     formula, faithful to the paper.
 
-    A side of weight exactly 0 keeps its base (``a = base_a`` where ``lam == 0``, ``b = base_b``
-    where ``lam == 1``) and its mask is ``False``. Values and gradients are finite for every
+    A side of weight 0 keeps its base (``a = base_a`` where ``lam == 0``, ``b = base_b`` where
+    ``lam == 1``) and its mask is ``False``; so does side a for a subnormal ``lam``
+    (:func:`positive_weights`). The projection is exact for every ``lam``: each raw row is
+    first shifted by its largest entry (the projection onto the simplex does not change when a
+    constant is added to a row) and entries below -1, which project to 0, are raised to -1, so
+    the search sees numbers of order 1 however large ``1 / lam`` makes the raw row, and every
+    projected row is on the simplex up to the rounding of a sum of order 1. Values and gradients are finite for every
     ``lam`` in [0, 1]: a weight below sqrt(finfo.tiny) (about 1e-19 in float32) divides as
     sqrt(finfo.tiny), where ``1 / lam`` would overflow.
 
@@ -252,7 +325,7 @@ def linear_fraction(
 
     Returns:
         :class:`Fraction` with ``a, b``: Tensor[B, C] in the dtype of ``mixed``;
-        ``mask_a = lam > 0``, ``mask_b = lam < 1``.
+        ``mask_a = lam >= finfo.tiny``, ``mask_b = lam < 1`` (:func:`positive_weights`).
 
     Example:
         >>> mixed = torch.tensor([[0.5, 0.3, 0.2]])
@@ -273,11 +346,19 @@ def _linear(mixed: Tensor, bases: Tensor, lam: Tensor, project: bool) -> Tensor:
     no cast, sides of weight 0 not reset to their base)."""
     weights = _weights(lam)
     # Each side uses the other side's base and weight.
-    pair = (mixed - weights.flip(0) * bases.flip(0)) / _linear_divisor(weights)
+    numerator = mixed - weights.flip(0) * bases.flip(0)
     if project:
-        bounds = pair.new_zeros(2, *pair.shape)
+        # The projection ignores a constant added to a row: shifted by its largest entry, a row
+        # has its maximum at 0, the shift tau of the projection lies in [0, 1], and an entry at
+        # or below -1 projects to 0 however far below it lies, so it is raised to -1. The
+        # search then sees entries and breakpoints of order 1 only. Unshifted, a weight of 1e-8
+        # puts the row near 1e8, where float32 cannot tell 0 from 1 (the row sums to C - 1).
+        shifted = ((numerator - numerator.amax(-1, keepdim=True)) / _linear_divisor(weights)).clamp(min=-1)
+        bounds = shifted.new_zeros(2, *shifted.shape)
         bounds[1] = 1
-        pair = project_onto_bounds(pair, bounds)
+        pair = project_onto_bounds(shifted, bounds)
+    else:
+        pair = numerator / _linear_divisor(weights)
     return pair
 
 
@@ -366,7 +447,8 @@ def qp_fraction(
 
     Returns:
         :class:`Fraction` with ``a, b``: Tensor[B, C] in the dtype of ``mixed``;
-        ``mask_a = lam > 0``, ``mask_b = lam < 1`` (a side of weight 0 keeps its base).
+        ``mask_a = lam >= finfo.tiny``, ``mask_b = lam < 1`` (:func:`positive_weights`; a side
+        of weight 0 keeps its base).
 
     Example:
         >>> mixed = torch.tensor([[0.5, 0.3, 0.2]])
@@ -407,8 +489,7 @@ class QPFraction(nn.Module):
 
     def __init__(self, backend: str = "auto") -> None:
         super().__init__()
-        check_choice(backend, "backend", kernels.BACKENDS)
-        self.backend = backend
+        self.backend = kernels.check_backend(backend)
 
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return qp_fraction(mixed, base_a, base_b, lam, backend=self.backend)
@@ -430,8 +511,8 @@ def _qp_boxes(mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Te
     target = mixed.clamp(0, 1)
     # 0 <= other side <= 1 under the mixing identity, written as bounds on this side. The ratios
     # stay O(1) even for tiny weights (mixed is then tiny too), so divide exactly; a side of
-    # weight 0 divides by finfo.tiny (finite quotients, a box of [0, 1]) and is replaced by its
-    # base afterwards. Rounding can overshoot [0, 1].
+    # weight 0 or subnormal (which counts as 0, see positive_weights) divides by finfo.tiny
+    # (finite quotients) and is replaced by its base afterwards. Rounding can overshoot [0, 1].
     divisor = weights.clamp_min(torch.finfo(weights.dtype).tiny)
     bounds = torch.stack((target - weights.flip(0), target.expand_as(v)))
     return v, bounds.div_(divisor).clamp_(0, 1)
@@ -491,3 +572,7 @@ class DominantFraction(nn.Module):
 
     def _split(self, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
         return mixed.expand_as(bases), _dominant_masks(lam)
+
+
+_BUILT_IN = (LinearFraction, QPFraction, DominantFraction)
+"""The strategies whose rows :func:`split_unchecked` trusts without looking at them."""

@@ -1,4 +1,4 @@
-"""Bad input, systematically, for the blocks outside the bank and the fractions.
+"""Bad input, systematically, for every block: the mixer, sampler, losses, fusion teacher, bank, fractions.
 
 Every row of a table is one rejected call: the exception type, a fragment of the message that
 names the argument, and a check that the object the call was made on is bitwise unchanged.
@@ -9,6 +9,7 @@ one-hot and uniform rows, extreme temperatures, NumPy scalars.
 import io
 
 import numpy as np
+import mkfkit
 import pytest
 import torch
 from hypothesis import given
@@ -375,3 +376,210 @@ def test_sizes_accept_numpy_integers():
     torch.testing.assert_close(cutmix(IMAGES, torch.tensor([1, 2, 3, 0]), box), cutmix(IMAGES, torch.tensor([1, 2, 3, 0]), (0, 2, 0, 2)))
     with pytest.raises(TypeError, match=r"`shared_stages` must be an int, but got 1.0"):
         MultiBranchResNet(blocks=(1, 1), widths=(4, 8), shared_stages=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# KnowledgeBank and the fractions: calls, what a fraction hands the bank, state
+# --------------------------------------------------------------------------------------------
+
+from mkfkit import kernels  # noqa: E402
+from mkfkit.bank import KnowledgeBank  # noqa: E402
+from mkfkit.fraction import Fraction, LinearFraction, QPFraction, linear_fraction, qp_fraction  # noqa: E402
+
+ROWS = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+PAIR = dict(group=0, probs=ROWS, index_a=torch.tensor([0, 4, 9]), index_b=torch.tensor([1, 2, 3]), lam=0.5)
+
+
+def bank(**kwargs):
+    made = KnowledgeBank(10, 4, 2, **kwargs)
+    made.update(0, ROWS.repeat(2, 1)[:4], torch.tensor([0, 1, 2, 3]))  # rows seen
+    return made
+
+
+def returning(change):
+    """A user fraction that splits like LinearFraction() and then applies ``change``."""
+
+    def fraction(mixed, base_a, base_b, lam):
+        return change(LinearFraction()(mixed, base_a, base_b, lam))
+
+    return fraction
+
+
+class Summing3(nn.Module):
+    def forward(self, mixed, base_a, base_b, lam):
+        return Fraction(3 * mixed, base_b, torch.ones_like(lam, dtype=torch.bool), torch.ones_like(lam, dtype=torch.bool))
+
+
+BAD_FRACTIONS = [
+    ("qp", TypeError, r"`fraction` must be a fraction strategy, an object called as fraction\(mixed, base_a, base_b, lam\) -> Fraction .* but got 'qp' \(str\)"),
+    (QPFraction, TypeError, r"`fraction` must be a fraction strategy object, but got the class QPFraction; use QPFraction\(\)"),
+    (Summing3(), ValueError, r"`fraction` Summing3\(\) returned rows a bank cannot store: `a` must hold probability rows \(each summing to 1 within 0.001\), but got a row summing to 3"),
+    (returning(lambda f: f._replace(b=f.b * float("nan"))), ValueError, r"`fraction` .*fraction returned rows a bank cannot store: `b` must be finite"),
+    (returning(lambda f: f._replace(a=-f.a)), ValueError, r"`a` must hold probability rows \(entries >= 0\)"),
+    (returning(lambda f: f._replace(a=f.a[:, :3])), ValueError, r"`a` must be a Tensor\[B, C\] with B = 3, C = 4, but got shape \(3, 3\)"),
+    (returning(lambda f: f._replace(b=f.b.long())), TypeError, r"`b` must have a floating-point dtype, but got torch.int64"),
+    (returning(lambda f: f._replace(mask_a=f.mask_a.float())), TypeError, r"`mask_a` must have dtype torch.bool, but got torch.float32"),
+    (returning(lambda f: f._replace(mask_b=f.mask_b[:2])), ValueError, r"`mask_b` must be a Tensor\[B\] with B = 3"),
+    (returning(lambda f: (f.a, f.b)), TypeError, r"must return a Fraction\(a, b, mask_a, mask_b\), but got \("),
+]
+
+
+@pytest.mark.parametrize("fraction, error, message", BAD_FRACTIONS)
+def test_bank_refuses_what_a_fraction_hands_it_and_changes_nothing(fraction, error, message):
+    expect_rejected(bank(), lambda b: b.update(**PAIR, fraction=fraction), error, message)
+
+
+def test_bank_skips_rows_a_fraction_masks_off_and_value_checks_can_be_switched_off():
+    # Rows whose mask is False are never stored, so they may hold anything.
+    masked_nan = returning(lambda f: Fraction(f.a * float("nan"), f.b, torch.zeros_like(f.mask_a), f.mask_b))
+    checked, unchecked, reference = bank(), bank(), bank()
+    checked.update(**PAIR, fraction=masked_nan)
+    reference.update(**PAIR, fraction=returning(lambda f: f._replace(mask_a=torch.zeros_like(f.mask_a))))
+    assert snapshot(checked) == snapshot(reference)
+    # The switch is the user's: off, a fraction's values are not read (shapes still are).
+    with mkfkit.value_checks(False):
+        unchecked.update(**PAIR, fraction=Summing3())
+        with pytest.raises(ValueError, match=r"`a` must be a Tensor\[B, C\]"):
+            unchecked.update(**PAIR, fraction=returning(lambda f: f._replace(a=f.a[:, :3])))
+
+
+def test_built_in_fractions_are_trusted_and_a_subclass_is_checked():
+    calls = []
+
+    class Counting(LinearFraction):
+        def forward(self, *args):
+            calls.append(1)
+            out = super().forward(*args)
+            return out._replace(a=out.a * 2)
+
+    made = bank()
+    expect_rejected(made, lambda b: b.update(**PAIR, fraction=Counting()), ValueError, r"`fraction` Counting\(project=True\) returned rows")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lam", [1e-8, 1e-19, 1e-30, 1e-45, 1 - 6e-8])
+def test_tiny_weights_never_corrupt_the_bank(lam, dtype):
+    # LinearFraction() used to hand the bank rows summing to C - 1 here (CompoundMix draws such
+    # weights in about 1 % of batches); every stored row must stay a probability row.
+    made = bank()
+    made.update(0, ROWS.to(dtype), PAIR["index_a"], PAIR["index_b"], torch.full((3,), lam, dtype=torch.float64).to(dtype).float())
+    with mkfkit.value_checks(True):
+        made.check_state_dict(made.state_dict())
+    target = made.target(0, PAIR["index_a"], PAIR["index_b"], lam)
+    assert bool(torch.isfinite(target.probs).all())
+    torch.testing.assert_close(target.probs.sum(-1), torch.ones(3), atol=1e-6, rtol=0)
+
+
+BAD_BANK_CALLS = [
+    (dict(group=2), ValueError, r"`group` must be an int in \[0, 1\], but got 2"),
+    (dict(fraction="qp"), TypeError, r"`fraction` must be a fraction strategy"),  # refused on unmixed updates too
+    (dict(probs=torch.full((3, 0), 0.2)), ValueError, r"`probs` must be a Tensor\[B, C\] with C = 4, but got shape \(3, 0\)"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", BAD_BANK_CALLS)
+def test_bank_update_rejections_change_nothing(change, error, message):
+    arguments = dict(group=0, probs=ROWS, index_a=torch.tensor([0, 4, 9]))
+    expect_rejected(bank(), lambda b: b.update(**{**arguments, **change}), error, message)
+
+
+def test_bank_construction_and_target_arguments():
+    with pytest.raises(ValueError, match=r"`device` must be a torch.device or a device string such as 'cpu' or 'cuda:0', but got 'gpu' \(str\)"):
+        KnowledgeBank(10, 3, device="gpu")
+    with pytest.raises(ValueError, match=r"`device` must be a torch.device .* but got 1.5 \(float\)"):
+        bank().target(0, torch.tensor([1]), device=1.5)
+    made = KnowledgeBank(np.int64(10), np.int32(3), np.int64(2), storage="topk", k=np.int64(2), momentum=np.float32(0.5))
+    assert (made.num_samples, made.num_classes, made.k) == (10, 3, 2) and type(made.k) is int
+    assert KnowledgeBank.memory_bytes(np.int64(10), np.int64(3)) == KnowledgeBank.memory_bytes(10, 3)
+    made.update(np.int64(1), ROWS[:, :3].softmax(-1), torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), np.float32(0.25))
+    assert made.target(np.int64(1), torch.tensor([0]), torch.tensor([3]), np.float64(0.25)).probs.shape == (1, 3)
+
+
+@pytest.mark.skipif(kernels.available("cpu") or torch.cuda.is_available(), reason="the fused kernels can run here")
+def test_triton_backend_refused_when_made_where_it_cannot_run():
+    message = r"`backend` 'triton' needs Triton and a CUDA device \(or TRITON_INTERPRET=1 on CPU\), but got this machine"
+    with pytest.raises(RuntimeError, match=message):
+        QPFraction(backend="triton")
+    with pytest.raises(RuntimeError, match=message):
+        KnowledgeBank(10, 3, backend="triton")
+
+
+def test_triton_backend_refused_when_made_without_triton(monkeypatch):
+    monkeypatch.setattr(kernels, "available", lambda device: False)
+    with pytest.raises(RuntimeError, match=r"needs Triton .* but got this machine without a usable Triton; use backend='auto' or 'torch'"):
+        QPFraction(backend="triton")
+
+
+@pytest.mark.parametrize("fraction", [linear_fraction, qp_fraction, QPFraction(), LinearFraction()])
+def test_fractions_refuse_zero_classes_and_accept_empty_batches(fraction):
+    empty = torch.zeros(3, 0)
+    with pytest.raises(ValueError, match=r"`mixed` must have at least one class \(C >= 1; B may be 0\), but got shape \(3, 0\)"):
+        fraction(empty, empty, empty, 0.5)
+    none = torch.zeros(0, 4)
+    out = fraction(none, none, none, np.float32(0.5))
+    assert out.a.shape == (0, 4) and out.mask_a.shape == (0,)
+
+
+# State: every corruption refused before anything changes, alone or inside a parent.
+
+def bank_state(storage="float32", **changes):
+    kwargs = dict(storage=storage, k=2) if storage == "topk" else dict(storage=storage)
+    state = bank(**kwargs).state_dict()
+    state.update(changes)
+    return {key: value for key, value in state.items() if value is not None}
+
+
+KNOWLEDGE = bank().knowledge
+TOPK = bank_state("topk")
+BAD_STATES = [
+    ("float32", dict(knowledge=KNOWLEDGE * float("nan")), ValueError, r"`state_dict\['knowledge'\]` must be finite"),
+    ("float32", dict(knowledge=-KNOWLEDGE), ValueError, r"`state_dict\['knowledge'\]` must hold probability rows \(entries >= 0\)"),
+    ("float32", dict(knowledge=3 * KNOWLEDGE), ValueError, r"each summing to 1 within 0.001\), but got a row summing to 3"),
+    ("float32", dict(knowledge=KNOWLEDGE.double()), TypeError, r"`state_dict\['knowledge'\]` must have dtype torch.float32, but got torch.float64"),
+    ("float32", dict(knowledge=KNOWLEDGE[:1]), ValueError, r"`state_dict\['knowledge'\]` must have shape \(2, 10, 4\), but got \(1, 10, 4\)"),
+    ("float32", dict(seen=torch.ones(2, 10)), TypeError, r"`state_dict\['seen'\]` must have dtype torch.bool, but got torch.float32"),
+    ("float32", dict(seen=[True] * 10), TypeError, r"`state_dict\['seen'\]` must be a torch.Tensor"),
+    ("float32", dict(seen=None), ValueError, r"`state_dict` must hold exactly the entries \['knowledge', 'seen', '_extra_state'\], but got missing \['seen'\]"),
+    ("float32", dict(extra=torch.zeros(1)), ValueError, r"but got unexpected \['extra'\]"),
+    ("float32", dict(_extra_state=None), ValueError, r"`state_dict` must come from a KnowledgeBank"),
+    ("float32", dict(_extra_state={**TOPK["_extra_state"], "storage": "float32", "k": None, "num_classes": 5}), ValueError, r"must describe a bank of this layout"),
+    ("topk", dict(ids=torch.full_like(TOPK["ids"], 4)), ValueError, r"`state_dict\['ids'\]` must lie in \[0, 3\], but got 4"),
+    ("topk", dict(ids=torch.zeros_like(TOPK["ids"])), ValueError, r"`state_dict\['ids'\]` must name each class at most once per row, but got class 0 twice"),
+    ("topk", dict(values=TOPK["values"] * float("nan")), ValueError, r"`state_dict\['values'\]` must lie in \[0, 1\], but got nan"),
+    ("topk", dict(values=torch.full_like(TOPK["values"], 0.75)), ValueError, r"`state_dict\['values'\]` must hold rows summing to at most 1 \(within 0.00195312\), but got a row summing to 1.5"),
+    ("topk", dict(ids=TOPK["ids"].long()), TypeError, r"`state_dict\['ids'\]` must have dtype torch.int16, but got torch.int64"),
+]
+
+
+@pytest.mark.parametrize("storage, changes, error, message", BAD_STATES)
+def test_bank_state_is_checked_whole_before_anything_changes(storage, changes, error, message):
+    kwargs = dict(storage=storage, k=2) if storage == "topk" else dict(storage=storage)
+    source = bank_state(storage, **changes)
+    target = bank(**kwargs)
+    target.update(1, ROWS, torch.tensor([5, 6, 7]))  # differs from the source
+    expect_rejected(target, lambda b: b.load_state_dict(source), error, message)
+    # Inside a parent: the same refusal with the bank's keys named, before the bank changes.
+    parent = nn.ModuleDict({"bank": target})
+    nested = {f"bank.{key}": value for key, value in source.items()}
+    if "extra" not in changes:  # an unexpected key is the parent's to report
+        nested_message = message.replace("state_dict\\['", "state_dict\\['bank.").replace(
+            "`state_dict` must hold", "`state_dict \\(under 'bank.'\\)` must hold")
+        expect_rejected(target, lambda b: parent.load_state_dict(nested), error, nested_message)
+
+
+def test_bank_state_without_bank_entries_loads_nothing_unless_strict():
+    parent = nn.ModuleDict({"head": nn.Linear(2, 2), "bank": bank()})
+    before = snapshot(parent["bank"])
+    result = parent.load_state_dict({"head.weight": torch.zeros(2, 2), "head.bias": torch.zeros(2)}, strict=False)
+    assert result.missing_keys == ["bank.knowledge", "bank.seen", "bank._extra_state"]
+    assert snapshot(parent["bank"]) == before and bool((parent["head"].weight == 0).all())
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "bank.knowledge"'):
+        parent.load_state_dict({"head.weight": torch.zeros(2, 2), "head.bias": torch.zeros(2)})
+    assert snapshot(parent["bank"]) == before
+    # A strict=False load of the bank's own state ignores other entries, like torch.
+    result = parent["bank"].load_state_dict({**bank_state(), "other": 1}, strict=False)
+    assert result.unexpected_keys == ["other"]
+    # check_state_dict lets a caller refuse a checkpoint before any sibling changes.
+    with pytest.raises(TypeError, match=r"`state_dict\['bank.seen'\]` must have dtype torch.bool"):
+        parent["bank"].check_state_dict({"bank." + k: v for k, v in bank_state(seen=torch.ones(2, 10)).items()}, "bank.")

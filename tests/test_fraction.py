@@ -4,7 +4,7 @@ import cvxpy as cp
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import mkfkit
@@ -20,6 +20,7 @@ from mkfkit.fraction import (
 
 KINDS = ("dirichlet", "peaked", "one_hot", "unrelated")
 EXTREME_LAMS = (1e-6, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-6)
+TINY64 = torch.finfo(torch.float64).tiny
 lams = st.one_of(st.sampled_from(EXTREME_LAMS), st.floats(0.0, 1.0))
 
 
@@ -108,12 +109,14 @@ def assert_on_simplex(x, atol):
     kind=st.sampled_from(KINDS),
     lam=lams,
 )
+@example(seed=0, num_classes=2, kind="one_hot", lam=2.2e-309)  # a subnormal weight, found once
 def test_qp_mixing_identity_simplex_and_kkt(seed, num_classes, kind, lam):
     mixed, base_a, base_b, lam_t, _, _ = make_instance(seed, 4, num_classes, kind, lam)
     out = qp_fraction(mixed, base_a, base_b, lam_t)
     assert_on_simplex(out.a, 1e-12)
     assert_on_simplex(out.b, 1e-12)
-    if 0 < lam < 1:
+    # A subnormal weight counts as 0 (positive_weights): side a keeps its base.
+    if TINY64 <= lam < 1:
         identity = lam_t[:, None] * out.a + (1 - lam_t[:, None]) * out.b
         torch.testing.assert_close(identity, mixed, atol=1e-14, rtol=0)
         assert float(variational_gap(out, mixed, base_a, base_b, lam_t).max()) <= 1e-12
@@ -164,8 +167,8 @@ def test_linear_raw_is_the_paper_formula_and_projection_is_on_the_simplex(seed, 
     raw = linear_fraction(mixed, base_a, base_b, lam_t, project=False)
     projected = linear_fraction(mixed, base_a, base_b, lam_t)
     # Documented: weights below sqrt(finfo.tiny) divide as sqrt(finfo.tiny), keeping values finite.
-    floor = torch.finfo(torch.float64).tiny ** 0.5
-    if lam > 0:
+    floor = TINY64**0.5
+    if lam >= TINY64:
         torch.testing.assert_close(raw.a, (mixed - (1 - lam) * base_b) / max(lam, floor), atol=1e-12, rtol=1e-12)
     else:
         assert torch.equal(raw.a, base_a) and torch.equal(projected.a, base_a)
@@ -173,9 +176,8 @@ def test_linear_raw_is_the_paper_formula_and_projection_is_on_the_simplex(seed, 
         torch.testing.assert_close(raw.b, (mixed - lam * base_a) / (1 - lam), atol=1e-12, rtol=1e-12)
     else:
         assert torch.equal(raw.b, base_b) and torch.equal(projected.b, base_b)
-    if 1e-3 <= lam <= 1 - 1e-3:
-        assert_on_simplex(projected.a, 1e-12)
-        assert_on_simplex(projected.b, 1e-12)
+    assert_on_simplex(projected.a, 1e-12)
+    assert_on_simplex(projected.b, 1e-12)
     # Where OPT2 is already a distribution, the projection leaves it alone.
     for side in ("a", "b"):
         valid = ((getattr(raw, side) >= 0) & (getattr(raw, side) <= 1)).all(-1)
@@ -285,6 +287,86 @@ def test_dominant_assigns_the_mixed_output_to_the_larger_weight():
     expected_a = torch.where(out.mask_a[:, None], mixed, base_a)
     expected_b = torch.where(out.mask_b[:, None], mixed, base_b)
     assert torch.equal(out.a, expected_a) and torch.equal(out.b, expected_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extreme weights in every dtype: exact or refused, never off the simplex
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@st.composite
+def extreme_lams(draw, dtype):
+    """A weight in [0, 1] representable in ``dtype``: tiny, subnormal, near 1, or anywhere."""
+    finfo = torch.finfo(dtype)
+    special = [0.0, finfo.smallest_normal, finfo.smallest_normal / 4, finfo.eps / 4, finfo.eps, 1e-8, 1e-19,
+               1e-30, 1e-300, 1 - finfo.eps, 1 - finfo.eps / 2, 1.0]
+    value = draw(st.one_of(st.sampled_from(special), st.floats(0, 1), st.floats(0, 1e-6)))
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype))
+
+
+@st.composite
+def fraction_inputs(draw):
+    """Probability rows (Dirichlet, one-hot and uniform) in some dtype and weights for them."""
+    dtype = draw(st.sampled_from(DTYPES))
+    batch, num_classes = draw(st.integers(0, 4)), draw(st.integers(1, 60))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+
+    def rows():
+        kind = draw(st.sampled_from(("dirichlet", "peaked", "one_hot", "uniform")))
+        if kind == "one_hot":
+            return np.eye(num_classes)[rng.integers(num_classes, size=batch)]
+        if kind == "uniform":
+            return np.full((batch, num_classes), 1 / num_classes)
+        return rng.dirichlet(np.full(num_classes, 0.05 if kind == "peaked" else 1.0), size=batch)
+
+    lam = np.array([draw(extreme_lams(dtype)) for _ in range(batch)], dtype=np.float64)
+    p_a, p_b, base_a, base_b = rows(), rows(), rows(), rows()
+    mixed = lam[:, None] * p_a + (1 - lam[:, None]) * p_b
+    to = lambda x: torch.as_tensor(x, dtype=torch.float64).to(dtype)  # noqa: E731
+    return to(mixed), to(base_a), to(base_b), to(lam)
+
+
+@settings(max_examples=150)
+@given(inputs=fraction_inputs(), name=st.sampled_from(["linear", "qp", "dominant"]))
+def test_every_weight_in_every_dtype_gives_rows_on_the_simplex(inputs, name):
+    from mkfkit._checks import distribution_tolerance
+    from mkfkit.fraction import positive_weights
+
+    mixed, base_a, base_b, lam = inputs
+    out = STRATEGIES.get(name, DominantFraction())(mixed, base_a, base_b, lam)
+    tolerance = distribution_tolerance(mixed.dtype)
+    for rows in (out.a, out.b):
+        assert rows.dtype == mixed.dtype and rows.shape == mixed.shape
+        assert bool(torch.isfinite(rows).all()) and bool((rows >= 0).all()) and bool((rows <= 1).all())
+        assert bool(((rows.double().sum(-1) - 1).abs() <= tolerance).all())
+    if name != "dominant":
+        # The one rule: a side counts from the smallest normal weight of the compute dtype on.
+        positive_a, positive_b = positive_weights(lam.to(torch.float64 if lam.dtype == torch.float64 else torch.float32))
+        assert torch.equal(out.mask_a, positive_a) and torch.equal(out.mask_b, positive_b)
+        assert torch.equal(out.a[~positive_a], base_a[~positive_a])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_subnormal_weights_count_as_zero(dtype):
+    tiny = torch.finfo(dtype).tiny
+    lam = torch.tensor([0.0, tiny / 4, tiny, 1.0], dtype=dtype)
+    mixed, base_a, base_b, _, _, _ = make_instance(23, 4, 6, "dirichlet", lam.double().numpy(), dtype)
+    for name in ("linear", "qp"):
+        out = STRATEGIES[name](mixed, base_a, base_b, lam)
+        assert out.mask_a.tolist() == [False, False, True, True], name
+        assert torch.equal(out.a[:2], base_a[:2]), name
+
+
+def test_linear_projection_is_exact_for_tiny_weights():
+    # Before the shift, float32 rows summed to C - 1 from lam ~ 1e-8 on (float64: 1e-19).
+    for dtype, lam in ((torch.float32, 1e-8), (torch.float32, 1e-30), (torch.float64, 1e-19), (torch.float64, 1e-300)):
+        mixed, base_a, base_b, lam_t, _, _ = make_instance(24, 64, 100, "unrelated", lam, dtype)
+        a = linear_fraction(mixed, base_a, base_b, lam_t).a
+        assert_on_simplex(a, 4 * torch.finfo(dtype).eps)
+        # The exact projection of the raw row, computed in float64 with the row's own order.
+        raw = ((mixed.double() - (1 - lam_t.double()[:, None]) * base_b.double()) / max(lam, torch.finfo(dtype).tiny ** 0.5))
+        assert torch.equal(a.argmax(-1), raw.argmax(-1))
 
 
 # ---------------------------------------------------------------------------------------------

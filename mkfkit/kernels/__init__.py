@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BACKENDS", "available", "use_triton"]
+from mkfkit._checks import check_choice
+
+__all__ = ["BACKENDS", "available", "check_backend", "use_triton"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -38,6 +40,26 @@ def available(device: torch.device | str) -> bool:
     return device.type == "cuda" or _import.INTERPRETED
 
 
+def check_backend(backend: object) -> str:
+    """Check a block's ``backend`` argument when the block is made: one of :data:`BACKENDS`, and
+    ``"triton"`` only where the kernels can run on some device of this machine (a CUDA device,
+    or the CPU under Triton's interpreter), so that it is refused here and not at the first call.
+    """
+    check_choice(backend, "backend", BACKENDS)
+    devices = ("cuda", "cpu") if torch.cuda.is_available() else ("cpu",)
+    if backend == "triton" and not any(available(device) for device in devices):
+        _refuse("this machine", "", runnable=False)
+    return backend
+
+
+def _refuse(where: object, needs: str, runnable: bool) -> None:
+    """The error of a forced ``backend="triton"`` that cannot run ``where``."""
+    raise RuntimeError(
+        f"`backend` 'triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU){needs}, "
+        f"but got {where}{'' if runnable else ' without a usable Triton'}; use backend='auto' or 'torch'"
+    )
+
+
 def use_triton(backend: str, device: torch.device | str, *, supported: bool = True,
                preferred: bool = True, needs: str = "") -> bool:
     """Whether a block with ``backend`` runs its Triton kernel for a call on ``device``.
@@ -55,12 +77,7 @@ def use_triton(backend: str, device: torch.device | str, *, supported: bool = Tr
     usable = supported and available(device)
     if backend == "triton":
         if not usable:
-            raise RuntimeError(
-                f"`backend` 'triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on "
-                f"CPU){needs}, but got {device}"
-                f"{'' if available(device) else ' without a usable Triton'}; use backend='auto' "
-                "or 'torch'"
-            )
+            _refuse(device, needs, runnable=available(device))
         return True
     return usable and preferred and device.type == "cuda"
 
