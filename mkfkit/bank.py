@@ -7,6 +7,7 @@ For each group ``t`` (sub-network size class) and each training sample ``I`` the
 
 from __future__ import annotations
 
+import math
 from collections import abc
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
@@ -163,14 +164,18 @@ def _make_layout(storage: str, classes: int, k: Optional[int]) -> Union[_Dense, 
     return _Dense(getattr(torch, storage))
 
 
-def _mean_per_row(rows: Tensor, estimates: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Average the valid estimates that name the same row, without atomics.
+def _mean_per_row(rows: Tensor, estimates: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
+    """Average the valid estimates that name the same row, without atomics or host syncs.
 
     A stable sort puts the entries of each row next to each other, valid ones first, in their
-    original order. A segmented inclusive scan (Hillis-Steele, ``ceil(log2(E))`` steps of plain
-    tensor additions, each step only adding within a segment) sums them; the sum read at a
-    row's last valid entry depends only on that row's own estimates and their order, so the
-    result is the same whatever else is in the batch, on every device, run after run.
+    original order; a binary search of the sorted keys finds where each row's entries begin and
+    where its valid ones end. A segmented inclusive scan (Hillis-Steele: ``ceil(log2(E))`` steps
+    of plain tensor additions, each step only adding within a segment) sums them; the sum read at
+    a row's last valid entry depends only on that row's own estimates and their order, so the
+    result is the same whatever else is in the batch, on every device, run after run. The number
+    of steps depends on the batch size alone (steps beyond a row's length add nothing), so the
+    whole computation has fixed shapes and never asks the host anything: it runs under
+    ``torch.compile`` and CUDA graphs.
 
     Args:
         rows: int64 ``Tensor[E]`` target row of each entry.
@@ -178,40 +183,30 @@ def _mean_per_row(rows: Tensor, estimates: Tensor, valid: Tensor) -> Tuple[Tenso
         valid: bool ``Tensor[E]``, entries that count.
 
     Returns:
-        ``(order, mean, count)``: ``order`` sorts the entries by row; ``mean[i]``
-        (``Tensor[E, C]``) is the mean of the valid estimates of row ``rows[order[i]]`` and
-        ``count[i]`` (int64 ``Tensor[E]``) their number (0: leave the row alone). Every
-        entry of a row carries the same values, so writing all of them, duplicates included,
-        is deterministic.
+        ``(mean, count)``: ``mean[i]`` (``Tensor[E, C]``) is the mean of the valid estimates of
+        row ``rows[i]`` and ``count[i]`` (int64 ``Tensor[E]``) their number (0: leave the row
+        alone). Every entry of a row carries the same values, so writing all of them,
+        duplicates included, is deterministic.
     """
     entries = rows.shape[0]
-    _, order = torch.sort(rows * 2 + (~valid).long(), stable=True)
-    rows, valid, estimates = rows[order], valid[order], estimates[order]
+    # Sorted by the key 2 * row for a valid entry, 2 * row + 1 for an invalid one. A row's
+    # entries start where its key 2 * row would be inserted; its valid ones stop where 2 * row
+    # would be inserted after its equals.
+    valid_key = rows * 2
+    keys, order = torch.sort(valid_key + ~valid, stable=True)
+    # The place of each sorted entry in its row.
+    rank = torch.arange(entries, device=rows.device) - torch.searchsorted(keys, keys & -2)
+    start = torch.searchsorted(keys, valid_key)
+    stop = torch.searchsorted(keys, valid_key, right=True)
 
-    position = torch.arange(entries, device=rows.device)
-    new_row = torch.ones_like(valid)
-    new_row[1:] = rows[1:] != rows[:-1]
-    last_of_row = torch.ones_like(valid)
-    last_of_row[:-1] = new_row[1:]
-    start = torch.cummax(torch.where(new_row, position, 0), dim=0).values
-    end = torch.cummin(torch.where(last_of_row, position, entries - 1).flip(0), dim=0).values.flip(0)
-    valid_before = torch.cumsum(valid.long(), dim=0)
-    count = valid_before[end] - valid_before[start] + valid[start].long()
-    rank = position - start
-
-    # On the CPU reading the longest run costs nothing and saves empty steps; on CUDA it would
-    # be a host sync, so the scan runs all ceil(log2(E)) steps (the extra ones change nothing).
-    longest = int(rank.max()) + 1 if rows.device.type == "cpu" else entries
-    total = estimates
-    shift = 1
-    while shift < longest:
-        same_row = (rank[shift:] >= shift).unsqueeze(1)
-        summed = torch.where(same_row, total[shift:] + total[:-shift], total[shift:])
-        total = torch.cat((total[:shift], summed))
-        shift *= 2
-    last_valid = start + (count - 1).clamp(min=0)
-    mean = total[last_valid] / count.clamp(min=1).unsqueeze(1).to(total.dtype)
-    return order, mean, count
+    total = estimates.index_select(0, order)
+    shifts = [2**step for step in range(math.ceil(math.log2(max(entries, 1))))]
+    same_row = rank >= rank.new_tensor(shifts).unsqueeze(1)  # Tensor[steps, E]: entry i - shift too
+    for shift, same in zip(shifts, same_row.unsqueeze(-1)):
+        total = torch.where(same, total + total.roll(shift, 0), total)
+    count = stop - start
+    # The sum sits at the row's last valid entry (none: the row is left alone, any entry will do).
+    return total.index_select(0, (stop - 1).clamp_min(0)) / count.clamp_min(1).unsqueeze(1), count
 
 
 class KnowledgeBank(nn.Module):
@@ -366,6 +361,17 @@ class KnowledgeBank(nn.Module):
             gathered = [tensor.index_select(0, index).to(device) for tensor in tensors]
         return tuple(gathered[:-1]), gathered[-1]
 
+    def _gather_pairs(
+        self, group: int, index_a: Tensor, index_b: Tensor, device: torch.device
+    ) -> Tuple[Tensor, Tuple[Tensor, ...], Tensor, Tensor]:
+        """Both sides of a mixed batch read in one gather (torch path), side a then side b:
+        ``(rows, raw, seen, known)``, the int64 row ids ``Tensor[2B]`` on ``device``, the stored
+        rows and seen flags (bool ``Tensor[2B]``) as gathered, and the rows decoded to float32,
+        ``Tensor[2B, C]``."""
+        rows = torch.cat((_indices_on(index_a, device), _indices_on(index_b, device)))
+        raw, seen = self._gather(group, rows, device)
+        return rows, raw, seen, self._layout.decode(raw)
+
     def _check_group(self, group: int) -> int:
         check_positive_int(group, "group", minimum=0)
         if group >= self.num_groups:
@@ -426,16 +432,15 @@ class KnowledgeBank(nn.Module):
                 self.knowledge[group], self.seen[group], _indices_on(index_a, out),
                 None if index_b is None else _indices_on(index_b, out), weight,
             )
-            return BankTarget(probs, seen[0] if index_b is None else pair_known(*seen, weight))
-        raw_a, seen_a = self._gather(group, index_a, out)
-        knowledge_a = self._layout.decode(raw_a)
+            return BankTarget(probs, seen[0] if index_b is None else pair_known(seen, weight))
         if index_b is None:
-            return BankTarget(knowledge_a, seen_a)
-        raw_b, seen_b = self._gather(group, index_b, out)
-        knowledge_b = self._layout.decode(raw_b)
+            raw, seen = self._gather(group, index_a, out)
+            return BankTarget(self._layout.decode(raw), seen)
+        _, _, seen, known = self._gather_pairs(group, index_a, index_b, out)
+        knowledge_a, knowledge_b = known.unflatten(0, (2, -1))
         weight_b = weight.unsqueeze(1)
         probs = weight_b * knowledge_a + (1 - weight_b) * knowledge_b
-        return BankTarget(probs, pair_known(seen_a, seen_b, weight))
+        return BankTarget(probs, pair_known(seen.unflatten(0, (2, -1)), weight))
 
     # ----------------------------------------------------------------------------- writing
 
@@ -506,23 +511,20 @@ class KnowledgeBank(nn.Module):
         fused = self._fused(device)
         if fused:
             from mkfkit.kernels import bank as bank_kernels  # imports Triton
-        rows = _indices_on(index_a, device)
         if index_b is None:
+            rows = _indices_on(index_a, device)
             estimates, valid = probs, None
-            old = None if fused else self._gather(group, index_a, device)
+            old = None if fused else self._gather(group, rows, device)
         else:
-            rows_b = _indices_on(index_b, device)
             if fused:
-                base_a, base_b, (seen_a, seen_b) = bank_kernels.read(
-                    self.knowledge[group], self.seen[group], rows, rows_b)
+                rows = torch.cat((_indices_on(index_a, device), _indices_on(index_b, device)))
+                known, _, (seen,) = bank_kernels.read(self.knowledge[group], self.seen[group], rows)
             else:
-                (raw_a, seen_a), (raw_b, seen_b) = (self._gather(group, i, device) for i in (index_a, index_b))
-                base_a, base_b = self._layout.decode(raw_a), self._layout.decode(raw_b)
-                raw_old = tuple(torch.cat(pair) for pair in zip(raw_a, raw_b))
-                old = raw_old, torch.cat((seen_a, seen_b)), torch.cat((base_a, base_b))
-            split = split_unchecked(fraction, probs, base_a, base_b, lam)
-            estimates, valid = settle_sides(split, probs, lam, seen_a & seen_b)
-            rows = torch.cat((rows, rows_b))
+                rows, raw, seen, known = self._gather_pairs(group, index_a, index_b, device)
+                old = raw, seen, known
+            sides = (2, -1)
+            pair, masks = split_unchecked(fraction, probs, known.unflatten(0, sides), lam)
+            estimates, valid = settle_sides(pair, masks, probs, lam, seen.unflatten(0, sides))
         if fused:
             bank_kernels.write(self.knowledge[group], self.seen[group], rows, estimates, valid, self.momentum)
         else:
@@ -541,17 +543,13 @@ class KnowledgeBank(nn.Module):
             valid = torch.ones_like(seen_old)
         if known_old is None:
             known_old = self._layout.decode(raw_old)
-        order, mean, count = _mean_per_row(rows, estimates, valid)
-        rows, seen_old, known_old = rows[order], seen_old[order], known_old[order]
+        mean, count = _mean_per_row(rows, estimates, valid)
         momentum = self.momentum
         blended = momentum * mean + (1 - momentum) * known_old
         new = torch.where(seen_old.unsqueeze(1), blended, mean)
-        written = (count > 0).unsqueeze(1)
-        encoded = [
-            torch.where(written, fresh, old[order])
-            for fresh, old in zip(self._layout.encode(new), raw_old)
-        ]
-        seen_new = seen_old | (count > 0)
+        written = count > 0
+        encoded = [torch.where(written.unsqueeze(1), fresh, old) for fresh, old in zip(self._layout.encode(new), raw_old)]
+        seen_new = seen_old | written
 
         rows = rows.to(self.device)
         for buffer, value in zip(self._storage(), encoded):

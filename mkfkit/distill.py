@@ -71,12 +71,13 @@ def check_classes(logits: Tensor, name: str) -> None:
 def _scaled_log_softmax(scores: Tensor, temperature: float) -> Tensor:
     """``log_softmax(scores / T)`` without overflow for small ``T``; entries may be ``-inf``.
 
-    The row maximum is subtracted before the division, so a large ``scores / T`` cannot overflow
-    to ``inf`` (and then ``inf - inf = NaN``); the maximum itself stays exactly 0 whatever ``T``.
+    The row maximum (finite: a row of finite scores, or of log-probabilities, some ``-inf``) is
+    subtracted before the division, so a large ``scores / T`` cannot overflow to ``inf`` (and
+    then ``inf - inf = NaN``); the maximum itself becomes exactly 0 whatever ``T``. A shift of
+    the whole row leaves the log-softmax unchanged, so no gradient flows through the maximum.
     """
-    top = scores.amax(dim=-1, keepdim=True)
-    shifted = torch.where(scores == top, torch.zeros_like(scores), (scores - top) / temperature)
-    return shifted.log_softmax(dim=-1)
+    top = scores.detach().amax(dim=-1, keepdim=True)
+    return ((scores - top) / temperature).log_softmax(dim=-1)
 
 
 def _softened_teacher(teacher: Tensor, temperature: float, teacher_kind: str) -> tuple[Tensor, Tensor]:
@@ -84,10 +85,14 @@ def _softened_teacher(teacher: Tensor, temperature: float, teacher_kind: str) ->
     if teacher_kind == "probs":
         # p^(1/T) renormalised == softmax(log(p) / T), in log space: p^(1/T) itself underflows
         # to 0 for a confident teacher at T < 1 and the renormalisation would be 0 / 0. log(0)
-        # is -inf; the double `where` keeps the gradient at zero entries 0 instead of inf * 0.
-        positive = teacher > 0
-        safe = torch.where(positive, teacher, torch.ones_like(teacher))
-        teacher = torch.where(positive, safe.log(), torch.full_like(teacher, -math.inf))
+        # is -inf (entries a rounding below 0 count as 0); for a teacher that takes a gradient
+        # the double `where` keeps it at zero entries 0 instead of inf * 0.
+        if teacher.requires_grad:
+            positive = teacher > 0
+            safe = torch.where(positive, teacher, torch.ones_like(teacher))
+            teacher = torch.where(positive, safe.log(), torch.full_like(teacher, -math.inf))
+        else:
+            teacher = teacher.clamp_min(0).log()
     log_probs = _scaled_log_softmax(teacher, temperature)
     return log_probs.exp(), log_probs
 
@@ -200,8 +205,11 @@ def kd_loss(
         per_row = (probs * log_ratio).sum(dim=-1) * temperature * temperature
         if weight is not None:
             # where, not a product: a masked row never brings a NaN or inf in (0 * inf = NaN).
-            weight = weight.to(dtype)
-            per_row = torch.where(weight != 0, per_row * weight, torch.zeros_like(per_row))
+            if weight.dtype == torch.bool:
+                per_row = torch.where(weight, per_row, 0.0)
+            else:
+                weight = weight.to(dtype)
+                per_row = torch.where(weight != 0, per_row * weight, 0.0)
         if reduction == "none":
             return per_row
         if reduction == "sum":

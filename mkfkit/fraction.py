@@ -109,32 +109,28 @@ def positive_weights(lam: Tensor) -> Tensor:
     return torch.stack((lam, 1 - lam)) >= torch.finfo(lam.dtype).tiny
 
 
-def pair_known(known_a: Tensor, known_b: Tensor, lam: Tensor) -> Tensor:
+def pair_known(known: Tensor, lam: Tensor) -> Tensor:
     """bool Tensor[B]: every side of positive weight is known (a side of weight 0 needs
-    nothing), from the bool Tensor[B] ``known_a``, ``known_b``."""
-    positive_a, positive_b = positive_weights(lam)
-    return (known_a | ~positive_a) & (known_b | ~positive_b)
+    nothing), from ``known``, bool Tensor[2, B] (side a, then side b)."""
+    # For booleans, known >= needed is "known or not needed".
+    return (known >= positive_weights(lam)).all(0)
 
 
-def settle_sides(split: Fraction, mixed: Tensor, lam: Tensor, both_known: Tensor) -> tuple[Tensor, Tensor]:
+def settle_sides(pair: Tensor, masks: Tensor, mixed: Tensor, lam: Tensor, known: Tensor) -> tuple[Tensor, Tensor]:
     """What a split teaches each side: ``(estimates Tensor[2B, C], valid bool Tensor[2B])``,
     the a sides, then the b sides.
 
-    A side whose partner carries no weight (:func:`positive_weights`) is the mixed output itself
-    (``a = mixed`` where ``lam == 1``, whatever the strategy). A side counts where the
-    strategy's mask says so and its partner carries no weight
-    or both bases are known (``both_known``, bool Tensor[B]): an estimate made from an unknown
-    base is no estimate.
+    ``pair``, ``masks``: the split as :func:`split_unchecked` returns it (Tensor[2, B, C], bool
+    Tensor[2, B]); ``known``: bool Tensor[2, B], whether each side's base is known. A side whose
+    partner carries no weight (:func:`positive_weights`) is the mixed output itself (``a =
+    mixed`` where ``lam == 1``, whatever the strategy). A side counts where the strategy's mask
+    says so and its partner carries no weight or both bases are known: an estimate made from an
+    unknown base is no estimate.
     """
-    positive_a, positive_b = positive_weights(lam)
-    estimates = torch.cat(
-        (
-            torch.where(positive_b.unsqueeze(1), split.a.float(), mixed),
-            torch.where(positive_a.unsqueeze(1), split.b.float(), mixed),
-        )
-    )
-    valid = torch.cat((split.mask_a & (~positive_b | both_known), split.mask_b & (~positive_a | both_known)))
-    return estimates, valid
+    partner_weightless = ~positive_weights(lam).flip(0)
+    estimates = torch.where(partner_weightless.unsqueeze(-1), mixed, pair.float())
+    valid = masks & (partner_weightless | known.all(0))
+    return estimates.flatten(0, 1), valid.flatten()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,11 +163,11 @@ def _prepare(
     return mixed, base_a, base_b, as_lam(lam, mixed.shape[0], mixed), dtype
 
 
-def _sides(base_a: Tensor, base_b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
-    """Both sides stacked, a then b: their bases Tensor[2, B, C] and weights Tensor[2, B, 1]
-    (``lam``, ``1 - lam``). Every strategy computes both sides at once: one operation over the
-    stack costs about half as much as two over the sides."""
-    return torch.stack((base_a, base_b)), torch.stack((lam, 1 - lam))[..., None]
+def _weights(lam: Tensor) -> Tensor:
+    """The weights of both sides, a then b, Tensor[2, B, 1] (``lam``, ``1 - lam``), stacked as the
+    bases are (Tensor[2, B, C]). Every strategy computes both sides at once: one operation over
+    the stack costs about half as much as two over the sides."""
+    return torch.stack((lam, 1 - lam)).unsqueeze(-1)
 
 
 def _linear_divisor(weight: Tensor) -> Tensor:
@@ -200,18 +196,22 @@ def _cast(fraction: Fraction, dtype: torch.dtype) -> Fraction:
     return fraction._replace(a=fraction.a.to(dtype), b=fraction.b.to(dtype))
 
 
-def split_unchecked(strategy: FractionStrategy, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
-    """``strategy(mixed, base_a, base_b, lam)`` for callers that checked the inputs already
-    (float32 probability rows, ``lam`` a float32 Tensor[B] in [0, 1]).
+def split_unchecked(strategy: FractionStrategy, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """``strategy(mixed, *bases, lam)`` with both sides stacked, ``(pair Tensor[2, B, C], masks
+    bool Tensor[2, B])`` (a, then b), for callers that checked the inputs already (float32
+    probability rows, ``bases`` Tensor[2, B, C], ``lam`` a float32 Tensor[B] in [0, 1]).
 
     The built-in strategies skip their checks: their rows are clipped to [0, 1] and sum to 1 up
     to the rounding of a sum of order 1 for every weight, by construction (tested in every
-    dtype). Any other strategy, a subclass overriding ``forward`` included, is called as it is
-    and what it returns is checked (:func:`check_split`).
+    dtype); a side whose mask is False is left as it comes (its base is not put back: a caller
+    that reads the masks never looks at it). Any other strategy, a subclass overriding
+    ``forward`` included, is called as it is and what it returns is checked
+    (:func:`check_split`; its value checks are skipped while ``torch.compile`` traces).
     """
     if type(strategy) in _BUILT_IN:
-        return strategy._unchecked(mixed, base_a, base_b, lam)
-    return check_split(strategy(mixed, base_a, base_b, lam), strategy, mixed)
+        return strategy._split(mixed, bases, lam)
+    fraction = check_split(strategy(mixed, *bases, lam), strategy, mixed)
+    return torch.stack((fraction.a, fraction.b)), torch.stack((fraction.mask_a, fraction.mask_b))
 
 
 def _label(strategy: object) -> str:
@@ -337,12 +337,14 @@ def linear_fraction(
         tensor([[0.7000, 0.3000, 0.0000]])
     """
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
-    return _cast(_linear(mixed, base_a, base_b, lam, project), dtype)
+    bases = torch.stack((base_a, base_b))
+    return _cast(_finish(_linear(mixed, bases, lam, project), bases, lam), dtype)
 
 
-def _linear(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, project: bool) -> Fraction:
-    """:func:`linear_fraction` of prepared inputs (no checks, no cast)."""
-    bases, weights = _sides(base_a, base_b, lam)
+def _linear(mixed: Tensor, bases: Tensor, lam: Tensor, project: bool) -> Tensor:
+    """Both sides of :func:`linear_fraction`, Tensor[2, B, C], from prepared inputs (no checks,
+    no cast, sides of weight 0 not reset to their base)."""
+    weights = _weights(lam)
     # Each side uses the other side's base and weight.
     numerator = mixed - weights.flip(0) * bases.flip(0)
     if project:
@@ -357,7 +359,7 @@ def _linear(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, project:
         pair = project_onto_bounds(shifted, bounds)
     else:
         pair = numerator / _linear_divisor(weights)
-    return _finish(pair, bases, lam)
+    return pair
 
 
 class LinearFraction(nn.Module):
@@ -381,8 +383,8 @@ class LinearFraction(nn.Module):
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return linear_fraction(mixed, base_a, base_b, lam, project=self.project)
 
-    def _unchecked(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
-        return _linear(mixed, base_a, base_b, lam, self.project)
+    def _split(self, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+        return _linear(mixed, bases, lam, self.project), positive_weights(lam)
 
     def extra_repr(self) -> str:
         return f"project={self.project}"
@@ -460,20 +462,19 @@ def qp_fraction(
     """
     check_choice(backend, "backend", kernels.BACKENDS)
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
-    return _cast(_qp(mixed, base_a, base_b, lam, backend), dtype)
+    bases = torch.stack((base_a, base_b))
+    return _cast(_finish(_qp(mixed, bases, lam, backend), bases, lam), dtype)
 
 
-def _qp(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor, backend: str) -> Fraction:
-    """:func:`qp_fraction` of prepared inputs (no checks, no cast): here, and only here, the
-    exact QP chooses between torch and its fused kernel."""
-    bases, weights = _sides(base_a, base_b, lam)
+def _qp(mixed: Tensor, bases: Tensor, lam: Tensor, backend: str) -> Tensor:
+    """Both sides of :func:`qp_fraction`, Tensor[2, B, C], from prepared inputs (no checks, no
+    cast, sides of weight 0 not reset to their base): here, and only here, the exact QP chooses
+    between torch and its fused kernel."""
     if kernels.use_triton(backend, mixed.device, preferred=mixed.dtype != torch.float64):
         from mkfkit.kernels.qp import qp_pair  # imports Triton
 
-        pair = torch.stack(qp_pair(mixed, base_a, base_b, lam))
-    else:
-        pair = project_onto_bounds(*_qp_boxes(mixed, bases, weights))
-    return _finish(pair, bases, lam)
+        return torch.stack(qp_pair(mixed, *bases, lam))
+    return project_onto_bounds(*_qp_boxes(mixed, bases, _weights(lam)))
 
 
 class QPFraction(nn.Module):
@@ -493,8 +494,8 @@ class QPFraction(nn.Module):
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return qp_fraction(mixed, base_a, base_b, lam, backend=self.backend)
 
-    def _unchecked(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
-        return _qp(mixed, base_a, base_b, lam, self.backend)
+    def _split(self, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+        return _qp(mixed, bases, lam, self.backend), positive_weights(lam)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -502,7 +503,7 @@ class QPFraction(nn.Module):
 
 def _qp_boxes(mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """The points the exact QP projects, Tensor[2, B, C], and their boxes, Tensor[2, 2, B, C]
-    (``lo``, then ``hi``), both sides stacked as :func:`_sides` stacks ``bases`` and ``weights``.
+    (``lo``, then ``hi``), both sides stacked as ``bases`` and ``weights`` (:func:`_weights`) are.
     """
     # base + residual, with residual = mixed - lam * base_a - (1 - lam) * base_b.
     v = bases + (mixed - (weights * bases).sum(0))
@@ -546,16 +547,15 @@ def dominant_fraction(
         Fraction(a=tensor([[0.5000, 0.5000]]), b=tensor([[1., 0.]]), mask_a=tensor([True]), mask_b=tensor([False]))
     """
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
-    return _cast(_dominant(mixed, base_a, base_b, lam), dtype)
+    masks = _dominant_masks(lam)
+    a, b = torch.where(masks.unsqueeze(-1), mixed, torch.stack((base_a, base_b)))
+    return _cast(Fraction(a, b, *masks), dtype)
 
 
-def _dominant(mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
-    """:func:`dominant_fraction` of prepared inputs (no checks, no cast)."""
+def _dominant_masks(lam: Tensor) -> Tensor:
+    """bool Tensor[2, B]: the side that takes the mixed output, a where ``lam >= 0.5``, else b."""
     mask_a = lam >= 0.5
-    mask_b = ~mask_a
-    a = torch.where(mask_a[:, None], mixed, base_a)
-    b = torch.where(mask_b[:, None], mixed, base_b)
-    return Fraction(a, b, mask_a, mask_b)
+    return torch.stack((mask_a, ~mask_a))
 
 
 class DominantFraction(nn.Module):
@@ -570,8 +570,8 @@ class DominantFraction(nn.Module):
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return dominant_fraction(mixed, base_a, base_b, lam)
 
-    def _unchecked(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Tensor) -> Fraction:
-        return _dominant(mixed, base_a, base_b, lam)
+    def _split(self, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+        return mixed.expand_as(bases), _dominant_masks(lam)
 
 
 _BUILT_IN = (LinearFraction, QPFraction, DominantFraction)

@@ -73,3 +73,15 @@ def test_bench_projection_times_every_search(tmp_path):
         times = [cell[f"{search}_ms"] for search in ("sort", "newton", "table") if cell[f"{search}_ms"]]
         assert cell["auto"] in ("sort", "newton", "table")
         assert cell["auto_over_best"] == pytest.approx(cell[f"{cell['auto']}_ms"] / min(times))
+
+
+def test_bench_ops_counts_every_phase_of_the_bookkeeping(tmp_path):
+    result = run_benchmark("bench_ops.py", "--batch", "8", json_path=tmp_path / "ops.json")
+    rows = result["rows"]
+    assert {(row["fraction"], row["storage"], row["value_checks"]) for row in rows} == {
+        (fraction, storage, checks) for fraction in ("linear", "qp")
+        for storage in ("float32", "bfloat16") for checks in (False, True)}
+    for row in rows:
+        phases = [row[phase] for phase in ("target", "losses", "backward", "update")]
+        assert all(count > 0 for count in phases) and sum(phases) == row["ops"] == sum(row["by_op"].values())
+        assert "aten._local_scalar_dense" not in row["by_op"] or row["value_checks"]  # no host reads
