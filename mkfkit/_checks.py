@@ -132,28 +132,30 @@ def check_image_dims(value: Tensor, name: str) -> None:
         )
 
 
+def _check_same(attribute: str, error: type, value: Tensor, name: str, reference: Tensor,
+                reference_name: str) -> None:
+    """``value`` must share ``reference``'s shape, device or dtype (``attribute``)."""
+    expected, got = getattr(reference, attribute), getattr(value, attribute)
+    if got != expected:
+        if attribute == "shape":
+            wanted, got = f"have the shape of `{reference_name}` {tuple(expected)}", tuple(got)
+        elif attribute == "device":
+            wanted = f"be on the device of `{reference_name}` ({expected})"
+        else:
+            wanted = f"have the {attribute} of `{reference_name}` ({expected})"
+        raise error(f"`{name}` must {wanted}, but got {got}")
+
+
 def check_same_shape(value: Tensor, name: str, reference: Tensor, reference_name: str) -> None:
-    if value.shape != reference.shape:
-        raise ValueError(
-            f"`{name}` must have the shape of `{reference_name}` {tuple(reference.shape)}, "
-            f"but got {tuple(value.shape)}"
-        )
+    _check_same("shape", ValueError, value, name, reference, reference_name)
 
 
 def check_same_device(value: Tensor, name: str, reference: Tensor, reference_name: str) -> None:
-    if value.device != reference.device:
-        raise ValueError(
-            f"`{name}` must be on the device of `{reference_name}` ({reference.device}), "
-            f"but got {value.device}"
-        )
+    _check_same("device", ValueError, value, name, reference, reference_name)
 
 
 def check_same_dtype(value: Tensor, name: str, reference: Tensor, reference_name: str) -> None:
-    if value.dtype != reference.dtype:
-        raise TypeError(
-            f"`{name}` must have the dtype of `{reference_name}` ({reference.dtype}), "
-            f"but got {value.dtype}"
-        )
+    _check_same("dtype", TypeError, value, name, reference, reference_name)
 
 
 def check_finite(value: Tensor, name: str) -> None:
