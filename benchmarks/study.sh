@@ -58,6 +58,8 @@ tune)
         --full-teacher self --beta-ramp 20 --knowledge-from full
     run mkf-joint-t2 1 "${tune[@]}" --methods mkf-qp --mkf-loop joint --full-teacher none \
         --temperature 2
+    run mkf-joint-beta05 1 "${tune[@]}" --methods mkf-qp --mkf-loop joint --full-teacher none \
+        --beta 0.5
     ;;
 final)
     # One run per seed, so every finished seed lands as it finishes; the queues interleave the
