@@ -201,8 +201,10 @@ def kd_loss(
         # log-probability is -inf too; the `where` sits inside the product so that the
         # gradient into `probs` there is 0 rather than 0 * inf.
         log_ratio = torch.where(probs > 0, log_probs - log_student, torch.zeros_like(probs))
-        # T * T in two steps: T ** 2 overflows a Python float above T = 1e154.
-        per_row = (probs * log_ratio).sum(dim=-1) * temperature * temperature
+        # T * T in two steps: T ** 2 overflows a Python float above T = 1e154. A KL divergence
+        # is never negative; rounding can make a row's sum a hair below 0 when the student
+        # matches the teacher, so the row is clamped there (its gradient is ~0 anyway).
+        per_row = (probs * log_ratio).sum(dim=-1).clamp_min(0) * temperature * temperature
         if weight is not None:
             # where, not a product: a masked row never brings a NaN or inf in (0 * inf = NaN).
             if weight.dtype == torch.bool:
