@@ -60,6 +60,13 @@ tune)
         --temperature 2
     run mkf-joint-beta05 1 "${tune[@]}" --methods mkf-qp --mkf-loop joint --full-teacher none \
         --beta 0.5
+    # No sub-networks (T = 1): the full network distils from its own fractioned mixed knowledge,
+    # the one part of MKF the joint loop's diagnostics leave untested (its sub-network costs the
+    # full network training accuracy; mixing alone is the best so far).
+    run mkf-self-b2 0 "${tune[@]}" --methods mkf-qp --groups 1 --mkf-loop cycle \
+        --full-teacher self --beta 2
+    run mkf-self-b05 1 "${tune[@]}" --methods mkf-qp --groups 1 --mkf-loop cycle \
+        --full-teacher self --beta 0.5
     ;;
 final)
     # One run per seed, so every finished seed lands as it finishes; the queues interleave the
