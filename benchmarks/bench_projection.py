@@ -1,18 +1,17 @@
-"""Benchmark of the three active-set searches of the exact projection (mkfkit/_projection.py).
+"""Benchmark of the two active-set searches of the exact projection (mkfkit/_projection.py).
 
 ``project_box_simplex`` finds the segment of the row sum that reaches 1 (and so which coordinates
-sit at a bound) by sorting the 2C breakpoints of every row (``search="sort"``), by safeguarded
-Newton steps on the row sum (``search="newton"``) or by evaluating the row sum at every
-breakpoint (``search="table"``, Tensor[2B, 2C, C]);
-``"auto"`` picks one by device and size. This script times all three side by side (the table
-only up to 2**24 entries), on the two kinds of rows the library projects:
+sit at a bound) by sorting the 2C breakpoints of every row (``search="sort"``) or by evaluating
+the row sum at every breakpoint (``search="table"``, Tensor[2B, 2C, C]); ``"auto"`` picks one by
+size. This script times both side by side (the table only up to 2**24 entries), on the two kinds
+of rows the library projects:
 
 * ``qp``   -- the exact QP fraction's points and boxes (both sides of a batch, 2B rows);
 * ``opt2`` -- raw OPT2 estimates projected onto the simplex (LinearFraction(), 2B rows),
 
 for B (pairs) in {1, 8, 64, 256, 512} and C in {10, 32, 100, 300, 1000, 5000}, float32, and
 prints the median time of each, the search ``"auto"`` takes and how much slower that is than
-the fastest of the three.
+the faster of the two.
 
     python benchmarks/bench_projection.py --device cpu --threads 1
 """
@@ -33,7 +32,7 @@ from bench_fraction import make_instance  # noqa: E402
 from mkfkit import _projection  # noqa: E402
 from mkfkit.fraction import _qp_boxes, _weights, linear_fraction  # noqa: E402
 
-SEARCHES = ("sort", "newton", "table")
+SEARCHES = ("sort", "table")
 TABLE_LIMIT = 2**24  # entries of the table search's Tensor[2B, 2C, C] worth timing
 
 

@@ -40,21 +40,15 @@ searches may pick different ones (such kinks are structural with two classes, ra
   ``Tensor[R, 2C, C]``. ``O(C^2)`` per row, but fewer operations than the sort and no sort at
   all, which on a CPU costs about 50 ns per element (benchmarks/RESULTS.md). Sync-free like the
   sort.
-- ``"newton"``: a safeguarded Newton iteration on ``g(tau) = 1``, the algorithm of the fused
-  Triton kernel (see :mod:`mkfkit.kernels.qp`): each pass evaluates ``g`` and the number of
-  breakpoints at or below ``tau`` of each kind (their difference is ``|F|``) and steps to the
-  root of the current linear piece, bisecting a bracket instead when that step would leave it or
-  the piece is flat. A row stops once a Newton step crossed no breakpoint (``tau`` is then the
-  root of its own piece), when ``|g(tau) - 1|`` is at rounding level (4 eps; the kernel asks this
-  only of flat pieces) or its bracket has shrunk to rounding level. The exact QP's rows need 3 to
-  5 passes (raw OPT2 estimates up to about 10), but the loop asks the host after every pass
-  whether all rows have stopped. On the CPU that question is free, and on large problems rows
-  that have stopped are set aside once they are the majority; the search wins there. On an
-  accelerator each pass would cost a synchronisation, so it is never chosen there.
+
+A third search, safeguarded Newton steps with a host check per pass (the fused Triton kernel's
+algorithm, :mod:`mkfkit.kernels.qp`), was removed: it was faster than the sort only on the CPU
+for wide rows (3-8x for 512 rows of C >= 100), where a training step is dominated by the
+network anyway, it could not run under ``torch.compile`` or CUDA graphs, and it needed three
+thresholds tuned on one machine (benchmarks/RESULTS.md, "Issue 16: the projection's searches").
 
 ``"auto"`` (the default) takes the table while it holds at most ``_TABLE_MAX_ENTRIES`` entries
-(any device), then the Newton search for CPU tensors of at least ``_NEWTON_MIN_CLASSES`` columns
-and ``_NEWTON_MIN_ELEMENTS`` entries outside ``torch.compile``, and the sort otherwise.
+(any device), the sort otherwise.
 """
 
 from __future__ import annotations
@@ -64,23 +58,12 @@ from torch import Tensor
 
 __all__ = ["project_box_simplex", "project_onto_bounds"]
 
-_SEARCHES = ("auto", "sort", "newton", "table")
+_SEARCHES = ("auto", "sort", "table")
 # Chosen on a CPU with one thread (benchmarks/bench_projection.py, benchmarks/RESULTS.md), for the
 # exact QP's rows. The table beats the sort at every size up to about 2**20 entries (0.6-0.9x of
-# its time), e.g. B = 64 pairs of C = 64 or B = 512 of C = 16, and the Newton search too, which
-# pays a fixed cost per pass; beyond it the table's C^2 work shows (1.2-1.3x the sort's time at
-# 2-3 million entries). Newton then wins from C = 32 and 8,192 entries on (4-8x at 128 or more
-# rows of C >= 1000). Rows far outside their box (raw OPT2 estimates) take about twice the
-# passes, so there the sort can stay faster near the threshold; it serves the exact QP.
+# its time), e.g. B = 64 pairs of C = 64 or B = 512 of C = 16; beyond it the table's C^2 work
+# shows (1.2-1.3x the sort's time at 2-3 million entries).
 _TABLE_MAX_ENTRIES = 2**20
-_NEWTON_MIN_CLASSES = 32
-_NEWTON_MIN_ELEMENTS = 8192
-# Setting finished rows aside costs a dozen operations; below this many breakpoints, iterating
-# on them is cheaper.
-_SET_ASIDE_MIN_BREAKPOINTS = 2**18
-# Cap on the passes of the Newton search (here and in the Triton kernel): bisection alone
-# shrinks a bracket to rounding level in about 25 (float32) or 54 (float64).
-_MAX_PASSES = {torch.float32: 64, torch.float64: 128}
 
 
 def project_box_simplex(v: Tensor, lo: Tensor, hi: Tensor, *, search: str = "auto") -> Tensor:
@@ -90,7 +73,7 @@ def project_box_simplex(v: Tensor, lo: Tensor, hi: Tensor, *, search: str = "aut
         v: Tensor[..., C], the points to project (floating point).
         lo: Tensor[..., C], lower bounds, with ``lo <= hi`` (the shape of ``v``).
         hi: Tensor[..., C], upper bounds (the shape of ``v``).
-        search: how ``tau`` is found: ``"sort"``, ``"table"``, ``"newton"`` or ``"auto"``
+        search: how ``tau`` is found: ``"sort"``, ``"table"`` or ``"auto"``
             (see the module docstring). The result does not depend on it beyond rounding.
 
     Returns:
@@ -159,15 +142,7 @@ class _BoxSimplexProjection(torch.autograd.Function):
 def _pick_search(v: Tensor, search: str) -> str:
     """The search ``search`` names, or for ``"auto"`` the one expected to be fastest for ``v``."""
     if search == "auto":
-        if 2 * v.numel() * v.shape[-1] <= _TABLE_MAX_ENTRIES:
-            return "table"
-        newton = (
-            v.device.type == "cpu"
-            and v.shape[-1] >= _NEWTON_MIN_CLASSES
-            and v.numel() >= _NEWTON_MIN_ELEMENTS
-            and not torch.compiler.is_compiling()
-        )
-        return "newton" if newton else "sort"
+        return "table" if 2 * v.numel() * v.shape[-1] <= _TABLE_MAX_ENTRIES else "sort"
     if search not in _SEARCHES:
         raise ValueError(f"`search` must be one of {_SEARCHES}, but got {search!r}")
     return search
@@ -246,69 +221,4 @@ def _root_by_table(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
     return _root_after(reference, excess.gather(-1, index), breakpoints)
 
 
-def _root_by_newton(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
-    """tau by safeguarded Newton steps."""
-    eps = torch.finfo(v.dtype).eps
-    breakpoints, offset = _breakpoints(v, bounds)
-    enter, leave = breakpoints
-    # g(t_lo) = sum(lo) <= 1 <= sum(hi) = g(t_hi) on a feasible row.
-    t_lo, t_hi = enter.amin(-1, keepdim=True), leave.amax(-1, keepdim=True)
-    # A row whose box cannot reach a sum of 1 is done at its nearest corner (all at hi or lo),
-    # where tau = +-inf puts it.
-    sum_lo, sum_hi = bounds.sum(-1, keepdim=True)
-    short, over = sum_hi <= 1, sum_lo >= 1
-    tau = (offset / -v.shape[-1]).clamp_(t_lo, t_hi)  # the root when no bound is active
-    tau = tau.masked_fill_(short, float("inf")).masked_fill_(over, -float("inf"))
-    done = short | over
-    narrow = torch.maximum(t_hi, -t_lo).clamp_min_(1).mul_(2 * eps)  # t_lo <= t_hi: max(|t_lo|, |t_hi|, 1)
-    was_newton, previous = torch.zeros_like(done), None
-    set_aside = breakpoints.numel() >= _SET_ASIDE_MIN_BREAKPOINTS
-    rows = tau_out = crossing_out = None  # once rows are set aside: the working rows' places
-    for _ in range(_MAX_PASSES.get(v.dtype, _MAX_PASSES[torch.float32])):
-        excess = _excess(tau, enter, leave, offset)
-        crossing = tau >= breakpoints
-        entered, upper = _counts(crossing)
-        crossed = entered + upper
-        # The root of the current linear piece. With no free coordinate it is infinite or NaN,
-        # which the bracket tests below reject, so the count needs no clamp.
-        newton = tau - excess / (entered - upper)
-        # The root to working precision: a sum that is 1 up to rounding (on a flat piece any such
-        # tau gives the same answer), or a bracket that bisecting would only shrink.
-        done = done | (excess.abs() <= 4 * eps) | (t_hi - t_lo <= narrow)
-        if previous is not None:
-            # The last Newton step crossed no breakpoint (tau moved one way, so the count of
-            # breakpoints at or below it would have changed): tau is the root of its own piece.
-            done |= was_newton & (crossed == previous)
-        if bool(done.all()):
-            break  # every row's tau is the one this pass evaluated: `crossing` is its own
-        if set_aside and 2 * int((~done).sum()) <= len(done):
-            # Most rows are done: record every row (the working ones are overwritten later) and
-            # iterate on the working rows only.
-            if rows is None:
-                rows, tau_out = torch.arange(len(tau), device=tau.device), torch.empty_like(tau)
-                crossing_out = torch.empty_like(crossing)
-            tau_out.index_copy_(0, rows, tau)
-            crossing_out.index_copy_(1, rows, crossing)
-            working = (~done).nonzero()[:, 0]
-            (rows, offset, tau, newton, t_lo, t_hi, narrow, excess, crossed, done) = (
-                t.index_select(0, working)
-                for t in (rows, offset, tau, newton, t_lo, t_hi, narrow, excess, crossed, done)
-            )
-            breakpoints = breakpoints.index_select(1, working)
-            enter, leave = breakpoints
-        # tau always lies in [t_lo, t_hi], so it becomes the new end on its side of the root (the
-        # sign bit of a zero excess does not matter: that row is done).
-        below = excess.signbit()
-        t_lo = torch.where(below, tau, t_lo)
-        t_hi = torch.where(below, t_hi, tau)
-        was_newton = (newton > t_lo) & (newton < t_hi)
-        tau = torch.where(done, tau, torch.where(was_newton, newton, torch.lerp(t_lo, t_hi, 0.5)))
-        previous = crossed
-    else:
-        crossing = tau >= breakpoints  # out of passes: tau moved after the last evaluation
-    if rows is None:
-        return tau, crossing
-    return tau_out.index_copy_(0, rows, tau), crossing_out.index_copy_(1, rows, crossing)
-
-
-_FINDERS = {"sort": _root_by_sort, "newton": _root_by_newton, "table": _root_by_table}
+_FINDERS = {"sort": _root_by_sort, "table": _root_by_table}
