@@ -67,6 +67,13 @@ tune)
         --full-teacher self --beta 2
     run mkf-self-b05 1 "${tune[@]}" --methods mkf-qp --groups 1 --mkf-loop cycle \
         --full-teacher self --beta 0.5
+    # Twice the width (16-32-64, train.py's default): every distillation variant above costs the
+    # small network training accuracy; do sub-networks that keep more capacity change that?
+    wide=(--widths 16 32 64)
+    run wide-baseline 0 "${tune[@]}" "${wide[@]}" --methods baseline
+    run wide-mix-only 0 "${tune[@]}" "${wide[@]}" --methods mix-only
+    run wide-mkf-joint 1 "${tune[@]}" "${wide[@]}" --methods mkf-qp --mkf-loop joint \
+        --full-teacher none
     ;;
 final)
     # One run per seed, so every finished seed lands as it finishes; the queues interleave the
