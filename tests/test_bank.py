@@ -511,7 +511,7 @@ def test_cpu_and_cuda_give_the_same_bits():
     generator = torch.Generator().manual_seed(7)
     # The torch path is the same code on both devices; the fused CUDA path sums three or more
     # duplicates in another (still deterministic) order and is compared with tolerances in
-    # test_triton.py.
+    # test_kernels_bank.py.
     banks = {device: KnowledgeBank(16, 10, 1, device=device, backend="torch") for device in ("cpu", "cuda")}
     for step in range(4):
         index_a = torch.randint(0, 16, (24,), generator=generator)  # many duplicates
