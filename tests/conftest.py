@@ -54,6 +54,18 @@ def pytest_generate_tests(metafunc):
         )
 
 
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """A block's ``backend``: the torch path, and the fused Triton kernels where they can run
+    on the test's ``device`` (the CPU when it has none)."""
+    if request.param == "triton":
+        device = request.getfixturevalue("device") if "device" in request.fixturenames else "cpu"
+        reason = _kernels_skip_reason(device)
+        if reason is not None:
+            pytest.skip(reason)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
