@@ -21,7 +21,7 @@ BENCHMARKS = ROOT / "benchmarks"
 def run_benchmark(script, *arguments, json_path):
     """Run ``benchmarks/<script>`` in a subprocess on one CPU thread; return its JSON."""
     env = dict(os.environ)
-    # Plain CPU runs: no Triton interpreter inherited from tests/test_triton.py.
+    # Plain CPU runs: no Triton interpreter inherited from tests/conftest.py.
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     command = [sys.executable, str(BENCHMARKS / script), *arguments, "--json", str(json_path)]

@@ -17,7 +17,7 @@ EPOCH_LINE = re.compile(
 
 def run_example(*arguments):
     env = dict(os.environ)
-    # A plain CPU run: no Triton interpreter inherited from tests/test_triton.py.
+    # A plain CPU run: no Triton interpreter inherited from tests/conftest.py.
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     command = [sys.executable, str(SCRIPT), "--device", "cpu", *arguments]
