@@ -7,6 +7,7 @@
 #   benchmarks/study.sh tune 0 & benchmarks/study.sh tune 1 &     # settings, on validation
 #   benchmarks/study.sh final 0 & benchmarks/study.sh final 1 &   # the table, on the test set
 #   benchmarks/study.sh other 0                                   # other training images
+#   benchmarks/study.sh final 0 'recommended-*'                   # only the matching names
 #
 # Data: the first 7,000 training images; the last 2,000 of them are held out for validation, so
 # every run trains on the same 5,000 images. "tune" reports accuracy on the 2,000 validation
@@ -16,8 +17,9 @@
 # CHECKPOINTS (default benchmarks/study/checkpoints), CORE (taskset core; default the queue).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-phase=${1:?usage: study.sh tune|final|other QUEUE}
-queue=${2:?usage: study.sh tune|final|other QUEUE}
+phase=${1:?usage: study.sh tune|final|other QUEUE [NAME-PATTERN]}
+queue=${2:?usage: study.sh tune|final|other QUEUE [NAME-PATTERN]}
+only=${3:-*}
 checkpoints=${CHECKPOINTS:-benchmarks/study/checkpoints}
 core=${CORE:-$queue}
 mkdir -p "$checkpoints"
@@ -28,13 +30,19 @@ common=(--dataset fashion-mnist --train-subset 7000 --validation-size 2000 --wid
 paper=(--mkf-loop cycle --full-teacher none --knowledge-from previous --beta 2 --beta-ramp 0
        --temperature 1)
 candidate=(--mkf-loop joint --full-teacher self --beta 2 --beta-ramp 20)
-recommended=(--mkf-loop joint --full-teacher none --knowledge-from previous --beta 2 --beta-ramp 0
+joint=(--mkf-loop joint --full-teacher none --knowledge-from previous --beta 2 --beta-ramp 0
+       --temperature 1)
+# Chosen on the validation images (tune phase, mkf-self-b05): one group, the full network taught
+# by its own fractioned mixed knowledge with beta 0.5.
+recommended=(--groups 1 --mkf-loop cycle --full-teacher self --beta 0.5 --beta-ramp 0
              --temperature 1)
 
 run() {  # run NAME QUEUE ARGS...: one configuration, if it belongs to this queue
     local name=$1 owner=$2
     shift 2
     [ "$owner" = "$queue" ] || return 0
+    # shellcheck disable=SC2053  # a pattern on purpose
+    [[ $name == $only ]] || return 0
     local out="benchmarks/study/$phase/$name"
     [ -e "$out/train_fashion-mnist.json" ] && return 0
     local checkpoint="$checkpoints/$phase-$name.pt" resume=()
@@ -76,16 +84,18 @@ tune)
         --full-teacher none
     ;;
 final)
-    # One run per seed, so every finished seed lands as it finishes; the queues interleave the
-    # comparisons that matter most (baseline, recommended) before the rest.
+    # One run per seed, so every finished seed lands as it finishes; the queues take the
+    # comparisons that matter most (baseline, recommended, mixing alone) before the rest.
     for seed in 0 1 2; do
         run "baseline-s$seed" 1 --seeds "$seed" --eval-every 5 --methods baseline
-        run "recommended-s$seed" 0 --seeds "$seed" --eval-every 5 --methods mkf-qp "${recommended[@]}"
+        run "recommended-s$seed" $((seed % 2)) --seeds "$seed" --eval-every 5 --methods mkf-qp \
+            "${recommended[@]}"
+        run "mix-only-s$seed" 1 --seeds "$seed" --eval-every 5 --methods mix-only
+        run "mkf-joint-s$seed" 0 --seeds "$seed" --eval-every 5 --methods mkf-qp "${joint[@]}"
     done
     for seed in 0 1 2; do
         run "st-s$seed" 1 --seeds "$seed" --eval-every 5 --methods st
         run "mkf-paper-qp-s$seed" 0 --seeds "$seed" --eval-every 5 --methods mkf-qp "${paper[@]}"
-        run "mix-only-s$seed" 1 --seeds "$seed" --eval-every 5 --methods mix-only
         run "mkf-paper-opt2-s$seed" 0 --seeds "$seed" --eval-every 5 --methods mkf-opt2 "${paper[@]}"
         run "mkf-paper-nofraction-s$seed" 1 --seeds "$seed" --eval-every 5 \
             --methods mkf-nofraction "${paper[@]}"
