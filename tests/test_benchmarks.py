@@ -7,12 +7,12 @@ on one core (the speed table alone allocates 10k x 1000 banks and times 20 confi
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _subprocess import script_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -20,12 +20,8 @@ BENCHMARKS = ROOT / "benchmarks"
 
 def run_benchmark(script, *arguments, json_path):
     """Run ``benchmarks/<script>`` in a subprocess on one CPU thread; return its JSON."""
-    env = dict(os.environ)
-    # Plain CPU runs: no Triton interpreter inherited from tests/conftest.py.
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     command = [sys.executable, str(BENCHMARKS / script), *arguments, "--json", str(json_path)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=ROOT, env=script_environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert f"wrote {json_path}" in done.stdout
     return json.loads(json_path.read_text())

@@ -9,12 +9,12 @@ anything is written.
 import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _subprocess import script_environment
 import torch
 
 pytest.importorskip("sklearn")
@@ -24,10 +24,7 @@ pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-# The script imports the mkfkit of this checkout, not whichever one is installed.
-SCRIPT_ENVIRONMENT = {
-    **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-}
+SCRIPT_ENVIRONMENT = script_environment()
 import train  # noqa: E402
 
 # The MKF run with the exact QP is last, so the final checkpoint holds its complete state.
@@ -43,10 +40,9 @@ STOP = 7 * STEPS_PER_RUN + 9  # inside the second epoch of the last run (mkf-qp)
 
 def run_script(*arguments, cwd):
     """``benchmarks/train.py`` in a fresh Python process (single-threaded: bitwise repeatable)."""
-    environment = {**SCRIPT_ENVIRONMENT, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(BENCHMARKS / "train.py"), *TINY, *arguments],
-        cwd=cwd, env=environment, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=SCRIPT_ENVIRONMENT, capture_output=True, text=True, timeout=300,
     )
 
 

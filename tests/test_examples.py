@@ -1,12 +1,12 @@
 """examples/train_digits.py runs end to end with every method and rejects bad arguments."""
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _subprocess import script_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_digits.py"
@@ -16,12 +16,8 @@ EPOCH_LINE = re.compile(
 
 
 def run_example(*arguments):
-    env = dict(os.environ)
-    # A plain CPU run: no Triton interpreter inherited from tests/conftest.py.
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     command = [sys.executable, str(SCRIPT), "--device", "cpu", *arguments]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, env=script_environment(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ the other stop with a one-line error instead of waiting for it.
 """
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _subprocess import script_environment
 import torch
 
 pytest.importorskip("sklearn")
@@ -39,9 +39,7 @@ TINY = ["--device", "cpu", "--train-subset", "192", "--batch-size", "32", "--epo
         "--seeds", "0", "--blocks", "2", "2", "2", "--widths", "8", "16", "16", "--no-progress",
         "--methods", *METHODS]
 STOP = 3 * 12 + 9  # inside the second epoch of the MKF run
-# The script imports the mkfkit of this checkout; one thread per process keeps runs repeatable.
-ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+ENVIRONMENT = script_environment()
 
 
 def torchrun(*arguments, cwd):
