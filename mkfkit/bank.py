@@ -7,11 +7,11 @@ For each group ``t`` (sub-network size class) and each training sample ``I`` the
 
 from __future__ import annotations
 
-import math
 from collections import abc
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mkfkit import kernels
@@ -168,14 +168,13 @@ def _mean_per_row(rows: Tensor, estimates: Tensor, valid: Tensor) -> Tuple[Tenso
     """Average the valid estimates that name the same row, without atomics or host syncs.
 
     A stable sort puts the entries of each row next to each other, valid ones first, in their
-    original order; a binary search of the sorted keys finds where each row's entries begin and
-    where its valid ones end. A segmented inclusive scan (Hillis-Steele: ``ceil(log2(E))`` steps
-    of plain tensor additions, each step only adding within a segment) sums them; the sum read at
-    a row's last valid entry depends only on that row's own estimates and their order, so the
-    result is the same whatever else is in the batch, on every device, run after run. The number
-    of steps depends on the batch size alone (steps beyond a row's length add nothing), so the
-    whole computation has fixed shapes and never asks the host anything: it runs under
-    ``torch.compile`` and CUDA graphs.
+    original order, and ``torch.segment_reduce`` sums every run of equal keys from left to
+    right (one thread per run and class on CUDA, a loop on the CPU: no atomics). The sum of a
+    row depends only on that row's own estimates and their order, so the result is the same
+    whatever else is in the batch, on every device, run after run, and it is the fused write
+    kernel's sum (:mod:`mkfkit.kernels.bank`). The segments have fixed shapes (one per entry)
+    and nothing is read back to the host: it runs under ``torch.compile`` (the same ATen
+    kernel) and CUDA graphs.
 
     Args:
         rows: int64 ``Tensor[E]`` target row of each entry.
@@ -188,25 +187,21 @@ def _mean_per_row(rows: Tensor, estimates: Tensor, valid: Tensor) -> Tuple[Tenso
         alone). Every entry of a row carries the same values, so writing all of them,
         duplicates included, is deterministic.
     """
-    entries = rows.shape[0]
     # Sorted by the key 2 * row for a valid entry, 2 * row + 1 for an invalid one. A row's
-    # entries start where its key 2 * row would be inserted; its valid ones stop where 2 * row
-    # would be inserted after its equals.
+    # valid entries start where its key 2 * row would be inserted and stop where 2 * row would
+    # be inserted after its equals.
     valid_key = rows * 2
     keys, order = torch.sort(valid_key + ~valid, stable=True)
-    # The place of each sorted entry in its row.
-    rank = torch.arange(entries, device=rows.device) - torch.searchsorted(keys, keys & -2)
+    # Segment i runs from the end of the run before sorted entry i to the end of entry i's run:
+    # the whole run at the run's first entry, empty (sum 0) at the others.
+    ends = torch.searchsorted(keys, keys, right=True)
+    sums = torch.segment_reduce(
+        estimates.index_select(0, order), "sum", offsets=F.pad(ends, (1, 0)), unsafe=True
+    )
     start = torch.searchsorted(keys, valid_key)
-    stop = torch.searchsorted(keys, valid_key, right=True)
-
-    total = estimates.index_select(0, order)
-    shifts = [2**step for step in range(math.ceil(math.log2(max(entries, 1))))]
-    same_row = rank >= rank.new_tensor(shifts).unsqueeze(1)  # Tensor[steps, E]: entry i - shift too
-    for shift, same in zip(shifts, same_row.unsqueeze(-1)):
-        total = torch.where(same, total + total.roll(shift, 0), total)
-    count = stop - start
-    # The sum sits at the row's last valid entry (none: the row is left alone, any entry will do).
-    return total.index_select(0, (stop - 1).clamp_min(0)) / count.clamp_min(1).unsqueeze(1), count
+    count = torch.searchsorted(keys, valid_key, right=True) - start
+    # A row without valid entries reads some other run's sum; its count 0 leaves it alone.
+    return sums.index_select(0, start) / count.clamp_min(1).unsqueeze(1), count
 
 
 class KnowledgeBank(nn.Module):
