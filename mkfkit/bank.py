@@ -41,6 +41,7 @@ from mkfkit.fraction import (
     check_storable,
     pair_known,
     settle_sides,
+    side_weights,
     split_unchecked,
 )
 
@@ -427,15 +428,15 @@ class KnowledgeBank(nn.Module):
                 self.knowledge[group], self.seen[group], _indices_on(index_a, out),
                 None if index_b is None else _indices_on(index_b, out), weight,
             )
-            return BankTarget(probs, seen[0] if index_b is None else pair_known(seen, weight))
+            return BankTarget(probs, seen[0] if index_b is None else pair_known(seen, side_weights(weight)))
         if index_b is None:
             raw, seen = self._gather(group, index_a, out)
             return BankTarget(self._layout.decode(raw), seen)
         _, _, seen, known = self._gather_pairs(group, index_a, index_b, out)
-        knowledge_a, knowledge_b = known.unflatten(0, (2, -1))
-        weight_b = weight.unsqueeze(1)
-        probs = weight_b * knowledge_a + (1 - weight_b) * knowledge_b
-        return BankTarget(probs, pair_known(seen.unflatten(0, (2, -1)), weight))
+        weights = side_weights(weight)
+        # lam * K[I1] + (1 - lam) * K[I2]: the sum of two products, in one reduction.
+        probs = (weights.unsqueeze(-1) * known.unflatten(0, (2, -1))).sum(0)
+        return BankTarget(probs, pair_known(seen.unflatten(0, (2, -1)), weights))
 
     # ----------------------------------------------------------------------------- writing
 
@@ -517,9 +518,9 @@ class KnowledgeBank(nn.Module):
             else:
                 rows, raw, seen, known = self._gather_pairs(group, index_a, index_b, device)
                 old = raw, seen, known
-            sides = (2, -1)
-            pair, masks = split_unchecked(fraction, probs, known.unflatten(0, sides), lam)
-            estimates, valid = settle_sides(pair, masks, probs, lam, seen.unflatten(0, sides))
+            sides, weights = (2, -1), side_weights(lam)
+            pair, masks = split_unchecked(fraction, probs, known.unflatten(0, sides), weights)
+            estimates, valid = settle_sides(pair, masks, probs, weights, seen.unflatten(0, sides))
         if fused:
             bank_kernels.write(self.knowledge[group], self.seen[group], rows, estimates, valid, self.momentum)
         else:
