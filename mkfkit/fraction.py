@@ -136,9 +136,10 @@ def settle_sides(pair: Tensor, masks: Tensor, mixed: Tensor, weights: Tensor, kn
     says so and its partner carries no weight or both bases are known: an estimate made from an
     unknown base is no estimate.
     """
-    partner_weightless = ~positive_weights(weights).flip(0)
-    estimates = torch.where(partner_weightless.unsqueeze(-1), mixed, pair.float())
-    valid = masks & (partner_weightless | known.all(0))
+    partner_positive = positive_weights(weights).flip(0)
+    estimates = torch.where(partner_positive.unsqueeze(-1), pair.float(), mixed)
+    # For booleans, both_known >= partner_positive is "both known or the partner weightless".
+    valid = masks & (known.all(0) >= partner_positive)
     return estimates.flatten(0, 1), valid.flatten()
 
 
