@@ -358,9 +358,8 @@ def _linear(mixed: Tensor, bases: Tensor, weights: Tensor, project: bool) -> Ten
         # search then sees entries and breakpoints of order 1 only. Unshifted, a weight of 1e-8
         # puts the row near 1e8, where float32 cannot tell 0 from 1 (the row sums to C - 1).
         shifted = ((numerator - numerator.amax(-1, keepdim=True)) / _linear_divisor(weights)).clamp(min=-1)
-        bounds = shifted.new_zeros(2, *shifted.shape)
-        bounds[1] = 1
-        pair = project_onto_bounds(shifted, bounds)
+        simplex = torch.stack((torch.zeros_like(shifted), torch.ones_like(shifted)))  # lo = 0, hi = 1
+        pair = project_onto_bounds(shifted, simplex)
     else:
         pair = numerator / _linear_divisor(weights)
     return pair
