@@ -12,6 +12,7 @@ import math
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mkfkit._checks import (
@@ -201,20 +202,23 @@ def kd_loss(
         log_student = _scaled_log_softmax(student_logits.to(dtype), temperature)
         probs, log_probs = _softened_teacher(teacher.to(dtype), temperature, teacher_kind)
         # 0 log 0 = 0: a class the teacher rules out adds nothing, even where the student's
-        # log-probability is -inf too; the `where` sits inside the product so that the
-        # gradient into `probs` there is 0 rather than 0 * inf.
-        log_ratio = torch.where(probs > 0, log_probs - log_student, torch.zeros_like(probs))
+        # log-probability is -inf too; the mask sits inside the product so that the gradient
+        # into `probs` there is 0 rather than 0 * inf. Fills of masks here and below, not
+        # `where`: a fill's backward is one operation, a `where`'s two.
+        ruled_out = ~(probs > 0)  # NaN included: nothing reaches the student through it
+        log_ratio = (log_probs - log_student).masked_fill(ruled_out, 0.0)
         # A KL divergence is never negative; rounding can make a row's sum a hair below 0 when
         # the student matches the teacher, so the row is clamped there (its gradient is ~0
-        # anyway). T * T is at most MAX_TEMPERATURE**2: one multiplication, no overflow.
-        per_row = (probs * log_ratio).sum(dim=-1).clamp_min(0) * (temperature * temperature)
+        # anyway): a threshold at 0, whose backward is one operation (clamp_min's takes three).
+        # T * T is at most MAX_TEMPERATURE**2: one multiplication, no overflow.
+        per_row = F.threshold((probs * log_ratio).sum(dim=-1), 0.0, 0.0) * (temperature * temperature)
         if weight is not None:
-            # where, not a product: a masked row never brings a NaN or inf in (0 * inf = NaN).
+            # Masked, not multiplied: a masked row never brings a NaN or inf in (0 * inf = NaN).
             if weight.dtype == torch.bool:
-                per_row = torch.where(weight, per_row, 0.0)
+                per_row = per_row.masked_fill(~weight, 0.0)
             else:
                 weight = weight.to(dtype)
-                per_row = torch.where(weight != 0, per_row * weight, 0.0)
+                per_row = (per_row * weight).masked_fill(weight == 0, 0.0)
         if reduction == "none":
             return per_row
         if reduction == "sum":
