@@ -288,11 +288,15 @@ def check_index(value: Tensor, name: str, size: int, length: Optional[int] = Non
     return value
 
 
-def as_lam(lam: Union[float, Tensor], batch: int, like: Tensor, name: str = "lam") -> Tensor:
-    """Return mixing weights as a Tensor[B] with the dtype and device of ``like``.
+def as_lam(
+    lam: Union[float, Tensor], batch: int, like: Tensor, name: str = "lam", dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """Return mixing weights as a Tensor[B] on the device of ``like``, with the dtype ``dtype``
+    (default: the dtype of ``like``).
 
     ``lam`` is a number or a Tensor[B] (or a 0-d tensor) whose entries lie in [0, 1].
     """
+    dtype = like.dtype if dtype is None else dtype
     if isinstance(lam, Tensor):
         check_floating(lam, name)
         if lam.dim() == 0:
@@ -300,9 +304,9 @@ def as_lam(lam: Union[float, Tensor], batch: int, like: Tensor, name: str = "lam
         check_shape(lam, name, (batch,), f"number or Tensor[B] with B = {batch}")
         check_same_device(lam, name, like, "the batch")
         check_in_range(lam, name, 0.0, 1.0)
-        return lam.to(like.dtype)
+        return lam.to(dtype)
     check_in_range(lam, name, 0.0, 1.0)
-    return torch.full((batch,), float(lam), dtype=like.dtype, device=like.device)
+    return torch.full((batch,), float(lam), dtype=dtype, device=like.device)
 
 
 def check_tensor_list(

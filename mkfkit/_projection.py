@@ -108,9 +108,8 @@ def project_onto_bounds(v: Tensor, bounds: Tensor, *, search: str = "auto") -> T
 def _shifted(v: Tensor, bounds: Tensor, find) -> tuple[Tensor, Tensor]:
     """``v + tau``, with ``tau`` from the search ``find`` (its clip to the bounds is the
     projection), and the search's breakpoint crossings (shaped as ``bounds``)."""
-    num_classes = v.shape[-1]
-    tau, crossing = find(v.reshape(-1, num_classes), bounds.reshape(2, -1, num_classes))  # any leading shape
-    return v + tau.view(*v.shape[:-1], 1), crossing.view(bounds.shape)
+    tau, crossing = find(v, bounds)
+    return v + tau, crossing
 
 
 class _BoxSimplexProjection(torch.autograd.Function):
@@ -148,7 +147,8 @@ def _pick_search(v: Tensor, search: str) -> str:
     return search
 
 
-# The searches take rows Tensor[R, C] and bounds Tensor[2, R, C]. They share the breakpoints
+# The searches take rows Tensor[R, C] and bounds Tensor[2, R, C], where R stands for any leading
+# shape (they work on it as it comes, which saves reshaping). They share the breakpoints
 # Tensor[2, R, C]: `enter` (index 0), the tau beyond which coordinate i leaves lo, and `leave`
 # (index 1), the tau beyond which it sits at hi; with the offset sum(v) - 1,
 # g(tau) - 1 = sum_i clip(tau, enter_i, leave_i) + offset. Each returns tau, Tensor[R, 1] (a
@@ -196,7 +196,7 @@ def _root_by_sort(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
     # Slope of g changes by +1 at an `enter` breakpoint and by -1 at a `leave` breakpoint.
     slope = (order < v.shape[-1]).to(v.dtype).mul_(2).sub_(1).cumsum_(-1)  # just after each one
     # g rises by `rise` between consecutive breakpoints, from g = sum(lo) at the first one.
-    rise = slope[:, :-1] * ordered.diff(dim=-1)
+    rise = slope[..., :-1] * ordered.diff(dim=-1)
     headroom = 1 - bounds[0].sum(-1, keepdim=True)
     # Number of breakpoints already passed when g reaches 1: those with g <= 1 (g is
     # non-decreasing; ties count, so the segment that follows has a positive slope unless the
@@ -213,8 +213,8 @@ def _root_by_table(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
     """tau from g at every breakpoint of every row (Tensor[R, 2C, C])."""
     breakpoints, offset = _breakpoints(v, bounds)
     enter, leave = breakpoints
-    flat = torch.cat(tuple(breakpoints), -1)
-    excess = torch.clamp(flat[:, :, None], enter[:, None], leave[:, None]).sum(-1) + offset
+    flat = torch.cat((enter, leave), -1)
+    excess = torch.clamp(flat.unsqueeze(-1), enter.unsqueeze(-2), leave.unsqueeze(-2)).sum(-1) + offset
     # The last breakpoint with g <= 1 (g is non-decreasing), as the sort finds it; -inf when g > 1
     # at every breakpoint (sum(lo) > 1).
     reference, index = flat.masked_fill(excess > 0, -float("inf")).max(-1, keepdim=True)

@@ -7,11 +7,11 @@ For each group ``t`` (sub-network size class) and each training sample ``I`` the
 
 from __future__ import annotations
 
-import math
 from collections import abc
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mkfkit import kernels
@@ -41,6 +41,7 @@ from mkfkit.fraction import (
     check_storable,
     pair_known,
     settle_sides,
+    side_weights,
     split_unchecked,
 )
 
@@ -168,14 +169,13 @@ def _mean_per_row(rows: Tensor, estimates: Tensor, valid: Tensor) -> Tuple[Tenso
     """Average the valid estimates that name the same row, without atomics or host syncs.
 
     A stable sort puts the entries of each row next to each other, valid ones first, in their
-    original order; a binary search of the sorted keys finds where each row's entries begin and
-    where its valid ones end. A segmented inclusive scan (Hillis-Steele: ``ceil(log2(E))`` steps
-    of plain tensor additions, each step only adding within a segment) sums them; the sum read at
-    a row's last valid entry depends only on that row's own estimates and their order, so the
-    result is the same whatever else is in the batch, on every device, run after run. The number
-    of steps depends on the batch size alone (steps beyond a row's length add nothing), so the
-    whole computation has fixed shapes and never asks the host anything: it runs under
-    ``torch.compile`` and CUDA graphs.
+    original order, and ``torch.segment_reduce`` sums every run of equal keys from left to right
+    and divides by its length (one thread per run and class on CUDA, a loop on the CPU: no
+    atomics). The mean of a row depends only on that row's own estimates and their order, so
+    the result is the same whatever else is in the batch, on every device, run after run, and it
+    is the fused write kernel's mean (:mod:`mkfkit.kernels.bank`). The segments have fixed
+    shapes (one per entry) and nothing is read back to the host: it runs under
+    ``torch.compile`` (the same ATen kernel) and CUDA graphs.
 
     Args:
         rows: int64 ``Tensor[E]`` target row of each entry.
@@ -183,30 +183,27 @@ def _mean_per_row(rows: Tensor, estimates: Tensor, valid: Tensor) -> Tuple[Tenso
         valid: bool ``Tensor[E]``, entries that count.
 
     Returns:
-        ``(mean, count)``: ``mean[i]`` (``Tensor[E, C]``) is the mean of the valid estimates of
-        row ``rows[i]`` and ``count[i]`` (int64 ``Tensor[E]``) their number (0: leave the row
-        alone). Every entry of a row carries the same values, so writing all of them,
-        duplicates included, is deterministic.
+        ``(mean, written)``: ``mean[i]`` (``Tensor[E, C]``) is the mean of the valid estimates
+        of row ``rows[i]`` (anything where there is none) and ``written[i]`` (bool
+        ``Tensor[E]``) whether there is one (False: leave the row alone). Every entry of a row
+        carries the same values, so writing all of them, duplicates included, is deterministic.
     """
-    entries = rows.shape[0]
     # Sorted by the key 2 * row for a valid entry, 2 * row + 1 for an invalid one. A row's
-    # entries start where its key 2 * row would be inserted; its valid ones stop where 2 * row
-    # would be inserted after its equals.
+    # valid entries start where its key 2 * row would be inserted and stop where 2 * row would
+    # be inserted after its equals.
     valid_key = rows * 2
     keys, order = torch.sort(valid_key + ~valid, stable=True)
-    # The place of each sorted entry in its row.
-    rank = torch.arange(entries, device=rows.device) - torch.searchsorted(keys, keys & -2)
+    # Segment i runs from the end of the run before sorted entry i to the end of entry i's run:
+    # the whole run at the run's first entry (its mean: the sum over the count), empty at the
+    # others.
+    ends = torch.searchsorted(keys, keys, right=True)
+    means = torch.segment_reduce(
+        estimates.index_select(0, order), "mean", offsets=F.pad(ends, (1, 0)), unsafe=True
+    )
+    # The first entry of each row's valid run, or of its invalid run where it has no valid entry.
     start = torch.searchsorted(keys, valid_key)
-    stop = torch.searchsorted(keys, valid_key, right=True)
-
-    total = estimates.index_select(0, order)
-    shifts = [2**step for step in range(math.ceil(math.log2(max(entries, 1))))]
-    same_row = rank >= rank.new_tensor(shifts).unsqueeze(1)  # Tensor[steps, E]: entry i - shift too
-    for shift, same in zip(shifts, same_row.unsqueeze(-1)):
-        total = torch.where(same, total + total.roll(shift, 0), total)
-    count = stop - start
-    # The sum sits at the row's last valid entry (none: the row is left alone, any entry will do).
-    return total.index_select(0, (stop - 1).clamp_min(0)) / count.clamp_min(1).unsqueeze(1), count
+    written = torch.searchsorted(keys, valid_key, right=True) > start
+    return means.index_select(0, start), written
 
 
 class KnowledgeBank(nn.Module):
@@ -339,13 +336,15 @@ class KnowledgeBank(nn.Module):
 
     # ----------------------------------------------------------------------------- reading
 
-    def _storage(self) -> Tuple[Tensor, ...]:
-        return tuple(getattr(self, name) for name in self._storage_names)
+    def _slices(self, group: int) -> Tuple[Tensor, ...]:
+        """Each buffer's rows of ``group``, the storage's, then the seen flags: views, which the
+        reads and the write of one call share."""
+        return tuple(getattr(self, name)[group] for name in (*self._storage_names, "seen"))
 
-    def _gather(self, group: int, index: Tensor, device: torch.device) -> Tuple[Tuple[Tensor, ...], Tensor]:
-        """Stored rows ``(raw, seen)`` of ``group`` at ``index``, moved to ``device``."""
+    def _gather(self, tensors: Tuple[Tensor, ...], index: Tensor, device: torch.device) -> Tuple[Tuple[Tensor, ...], Tensor]:
+        """Stored rows ``(raw, seen)`` at ``index`` of a group's ``tensors`` (:meth:`_slices`),
+        moved to ``device``."""
         index = _indices_on(index, self.device)
-        tensors = [buffer[group] for buffer in self._storage()] + [self.seen[group]]
         if self.device == device:
             gathered = [tensor.index_select(0, index) for tensor in tensors]
         elif self.device.type == "cpu" and device.type == "cuda":
@@ -362,14 +361,15 @@ class KnowledgeBank(nn.Module):
         return tuple(gathered[:-1]), gathered[-1]
 
     def _gather_pairs(
-        self, group: int, index_a: Tensor, index_b: Tensor, device: torch.device
+        self, tensors: Tuple[Tensor, ...], index_a: Tensor, index_b: Tensor, device: torch.device
     ) -> Tuple[Tensor, Tuple[Tensor, ...], Tensor, Tensor]:
-        """Both sides of a mixed batch read in one gather (torch path), side a then side b:
+        """Both sides of a mixed batch read from a group's ``tensors`` (:meth:`_slices`) in one
+        gather (torch path), side a then side b:
         ``(rows, raw, seen, known)``, the int64 row ids ``Tensor[2B]`` on ``device``, the stored
         rows and seen flags (bool ``Tensor[2B]``) as gathered, and the rows decoded to float32,
         ``Tensor[2B, C]``."""
         rows = torch.cat((_indices_on(index_a, device), _indices_on(index_b, device)))
-        raw, seen = self._gather(group, rows, device)
+        raw, seen = self._gather(tensors, rows, device)
         return rows, raw, seen, self._layout.decode(raw)
 
     def _check_group(self, group: int) -> int:
@@ -424,7 +424,9 @@ class KnowledgeBank(nn.Module):
         batch = index_a.shape[0] if isinstance(index_a, Tensor) else 0
         self._check_pair(index_a, index_b, lam, batch)
         out = check_device(device, "device") if device is not None else index_a.device
-        weight = None if index_b is None else as_lam(lam, batch, torch.empty(0, device=out))
+        # lam in float32 on `out`, where index_a lies unless `device` says otherwise.
+        like = index_a if index_a.device == out else torch.empty(0, device=out)
+        weight = None if index_b is None else as_lam(lam, batch, like, dtype=torch.float32)
         if self._fused(out):
             from mkfkit.kernels import bank as bank_kernels  # imports Triton
 
@@ -432,15 +434,15 @@ class KnowledgeBank(nn.Module):
                 self.knowledge[group], self.seen[group], _indices_on(index_a, out),
                 None if index_b is None else _indices_on(index_b, out), weight,
             )
-            return BankTarget(probs, seen[0] if index_b is None else pair_known(seen, weight))
+            return BankTarget(probs, seen[0] if index_b is None else pair_known(seen, side_weights(weight)))
         if index_b is None:
-            raw, seen = self._gather(group, index_a, out)
+            raw, seen = self._gather(self._slices(group), index_a, out)
             return BankTarget(self._layout.decode(raw), seen)
-        _, _, seen, known = self._gather_pairs(group, index_a, index_b, out)
-        knowledge_a, knowledge_b = known.unflatten(0, (2, -1))
-        weight_b = weight.unsqueeze(1)
-        probs = weight_b * knowledge_a + (1 - weight_b) * knowledge_b
-        return BankTarget(probs, pair_known(seen.unflatten(0, (2, -1)), weight))
+        _, _, seen, known = self._gather_pairs(self._slices(group), index_a, index_b, out)
+        weights = side_weights(weight)
+        # lam * K[I1] + (1 - lam) * K[I2]: the sum of two products, in one reduction.
+        probs = (weights.unsqueeze(-1) * known.unflatten(0, (2, -1))).sum(0)
+        return BankTarget(probs, pair_known(seen.unflatten(0, (2, -1)), weights))
 
     # ----------------------------------------------------------------------------- writing
 
@@ -457,7 +459,7 @@ class KnowledgeBank(nn.Module):
         """Fold a batch of sub-network outputs of ``group`` into the bank.
 
         All arguments are checked before anything is written: a rejected call leaves the bank
-        unchanged. ``probs`` is detached.
+        unchanged. No gradient flows into ``probs``: the update runs under ``torch.no_grad``.
 
         Args:
             group: the group ``t`` that produced ``probs``, in ``[0, num_groups)``.
@@ -480,11 +482,9 @@ class KnowledgeBank(nn.Module):
         self._check_pair(index_a, index_b, lam, batch)
         check_distribution_rows(probs, "probs")  # within distribution_tolerance of their dtype
         check_storable(fraction)
-        device = probs.device
         if index_b is not None:
-            lam = as_lam(lam, batch, torch.empty(0, device=device))
+            lam = as_lam(lam, batch, probs, dtype=torch.float32)
 
-        probs = probs.detach()
         if self.sync == "all_gather" and distributed_world_size(self.process_group) > 1:
             probs, index_a, index_b, lam = self._all_gather(group, probs, index_a, index_b, lam)
         if probs.shape[0] == 0:
@@ -511,30 +511,33 @@ class KnowledgeBank(nn.Module):
         fused = self._fused(device)
         if fused:
             from mkfkit.kernels import bank as bank_kernels  # imports Triton
+        else:
+            tensors = self._slices(group)
         if index_b is None:
             rows = _indices_on(index_a, device)
             estimates, valid = probs, None
-            old = None if fused else self._gather(group, rows, device)
+            old = None if fused else self._gather(tensors, rows, device)
         else:
             if fused:
                 rows = torch.cat((_indices_on(index_a, device), _indices_on(index_b, device)))
                 known, _, (seen,) = bank_kernels.read(self.knowledge[group], self.seen[group], rows)
             else:
-                rows, raw, seen, known = self._gather_pairs(group, index_a, index_b, device)
+                rows, raw, seen, known = self._gather_pairs(tensors, index_a, index_b, device)
                 old = raw, seen, known
-            sides = (2, -1)
-            pair, masks = split_unchecked(fraction, probs, known.unflatten(0, sides), lam)
-            estimates, valid = settle_sides(pair, masks, probs, lam, seen.unflatten(0, sides))
+            sides, weights = (2, -1), side_weights(lam)
+            pair, masks = split_unchecked(fraction, probs, known.unflatten(0, sides), weights)
+            estimates, valid = settle_sides(pair, masks, probs, weights, seen.unflatten(0, sides))
         if fused:
             bank_kernels.write(self.knowledge[group], self.seen[group], rows, estimates, valid, self.momentum)
         else:
-            self._write(group, rows, estimates, valid, *old)
+            self._write(tensors, rows, estimates, valid, *old)
 
     def _write(
-        self, group: int, rows: Tensor, estimates: Tensor, valid: Optional[Tensor],
+        self, tensors: Tuple[Tensor, ...], rows: Tensor, estimates: Tensor, valid: Optional[Tensor],
         raw_old: Tuple[Tensor, ...], seen_old: Tensor, known_old: Optional[Tensor] = None,
     ) -> None:
-        """One EMA step per named row with the mean of its valid estimates (torch path).
+        """One EMA step per named row with the mean of its valid estimates (torch path), into a
+        group's ``tensors`` (:meth:`_slices`).
 
         ``raw_old``, ``seen_old``: the stored rows at ``rows`` as gathered; ``known_old`` their
         decoded values (decoded here when not given).
@@ -543,18 +546,16 @@ class KnowledgeBank(nn.Module):
             valid = torch.ones_like(seen_old)
         if known_old is None:
             known_old = self._layout.decode(raw_old)
-        mean, count = _mean_per_row(rows, estimates, valid)
+        mean, written = _mean_per_row(rows, estimates, valid)
         momentum = self.momentum
         blended = momentum * mean + (1 - momentum) * known_old
         new = torch.where(seen_old.unsqueeze(1), blended, mean)
-        written = count > 0
         encoded = [torch.where(written.unsqueeze(1), fresh, old) for fresh, old in zip(self._layout.encode(new), raw_old)]
         seen_new = seen_old | written
 
         rows = rows.to(self.device)
-        for buffer, value in zip(self._storage(), encoded):
-            buffer[group].index_put_((rows,), value.to(self.device))
-        self.seen[group].index_put_((rows,), seen_new.to(self.device))
+        for tensor, value in zip(tensors, (*encoded, seen_new)):
+            tensor.index_put_((rows,), value.to(self.device))
 
     def _all_gather(
         self, group: int, probs: Tensor, index_a: Tensor, index_b: Optional[Tensor], lam: Optional[Tensor]

@@ -12,6 +12,7 @@ import math
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mkfkit._checks import (
@@ -51,11 +52,12 @@ def batch_mean(per_sample: Tensor, count: Optional[Union[int, Tensor]] = None) -
     graph, so ``backward`` runs and gives zero gradients (docs/METHOD.md, "Conventions"). A plain
     ``mean`` would be 0 / 0 = NaN and poison the parameters at the next optimiser step.
     """
-    total = per_sample.sum(dim=-1)
+    # A 1-d sum in full: its backward is one expand (a sum over a dimension adds an unsqueeze).
+    total = per_sample.sum() if per_sample.dim() == 1 else per_sample.sum(dim=-1)
     if count is None:
         count = per_sample.shape[-1]
     if isinstance(count, Tensor):
-        return total / count.clamp_min(1).to(per_sample.dtype)
+        return total / count.clamp_min(1)  # an integer count: the quotient has the sum's dtype
     return total / max(count, 1)
 
 
@@ -74,9 +76,11 @@ def _scaled_log_softmax(scores: Tensor, temperature: float) -> Tensor:
     The row maximum (finite: a row of finite scores, or of log-probabilities, some ``-inf``) is
     subtracted before the division, so a large ``scores / T`` cannot overflow to ``inf`` (and
     then ``inf - inf = NaN``); the maximum itself becomes exactly 0 whatever ``T``. A shift of
-    the whole row leaves the log-softmax unchanged, so no gradient flows through the maximum.
+    the whole row leaves the log-softmax unchanged, so no gradient flows through the maximum
+    (taken without autograd: no detached copy to make).
     """
-    top = scores.detach().amax(dim=-1, keepdim=True)
+    with torch.no_grad():
+        top = scores.amax(dim=-1, keepdim=True)
     return ((scores - top) / temperature).log_softmax(dim=-1)
 
 
@@ -190,7 +194,7 @@ def kd_loss(
             check_in_range(weight, "weight", 0.0, float("inf"))
     if teacher_kind == "probs":
         check_distribution_rows(teacher, "teacher")
-    if detach_teacher:
+    if detach_teacher and teacher.requires_grad:
         teacher = teacher.detach()
 
     dtype = compute_dtype(student_logits, teacher)
@@ -198,20 +202,23 @@ def kd_loss(
         log_student = _scaled_log_softmax(student_logits.to(dtype), temperature)
         probs, log_probs = _softened_teacher(teacher.to(dtype), temperature, teacher_kind)
         # 0 log 0 = 0: a class the teacher rules out adds nothing, even where the student's
-        # log-probability is -inf too; the `where` sits inside the product so that the
-        # gradient into `probs` there is 0 rather than 0 * inf.
-        log_ratio = torch.where(probs > 0, log_probs - log_student, torch.zeros_like(probs))
-        # T * T in two steps: T ** 2 overflows a Python float above T = 1e154. A KL divergence
-        # is never negative; rounding can make a row's sum a hair below 0 when the student
-        # matches the teacher, so the row is clamped there (its gradient is ~0 anyway).
-        per_row = (probs * log_ratio).sum(dim=-1).clamp_min(0) * temperature * temperature
+        # log-probability is -inf too; the mask sits inside the product so that the gradient
+        # into `probs` there is 0 rather than 0 * inf. Fills of masks here and below, not
+        # `where`: a fill's backward is one operation, a `where`'s two.
+        ruled_out = ~(probs > 0)  # NaN included: nothing reaches the student through it
+        log_ratio = (log_probs - log_student).masked_fill(ruled_out, 0.0)
+        # A KL divergence is never negative; rounding can make a row's sum a hair below 0 when
+        # the student matches the teacher, so the row is clamped there (its gradient is ~0
+        # anyway): a threshold at 0, whose backward is one operation (clamp_min's takes three).
+        # T * T is at most MAX_TEMPERATURE**2: one multiplication, no overflow.
+        per_row = F.threshold((probs * log_ratio).sum(dim=-1), 0.0, 0.0) * (temperature * temperature)
         if weight is not None:
-            # where, not a product: a masked row never brings a NaN or inf in (0 * inf = NaN).
+            # Masked, not multiplied: a masked row never brings a NaN or inf in (0 * inf = NaN).
             if weight.dtype == torch.bool:
-                per_row = torch.where(weight, per_row, 0.0)
+                per_row = per_row.masked_fill(~weight, 0.0)
             else:
                 weight = weight.to(dtype)
-                per_row = torch.where(weight != 0, per_row * weight, 0.0)
+                per_row = (per_row * weight).masked_fill(weight == 0, 0.0)
         if reduction == "none":
             return per_row
         if reduction == "sum":

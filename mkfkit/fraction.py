@@ -94,11 +94,19 @@ class FractionStrategy(Protocol):
 # The rule for lam in {0, 1}, written once
 
 
-def positive_weights(lam: Tensor) -> Tensor:
-    """bool Tensor[2, B]: the sides (a, then b) whose weight counts as positive. Only those
-    carry information about their image.
+def side_weights(lam: Tensor) -> Tensor:
+    """The weights of both sides, a then b, Tensor[2, B] (``lam``, ``1 - lam``), stacked as the
+    bases are (Tensor[2, B, C]). Every strategy computes both sides at once: one operation over
+    the stack costs about half as much as two over the sides. A split computes the stack once;
+    the strategy, the masks and the bank's rules all read it."""
+    return torch.stack((lam, 1 - lam))
 
-    A weight counts when it is at least ``finfo(lam.dtype).tiny``, the smallest normal number
+
+def positive_weights(weights: Tensor) -> Tensor:
+    """bool Tensor[2, B]: the sides (a, then b) whose weight counts as positive, from their
+    weights (:func:`side_weights`). Only those carry information about their image.
+
+    A weight counts when it is at least ``finfo(weights.dtype).tiny``, the smallest normal number
     (float32, and bfloat16/float16 inputs, which the fractions compute in float32: 1.2e-38;
     float64: 2.2e-308); a subnormal weight counts as 0. Its share of the mixed row, the products
     ``lam * p_a``, is then subnormal too and keeps fewer significant bits than the dtype has
@@ -106,30 +114,32 @@ def positive_weights(lam: Tensor) -> Tensor:
     noise. For ``lam`` in [0, 1] only side a can have such a weight (``1 - lam >= eps / 2``):
     the sides are ``lam >= tiny`` and ``lam < 1``.
     """
-    return torch.stack((lam, 1 - lam)) >= torch.finfo(lam.dtype).tiny
+    return weights >= torch.finfo(weights.dtype).tiny
 
 
-def pair_known(known: Tensor, lam: Tensor) -> Tensor:
+def pair_known(known: Tensor, weights: Tensor) -> Tensor:
     """bool Tensor[B]: every side of positive weight is known (a side of weight 0 needs
-    nothing), from ``known``, bool Tensor[2, B] (side a, then side b)."""
+    nothing), from ``known``, bool Tensor[2, B] (side a, then side b), and the side weights."""
     # For booleans, known >= needed is "known or not needed".
-    return (known >= positive_weights(lam)).all(0)
+    return (known >= positive_weights(weights)).all(0)
 
 
-def settle_sides(pair: Tensor, masks: Tensor, mixed: Tensor, lam: Tensor, known: Tensor) -> tuple[Tensor, Tensor]:
+def settle_sides(pair: Tensor, masks: Tensor, mixed: Tensor, weights: Tensor, known: Tensor) -> tuple[Tensor, Tensor]:
     """What a split teaches each side: ``(estimates Tensor[2B, C], valid bool Tensor[2B])``,
     the a sides, then the b sides.
 
     ``pair``, ``masks``: the split as :func:`split_unchecked` returns it (Tensor[2, B, C], bool
-    Tensor[2, B]); ``known``: bool Tensor[2, B], whether each side's base is known. A side whose
+    Tensor[2, B]); ``weights``: :func:`side_weights`; ``known``: bool Tensor[2, B], whether each
+    side's base is known. A side whose
     partner carries no weight (:func:`positive_weights`) is the mixed output itself (``a =
     mixed`` where ``lam == 1``, whatever the strategy). A side counts where the strategy's mask
     says so and its partner carries no weight or both bases are known: an estimate made from an
     unknown base is no estimate.
     """
-    partner_weightless = ~positive_weights(lam).flip(0)
-    estimates = torch.where(partner_weightless.unsqueeze(-1), mixed, pair.float())
-    valid = masks & (partner_weightless | known.all(0))
+    partner_positive = positive_weights(weights).flip(0)
+    estimates = torch.where(partner_positive.unsqueeze(-1), pair.float(), mixed)
+    # For booleans, both_known >= partner_positive is "both known or the partner weightless".
+    valid = masks & (known.all(0) >= partner_positive)
     return estimates.flatten(0, 1), valid.flatten()
 
 
@@ -163,13 +173,6 @@ def _prepare(
     return mixed, base_a, base_b, as_lam(lam, mixed.shape[0], mixed), dtype
 
 
-def _weights(lam: Tensor) -> Tensor:
-    """The weights of both sides, a then b, Tensor[2, B, 1] (``lam``, ``1 - lam``), stacked as the
-    bases are (Tensor[2, B, C]). Every strategy computes both sides at once: one operation over
-    the stack costs about half as much as two over the sides."""
-    return torch.stack((lam, 1 - lam)).unsqueeze(-1)
-
-
 def _linear_divisor(weight: Tensor) -> Tensor:
     """``weight`` as OPT2's divisor, keeping every quotient and its gradient finite.
 
@@ -181,12 +184,12 @@ def _linear_divisor(weight: Tensor) -> Tensor:
     return weight.clamp_min(torch.finfo(weight.dtype).tiny ** 0.5)
 
 
-def _finish(pair: Tensor, bases: Tensor, lam: Tensor) -> Fraction:
+def _finish(pair: Tensor, bases: Tensor, weights: Tensor) -> Fraction:
     """Keep the base on a side of weight 0 and attach the masks (:func:`positive_weights`).
 
-    ``pair``, ``bases``: Tensor[2, B, C]; ``lam``: Tensor[B].
+    ``pair``, ``bases``: Tensor[2, B, C]; ``weights``: Tensor[2, B] (:func:`side_weights`).
     """
-    masks = positive_weights(lam)
+    masks = positive_weights(weights)
     a, b = torch.where(masks.unsqueeze(-1), pair, bases)
     return Fraction(a, b, *masks)
 
@@ -196,10 +199,11 @@ def _cast(fraction: Fraction, dtype: torch.dtype) -> Fraction:
     return fraction._replace(a=fraction.a.to(dtype), b=fraction.b.to(dtype))
 
 
-def split_unchecked(strategy: FractionStrategy, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+def split_unchecked(strategy: FractionStrategy, mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """``strategy(mixed, *bases, lam)`` with both sides stacked, ``(pair Tensor[2, B, C], masks
     bool Tensor[2, B])`` (a, then b), for callers that checked the inputs already (float32
-    probability rows, ``bases`` Tensor[2, B, C], ``lam`` a float32 Tensor[B] in [0, 1]).
+    probability rows, ``bases`` Tensor[2, B, C], ``weights`` the :func:`side_weights` of a
+    float32 ``lam`` Tensor[B] in [0, 1]).
 
     The built-in strategies skip their checks: their rows are clipped to [0, 1] and sum to 1 up
     to the rounding of a sum of order 1 for every weight, by construction (tested in every
@@ -209,8 +213,8 @@ def split_unchecked(strategy: FractionStrategy, mixed: Tensor, bases: Tensor, la
     (:func:`check_split`; its value checks are skipped while ``torch.compile`` traces).
     """
     if type(strategy) in _BUILT_IN:
-        return strategy._split(mixed, bases, lam)
-    fraction = check_split(strategy(mixed, *bases, lam), strategy, mixed)
+        return strategy._split(mixed, bases, weights)
+    fraction = check_split(strategy(mixed, *bases, weights[0]), strategy, mixed)
     return torch.stack((fraction.a, fraction.b)), torch.stack((fraction.mask_a, fraction.mask_b))
 
 
@@ -337,14 +341,14 @@ def linear_fraction(
         tensor([[0.7000, 0.3000, 0.0000]])
     """
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
-    bases = torch.stack((base_a, base_b))
-    return _cast(_finish(_linear(mixed, bases, lam, project), bases, lam), dtype)
+    bases, weights = torch.stack((base_a, base_b)), side_weights(lam)
+    return _cast(_finish(_linear(mixed, bases, weights, project), bases, weights), dtype)
 
 
-def _linear(mixed: Tensor, bases: Tensor, lam: Tensor, project: bool) -> Tensor:
-    """Both sides of :func:`linear_fraction`, Tensor[2, B, C], from prepared inputs (no checks,
-    no cast, sides of weight 0 not reset to their base)."""
-    weights = _weights(lam)
+def _linear(mixed: Tensor, bases: Tensor, weights: Tensor, project: bool) -> Tensor:
+    """Both sides of :func:`linear_fraction`, Tensor[2, B, C], from prepared inputs and their
+    :func:`side_weights` (no checks, no cast, sides of weight 0 not reset to their base)."""
+    weights = weights.unsqueeze(-1)
     # Each side uses the other side's base and weight.
     numerator = mixed - weights.flip(0) * bases.flip(0)
     if project:
@@ -354,9 +358,8 @@ def _linear(mixed: Tensor, bases: Tensor, lam: Tensor, project: bool) -> Tensor:
         # search then sees entries and breakpoints of order 1 only. Unshifted, a weight of 1e-8
         # puts the row near 1e8, where float32 cannot tell 0 from 1 (the row sums to C - 1).
         shifted = ((numerator - numerator.amax(-1, keepdim=True)) / _linear_divisor(weights)).clamp(min=-1)
-        bounds = shifted.new_zeros(2, *shifted.shape)
-        bounds[1] = 1
-        pair = project_onto_bounds(shifted, bounds)
+        simplex = torch.stack((torch.zeros_like(shifted), torch.ones_like(shifted)))  # lo = 0, hi = 1
+        pair = project_onto_bounds(shifted, simplex)
     else:
         pair = numerator / _linear_divisor(weights)
     return pair
@@ -383,8 +386,8 @@ class LinearFraction(nn.Module):
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return linear_fraction(mixed, base_a, base_b, lam, project=self.project)
 
-    def _split(self, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
-        return _linear(mixed, bases, lam, self.project), positive_weights(lam)
+    def _split(self, mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        return _linear(mixed, bases, weights, self.project), positive_weights(weights)
 
     def extra_repr(self) -> str:
         return f"project={self.project}"
@@ -462,19 +465,19 @@ def qp_fraction(
     """
     check_choice(backend, "backend", kernels.BACKENDS)
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
-    bases = torch.stack((base_a, base_b))
-    return _cast(_finish(_qp(mixed, bases, lam, backend), bases, lam), dtype)
+    bases, weights = torch.stack((base_a, base_b)), side_weights(lam)
+    return _cast(_finish(_qp(mixed, bases, weights, backend), bases, weights), dtype)
 
 
-def _qp(mixed: Tensor, bases: Tensor, lam: Tensor, backend: str) -> Tensor:
-    """Both sides of :func:`qp_fraction`, Tensor[2, B, C], from prepared inputs (no checks, no
-    cast, sides of weight 0 not reset to their base): here, and only here, the exact QP chooses
-    between torch and its fused kernel."""
+def _qp(mixed: Tensor, bases: Tensor, weights: Tensor, backend: str) -> Tensor:
+    """Both sides of :func:`qp_fraction`, Tensor[2, B, C], from prepared inputs and their
+    :func:`side_weights` (no checks, no cast, sides of weight 0 not reset to their base): here,
+    and only here, the exact QP chooses between torch and its fused kernel."""
     if kernels.use_triton(backend, mixed.device, preferred=mixed.dtype != torch.float64):
         from mkfkit.kernels.qp import qp_pair  # imports Triton
 
-        return torch.stack(qp_pair(mixed, *bases, lam))
-    return project_onto_bounds(*_qp_boxes(mixed, bases, _weights(lam)))
+        return torch.stack(qp_pair(mixed, *bases, weights[0]))
+    return project_onto_bounds(*_qp_boxes(mixed, bases, weights.unsqueeze(-1)))
 
 
 class QPFraction(nn.Module):
@@ -494,8 +497,8 @@ class QPFraction(nn.Module):
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return qp_fraction(mixed, base_a, base_b, lam, backend=self.backend)
 
-    def _split(self, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
-        return _qp(mixed, bases, lam, self.backend), positive_weights(lam)
+    def _split(self, mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        return _qp(mixed, bases, weights, self.backend), positive_weights(weights)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -503,7 +506,8 @@ class QPFraction(nn.Module):
 
 def _qp_boxes(mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """The points the exact QP projects, Tensor[2, B, C], and their boxes, Tensor[2, 2, B, C]
-    (``lo``, then ``hi``), both sides stacked as ``bases`` and ``weights`` (:func:`_weights`) are.
+    (``lo``, then ``hi``), both sides stacked as ``bases`` and ``weights`` (Tensor[2, B, 1], the
+    :func:`side_weights` as a column) are.
     """
     # base + residual, with residual = mixed - lam * base_a - (1 - lam) * base_b.
     v = bases + (mixed - (weights * bases).sum(0))
@@ -570,8 +574,8 @@ class DominantFraction(nn.Module):
     def forward(self, mixed: Tensor, base_a: Tensor, base_b: Tensor, lam: Union[float, Tensor]) -> Fraction:
         return dominant_fraction(mixed, base_a, base_b, lam)
 
-    def _split(self, mixed: Tensor, bases: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
-        return mixed.expand_as(bases), _dominant_masks(lam)
+    def _split(self, mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        return mixed.expand_as(bases), _dominant_masks(weights[0])
 
 
 _BUILT_IN = (LinearFraction, QPFraction, DominantFraction)

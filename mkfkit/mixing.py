@@ -595,17 +595,29 @@ def mixed_cross_entropy(
         check_same_device(getattr(batch, name), f"batch.{name}", logits, "logits")
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     with torch.autocast(logits.device.type, enabled=False):
-        logits = logits.to(dtype)
-
-        def cross_entropy(targets: Tensor) -> Tensor:
-            targets = targets.to(dtype) if targets.is_floating_point() else targets.long()
-            return F.cross_entropy(
-                logits, targets, reduction="none", label_smoothing=float(label_smoothing)
-            )
-
+        # Both sides share one log-softmax (and one backward through it).
+        log_probs = logits.to(dtype).log_softmax(1)
+        smoothing = float(label_smoothing)
+        loss_a, loss_b = (_cross_entropy(log_probs, targets, smoothing) for targets in (batch.targets_a, batch.targets_b))
         lam = batch.lam.to(dtype)
-        loss_a, loss_b = cross_entropy(batch.targets_a), cross_entropy(batch.targets_b)
         return batch_mean(lam * loss_a + (1 - lam) * loss_b)
+
+
+def _cross_entropy(log_probs: Tensor, targets: Tensor, smoothing: float) -> Tensor:
+    """``F.cross_entropy(logits, targets, reduction="none", label_smoothing=smoothing)`` from
+    ``log_probs = logits.log_softmax(1)``, in the operations ATen runs after its log-softmax (so
+    bit for bit the same). ``targets``: checked class indices Tensor[B] or probabilities
+    Tensor[B, K]."""
+    classes = log_probs.shape[1]
+    if targets.is_floating_point():
+        targets = targets.to(log_probs.dtype)
+        if smoothing > 0:
+            targets = targets * (1 - smoothing) + smoothing / classes
+        return -(log_probs * targets).sum(1)
+    loss = F.nll_loss(log_probs, targets.long(), reduction="none")
+    if smoothing > 0:
+        loss = (1 - smoothing) * loss + -log_probs.sum(1) * (smoothing / classes)
+    return loss
 
 
 class MixedCrossEntropyLoss(nn.Module):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mkfkit._checks import check_choice
-from mkfkit.fraction import Fraction, _cast, _finish, _prepare
+from mkfkit.fraction import Fraction, _cast, _finish, _prepare, side_weights
 
 __all__ = ["CvxpyQPFraction", "cvxpy_qp_fraction"]
 
@@ -40,7 +40,7 @@ def cvxpy_qp_fraction(
     check_choice(conic_solver, "conic_solver", CONIC_SOLVERS)
     mixed, base_a, base_b, lam, dtype = _prepare(mixed, base_a, base_b, lam)
     pair = torch.stack(_cvxpylayers_qp(mixed, base_a, base_b, lam, conic_solver, dict(solver_args or {})))
-    return _cast(_finish(pair, torch.stack((base_a, base_b)), lam), dtype)
+    return _cast(_finish(pair, torch.stack((base_a, base_b)), side_weights(lam)), dtype)
 
 
 class CvxpyQPFraction(nn.Module):

@@ -138,3 +138,25 @@ def test_compiled_step_equals_eager(fraction, storage):
         torch.testing.assert_close(grad_c, grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(knowledge_c, knowledge, atol=atol, rtol=0)
         assert torch.equal(seen_c, seen)
+
+
+@pytest.mark.slow
+def test_duplicates_average_left_to_right_eager_and_compiled():
+    # A row named several times takes the mean of its valid estimates summed left to right (the
+    # fused kernel's order): the same bits whatever else is in the batch. Compiled, the
+    # segmented sum is the same ATen kernel and the rest moves integers: the same bits again.
+    from mkfkit.bank import _mean_per_row
+
+    rows = torch.tensor([5, 1, 5, 0, 5, 1, 5, 7, 3, 3])
+    valid = torch.tensor([True, True, False, True, True, True, True, False, False, False])
+    estimates = torch.softmax(3 * torch.randn(10, CLASSES, generator=torch.Generator().manual_seed(3)), 1)
+    torch._dynamo.reset()
+    for mean, written in (_mean_per_row(rows, estimates, valid),
+                          torch.compile(_mean_per_row, fullgraph=True)(rows, estimates, valid)):
+        assert written.tolist() == [True, True, True, True, True, True, True, False, False, False]
+        for entry in range(6):
+            taken = estimates[(rows == rows[entry]) & valid]
+            total = taken[0]
+            for estimate in taken[1:]:
+                total = total + estimate
+            assert torch.equal(mean[entry], total / taken.shape[0]), entry

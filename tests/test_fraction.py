@@ -331,7 +331,7 @@ def fraction_inputs(draw):
 @given(inputs=fraction_inputs(), name=st.sampled_from(["linear", "qp", "dominant"]))
 def test_every_weight_in_every_dtype_gives_rows_on_the_simplex(inputs, name):
     from mkfkit._checks import distribution_tolerance
-    from mkfkit.fraction import positive_weights
+    from mkfkit.fraction import positive_weights, side_weights
 
     mixed, base_a, base_b, lam = inputs
     out = STRATEGIES.get(name, DominantFraction())(mixed, base_a, base_b, lam)
@@ -342,7 +342,8 @@ def test_every_weight_in_every_dtype_gives_rows_on_the_simplex(inputs, name):
         assert bool(((rows.double().sum(-1) - 1).abs() <= tolerance).all())
     if name != "dominant":
         # The one rule: a side counts from the smallest normal weight of the compute dtype on.
-        positive_a, positive_b = positive_weights(lam.to(torch.float64 if lam.dtype == torch.float64 else torch.float32))
+        compute = torch.float64 if lam.dtype == torch.float64 else torch.float32
+        positive_a, positive_b = positive_weights(side_weights(lam.to(compute)))
         assert torch.equal(out.mask_a, positive_a) and torch.equal(out.mask_b, positive_b)
         assert torch.equal(out.a[~positive_a], base_a[~positive_a])
 
