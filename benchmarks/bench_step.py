@@ -164,6 +164,7 @@ def make_run(variant: str, model: nn.Module, setting: Dict, device: torch.device
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10**6)
     method = "baseline" if variant.startswith("baseline") else "mkf"
     run = train.Run(method, 0, model, optimizer, scheduler, torch.Generator().manual_seed(0))
+    run.train_model = model  # one process: the step calls the model itself (no DDP wrapper)
     if method == "mkf":
         groups = 3 if variant.endswith("cycle") else 1
         run.mix = CompoundMix(mix_prob=1.0, generator=torch.Generator().manual_seed(1))

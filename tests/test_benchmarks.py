@@ -88,3 +88,17 @@ def test_bench_ops_counts_every_phase_of_the_bookkeeping(tmp_path):
             # The figures of benchmarks/RESULTS.md (issue 18), the same for any batch size (no
             # step count that grows with it): a change that adds operations shows here.
             assert row["ops"] <= OPS_PER_STEP[row["storage"]], (row["fraction"], row["storage"], row["ops"])
+
+
+@pytest.mark.slow
+def test_bench_step_smoke_run_times_every_eager_variant(tmp_path):
+    result = run_benchmark("bench_step.py", "--small", "--quick", "--no-compile", "--device", "cpu",
+                           "--threads", "1", json_path=tmp_path / "step.json")
+    assert result["value_checks"] is False
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert rows["baseline"]["ratio"] == 1.0
+    for variant in ("mkf-opt2", "mkf-qp", "mkf-qp, T=3 cycle"):
+        assert positive_time(rows[variant]["ms_per_step"]), rows[variant]
+        assert rows[variant]["ratio"] == pytest.approx(rows[variant]["ms_per_step"] / rows["baseline"]["ms_per_step"])
+    # What cannot run here is reported as skipped with the reason, not left out.
+    assert rows["mkf-qp-triton"]["skipped"] == "the Triton kernels do not run on cpu"
