@@ -525,9 +525,8 @@ def test_cpu_and_cuda_give_the_same_bits():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     generator = torch.Generator().manual_seed(7)
-    # The torch path is the same code on both devices; the fused CUDA path sums three or more
-    # duplicates in another (still deterministic) order and is compared with tolerances in
-    # test_kernels_bank.py.
+    # The torch path is the same code on both devices (the fused path is compared with it in
+    # test_kernels_bank.py).
     banks = {device: KnowledgeBank(16, 10, 1, device=device, backend="torch") for device in ("cpu", "cuda")}
     for step in range(4):
         index_a = torch.randint(0, 16, (24,), generator=generator)  # many duplicates
