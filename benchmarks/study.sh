@@ -27,10 +27,12 @@ mkdir -p "$checkpoints"
 common=(--dataset fashion-mnist --train-subset 7000 --validation-size 2000 --widths 8 16 32
         --epochs 60 --threads 1 --no-progress)
 [ -n "${DATA_DIR:-}" ] && common+=(--data-dir "$DATA_DIR")
-paper=(--mkf-loop cycle --full-teacher none --knowledge-from previous --beta 2 --beta-ramp 0
+# Every MKF configuration names T, the loop, the full network's teacher and beta, whatever
+# train.py's defaults are.
+paper=(--groups 3 --mkf-loop cycle --full-teacher none --knowledge-from previous --beta 2 --beta-ramp 0
        --temperature 1)
-candidate=(--mkf-loop joint --full-teacher self --beta 2 --beta-ramp 20)
-joint=(--mkf-loop joint --full-teacher none --knowledge-from previous --beta 2 --beta-ramp 0
+candidate=(--groups 3 --mkf-loop joint --full-teacher self --beta 2 --beta-ramp 20)
+joint=(--groups 3 --mkf-loop joint --full-teacher none --knowledge-from previous --beta 2 --beta-ramp 0
        --temperature 1)
 # Chosen on the validation images (tune phase, mkf-self-b05): one group, the full network taught
 # by its own fractioned mixed knowledge with beta 0.5.
@@ -60,14 +62,12 @@ tune)
     run mix-only 1 "${tune[@]}" --methods mix-only
     run st 1 "${tune[@]}" --methods st
     run mkf-paper 0 "${tune[@]}" --methods mkf-qp "${paper[@]}"
-    run mkf-joint 0 "${tune[@]}" --methods mkf-qp --mkf-loop joint --full-teacher none
+    run mkf-joint 0 "${tune[@]}" --methods mkf-qp "${joint[@]}"
     run mkf-joint-self-ramp 1 "${tune[@]}" --methods mkf-qp "${candidate[@]}"
-    run mkf-joint-fullknowledge 0 "${tune[@]}" --methods mkf-qp --mkf-loop joint \
-        --full-teacher self --beta-ramp 20 --knowledge-from full
-    run mkf-joint-t2 1 "${tune[@]}" --methods mkf-qp --mkf-loop joint --full-teacher none \
-        --temperature 2
-    run mkf-joint-beta05 1 "${tune[@]}" --methods mkf-qp --mkf-loop joint --full-teacher none \
-        --beta 0.5
+    run mkf-joint-fullknowledge 0 "${tune[@]}" --methods mkf-qp "${candidate[@]}" \
+        --knowledge-from full
+    run mkf-joint-t2 1 "${tune[@]}" --methods mkf-qp "${joint[@]}" --temperature 2
+    run mkf-joint-beta05 1 "${tune[@]}" --methods mkf-qp "${joint[@]}" --beta 0.5
     # No sub-networks (T = 1): the full network distils from its own fractioned mixed knowledge,
     # the one part of MKF the joint loop's diagnostics leave untested (its sub-network costs the
     # full network training accuracy; mixing alone is the best so far).
@@ -80,8 +80,7 @@ tune)
     wide=(--widths 16 32 64)
     run wide-baseline 0 "${tune[@]}" "${wide[@]}" --methods baseline
     run wide-mix-only 0 "${tune[@]}" "${wide[@]}" --methods mix-only
-    run wide-mkf-joint 1 "${tune[@]}" "${wide[@]}" --methods mkf-qp --mkf-loop joint \
-        --full-teacher none
+    run wide-mkf-joint 1 "${tune[@]}" "${wide[@]}" --methods mkf-qp "${joint[@]}"
     ;;
 final)
     # One run per seed, so every finished seed lands as it finishes; the queues take the

@@ -129,7 +129,7 @@ def rewrite_checkpoint(path, change):
         ("flip", [], "corrupted \\(SHA-256 mismatch\\)"),
         ("truncate", [], "corrupted \\(SHA-256 mismatch\\)"),
         ("garbage", [], "not a checkpoint of benchmarks/train.py"),
-        (None, ["--beta", "1.0"], "saved with other settings: --beta 2.0 \\(saved\\) vs 1.0"),
+        (None, ["--beta", "1.0"], "saved with other settings: --beta 0.5 \\(saved\\) vs 1.0"),
         ("bank", [], "the saved run does not fit this configuration"),
         ("model", [], "the saved run does not fit this configuration"),
     ],
@@ -199,8 +199,8 @@ def test_diagnostics_are_logged_per_epoch(studies):
 
 
 @pytest.mark.parametrize("options", [
-    ["--mkf-loop", "joint", "--full-teacher", "self", "--beta-ramp", "1"],
-    ["--knowledge-from", "full", "--max-age", "3", "--temperature", "2"],
+    ["--groups", "3", "--mkf-loop", "joint", "--full-teacher", "none", "--beta-ramp", "1"],
+    ["--groups", "2", "--knowledge-from", "full", "--max-age", "3", "--temperature", "2"],
 ])
 def test_validation_split_never_touches_the_test_set(tmp_path, monkeypatch, options):
     """With ``--evaluate validation`` the runs train on the subset less its last images and are

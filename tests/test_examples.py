@@ -45,7 +45,9 @@ def test_example_rejects_a_count_below_one_in_one_line(argument):
     assert error.endswith(f"argument {argument}: must be at least 1, got 0"), done.stderr
 
 
-def test_example_needs_a_sub_network_group():
-    done = run_example("--groups", "1")
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.splitlines()[-1].endswith("argument --groups: must be at least 2, got 1")
+@pytest.mark.slow
+def test_example_trains_sub_networks_with_more_groups():
+    done = run_example("--method", "mkf", "--epochs", "2", "--groups", "3")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    epochs = [EPOCH_LINE.fullmatch(line) for line in done.stdout.splitlines()[1:]]
+    assert len(epochs) == 2 and all(epochs) and float(epochs[-1].group(3)) > 50.0, done.stdout
