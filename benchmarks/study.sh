@@ -38,6 +38,8 @@ joint=(--groups 3 --mkf-loop joint --full-teacher none --knowledge-from previous
 # by its own fractioned mixed knowledge with beta 0.5.
 recommended=(--groups 1 --mkf-loop cycle --full-teacher self --beta 0.5 --beta-ramp 0
              --temperature 1)
+# Twice the width of the study's network (train.py's default widths).
+wide=(--widths 16 32 64)
 
 run() {  # run NAME QUEUE ARGS...: one configuration, if it belongs to this queue
     local name=$1 owner=$2
@@ -75,16 +77,25 @@ tune)
         --full-teacher self --beta 2
     run mkf-self-b05 1 "${tune[@]}" --methods mkf-qp --groups 1 --mkf-loop cycle \
         --full-teacher self --beta 0.5
-    # Twice the width (16-32-64, train.py's default): every distillation variant above costs the
-    # small network training accuracy; do sub-networks that keep more capacity change that?
-    wide=(--widths 16 32 64)
+    # Twice the width: every distillation variant above costs the small network training
+    # accuracy; does a network with capacity to spare change that?
     run wide-baseline 0 "${tune[@]}" "${wide[@]}" --methods baseline
     run wide-mix-only 0 "${tune[@]}" "${wide[@]}" --methods mix-only
     run wide-mkf-joint 1 "${tune[@]}" "${wide[@]}" --methods mkf-qp "${joint[@]}"
+    run wide-recommended 1 "${tune[@]}" "${wide[@]}" --methods mkf-qp "${recommended[@]}"
     ;;
 final)
     # One run per seed, so every finished seed lands as it finishes; the queues take the
     # comparisons that matter most (baseline, recommended, mixing alone) before the rest.
+    for seed in 0 1 2; do
+        run "wide-baseline-s$seed" 0 --seeds "$seed" --eval-every 5 "${wide[@]}" --methods baseline
+        run "wide-recommended-s$seed" 1 --seeds "$seed" --eval-every 5 "${wide[@]}" \
+            --methods mkf-qp "${recommended[@]}"
+    done
+    for seed in 0 1 2; do
+        run "wide-mix-only-s$seed" $((seed % 2)) --seeds "$seed" --eval-every 5 "${wide[@]}" \
+            --methods mix-only
+    done
     for seed in 0 1 2; do
         run "baseline-s$seed" 1 --seeds "$seed" --eval-every 5 --methods baseline
         run "recommended-s$seed" $((seed % 2)) --seeds "$seed" --eval-every 5 --methods mkf-qp \
@@ -106,6 +117,9 @@ other)
     for seed in 0 1 2; do
         run "baseline-s$seed" 1 --seeds "$seed" --eval-every 5 --methods baseline
         run "recommended-s$seed" 0 --seeds "$seed" --eval-every 5 --methods mkf-qp "${recommended[@]}"
+        run "wide-baseline-s$seed" 0 --seeds "$seed" --eval-every 5 "${wide[@]}" --methods baseline
+        run "wide-recommended-s$seed" 1 --seeds "$seed" --eval-every 5 "${wide[@]}" \
+            --methods mkf-qp "${recommended[@]}"
     done
     ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;
