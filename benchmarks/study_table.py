@@ -4,7 +4,8 @@
 
 Every configuration's runs (one JSON of train.py per seed, in PHASE/NAME-sSEED/ or PHASE/NAME/)
 are gathered; the table gives the last epoch's top-1 mean and sample standard deviation over
-the seeds, the difference to the baseline's mean, the full network's training accuracy (the
+the seeds, the difference to the baseline's mean (``wide-*`` configurations to
+``wide-baseline``'s), the full network's training accuracy (the
 generalisation gap), and the diagnostics of the last epoch (means over seeds).
 """
 
@@ -47,10 +48,23 @@ def summarise(configurations: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str,
             values = [entry[key] for entry in last if key in entry]
             row[key] = statistics.mean(values) if values else None
         rows.append(row)
-    baseline = next((row["top1_mean"] for row in rows if row["configuration"] == "baseline"), None)
+    means = {row["configuration"]: row["top1_mean"] for row in rows}
     for row in rows:
-        row["vs_baseline"] = None if baseline is None else row["top1_mean"] - baseline
+        baseline = baseline_of(row["configuration"], means)
+        row["vs_baseline"] = None if baseline is None else row["top1_mean"] - means[baseline]
     return rows
+
+
+def baseline_of(name: str, names) -> Any:
+    """The baseline a configuration is compared with: ``PREFIX-baseline`` for the longest prefix
+    of ``name`` that has one (``wide-mix-only`` -> ``wide-baseline``), else ``baseline``; None
+    when there is neither."""
+    parts = name.split("-")
+    for cut in range(len(parts) - 1, -1, -1):
+        candidate = "-".join(parts[:cut] + ["baseline"])
+        if candidate in names:
+            return candidate
+    return None
 
 
 TABLE = [

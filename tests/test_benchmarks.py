@@ -102,3 +102,34 @@ def test_bench_step_smoke_run_times_every_eager_variant(tmp_path):
         assert rows[variant]["ratio"] == pytest.approx(rows[variant]["ms_per_step"] / rows["baseline"]["ms_per_step"])
     # What cannot run here is reported as skipped with the reason, not left out.
     assert rows["mkf-qp-triton"]["skipped"] == "the Triton kernels do not run on cpu"
+
+
+def test_study_table_compares_each_configuration_with_its_own_baseline(tmp_path):
+    """Seeds are gathered by name, the mean and sample std are over seeds, and a ``wide-*``
+    configuration is compared with ``wide-baseline``, not with the narrow ``baseline``."""
+    def write(name, *top1):
+        folder = tmp_path / name
+        folder.mkdir()
+        runs = [{"top1": value, "seconds_per_epoch": 1.0, "history": [{"train_top1": 99.0}]}
+                for value in top1]
+        (folder / "train_fashion-mnist.json").write_text(json.dumps({"runs": runs}))
+
+    write("baseline-s0", 88.0)
+    write("baseline-s1", 89.0)
+    write("mix-only", 90.0)
+    write("wide-baseline", 91.0)
+    write("wide-mix-only-s0", 93.0)
+    write("wide-mix-only-s1", 92.0)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import study_table
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    rows = {row["configuration"]: row for row in study_table.summarise(study_table.gather(tmp_path))}
+    assert sorted(rows) == ["baseline", "mix-only", "wide-baseline", "wide-mix-only"]
+    assert rows["baseline"]["seeds"] == 2 and rows["baseline"]["top1_mean"] == pytest.approx(88.5)
+    assert rows["baseline"]["top1_std"] == pytest.approx(0.5 ** 0.5)
+    assert rows["mix-only"]["vs_baseline"] == pytest.approx(1.5)
+    assert rows["wide-mix-only"]["vs_baseline"] == pytest.approx(1.5)
+    assert rows["wide-baseline"]["vs_baseline"] == 0
+    assert study_table.baseline_of("st", {"wide-baseline"}) is None
