@@ -289,24 +289,24 @@ def check_index(value: Tensor, name: str, size: int, length: Optional[int] = Non
 
 
 def as_lam(
-    lam: Union[float, Tensor], batch: int, like: Tensor, name: str = "lam", dtype: Optional[torch.dtype] = None
+    lam: Union[float, Tensor], batch: int, device: torch.device, dtype: torch.dtype, name: str = "lam"
 ) -> Tensor:
-    """Return mixing weights as a Tensor[B] on the device of ``like``, with the dtype ``dtype``
-    (default: the dtype of ``like``).
+    """Return mixing weights as a Tensor[B] of ``dtype`` on ``device`` (the batch's).
 
-    ``lam`` is a number or a Tensor[B] (or a 0-d tensor) whose entries lie in [0, 1].
+    ``lam`` is a number or a Tensor[B] (or a 0-d tensor) whose entries lie in [0, 1]; a tensor
+    must already be on ``device``: a silent copy would be a host round trip per step.
     """
-    dtype = like.dtype if dtype is None else dtype
     if isinstance(lam, Tensor):
         check_floating(lam, name)
         if lam.dim() == 0:
             lam = lam.expand(batch)
         check_shape(lam, name, (batch,), f"number or Tensor[B] with B = {batch}")
-        check_same_device(lam, name, like, "the batch")
+        if lam.device != torch.device(device):
+            raise ValueError(f"`{name}` must be on {device}, the device of the batch, but got {lam.device}")
         check_in_range(lam, name, 0.0, 1.0)
         return lam.to(dtype)
     check_in_range(lam, name, 0.0, 1.0)
-    return torch.full((batch,), float(lam), dtype=dtype, device=like.device)
+    return torch.full((batch,), float(lam), dtype=dtype, device=device)
 
 
 def check_tensor_list(

@@ -424,9 +424,7 @@ class KnowledgeBank(nn.Module):
         batch = index_a.shape[0] if isinstance(index_a, Tensor) else 0
         self._check_pair(index_a, index_b, lam, batch)
         out = check_device(device, "device") if device is not None else index_a.device
-        # lam in float32 on `out`, where index_a lies unless `device` says otherwise.
-        like = index_a if index_a.device == out else torch.empty(0, device=out)
-        weight = None if index_b is None else as_lam(lam, batch, like, dtype=torch.float32)
+        weight = None if index_b is None else as_lam(lam, batch, out, torch.float32)
         if self._fused(out):
             from mkfkit.kernels import bank as bank_kernels  # imports Triton
 
@@ -483,7 +481,7 @@ class KnowledgeBank(nn.Module):
         check_distribution_rows(probs, "probs")  # within distribution_tolerance of their dtype
         check_storable(fraction)
         if index_b is not None:
-            lam = as_lam(lam, batch, probs, dtype=torch.float32)
+            lam = as_lam(lam, batch, probs.device, torch.float32)
 
         if self.sync == "all_gather" and distributed_world_size(self.process_group) > 1:
             probs, index_a, index_b, lam = self._all_gather(group, probs, index_a, index_b, lam)

@@ -170,7 +170,7 @@ def _prepare(
     dtype = mixed.dtype
     if compute != dtype:
         mixed, base_a, base_b = mixed.to(compute), base_a.to(compute), base_b.to(compute)
-    return mixed, base_a, base_b, as_lam(lam, mixed.shape[0], mixed), dtype
+    return mixed, base_a, base_b, as_lam(lam, mixed.shape[0], mixed.device, mixed.dtype), dtype
 
 
 def _linear_divisor(weight: Tensor) -> Tensor:

@@ -315,7 +315,7 @@ def mixup(images: Tensor, partner: Tensor, lam: Union[float, Tensor]) -> Tensor:
     _check_images(images)
     _check_partner(partner, images)
     if isinstance(lam, Tensor):
-        weight: Union[float, Tensor] = as_lam(lam, images.shape[0], images).view(-1, 1, 1, 1)
+        weight: Union[float, Tensor] = as_lam(lam, images.shape[0], images.device, images.dtype).view(-1, 1, 1, 1)
     else:
         check_in_range(lam, "lam", 0.0, 1.0)
         weight = float(lam)

@@ -51,11 +51,13 @@ def test_distribution_rows():
 
 
 def test_as_lam_broadcasts_number_and_checks_tensor():
-    like = torch.zeros(3, 2, dtype=torch.float64)
-    lam = _checks.as_lam(0.25, 3, like)
+    lam = _checks.as_lam(0.25, 3, torch.device("cpu"), torch.float64)
     assert lam.dtype == torch.float64 and lam.tolist() == [0.25] * 3
+    assert _checks.as_lam(torch.tensor(0.5), 2, torch.device("cpu"), torch.float32).tolist() == [0.5] * 2
     with pytest.raises(ValueError, match=r"`lam` must be a number or Tensor\[B\] with B = 3"):
-        _checks.as_lam(torch.zeros(2), 3, like)
+        _checks.as_lam(torch.zeros(2), 3, torch.device("cpu"), torch.float64)
+    with pytest.raises(ValueError, match=r"`lam` must be on cpu, the device of the batch, but got meta"):
+        _checks.as_lam(torch.zeros(3, device="meta"), 3, torch.device("cpu"), torch.float32)
 
 
 def test_tensor_list_returns_a_list_of_the_same_tensors():
@@ -125,7 +127,7 @@ def test_numpy_scalars_are_numbers_and_ints():
     with pytest.raises(TypeError, match=r"`n` must be an int, but got .*3.0.* \(float64\)"):
         _checks.check_positive_int(np.float64(3.0), "n")
     with pytest.raises(ValueError, match=r"`lam` must lie in \[0, 1\], but got 1.5"):
-        _checks.as_lam(np.float32(1.5), 2, torch.zeros(2, 2))
+        _checks.as_lam(np.float32(1.5), 2, torch.device("cpu"), torch.float32)
 
 
 def test_messages_show_enough_digits_to_see_the_fault():
