@@ -60,6 +60,12 @@ run() {  # run NAME QUEUE ARGS...: one configuration, if it belongs to this queu
     echo "$(date -u +%FT%TZ) $phase/$name: done"
 }
 
+wide_pair() {  # wide_pair SEED: the wide baseline (queue 0) and recommended configuration (queue 1)
+    run "wide-baseline-s$1" 0 --seeds "$1" --eval-every 5 "${wide[@]}" --methods baseline
+    run "wide-recommended-s$1" 1 --seeds "$1" --eval-every 5 "${wide[@]}" --methods mkf-qp \
+        "${recommended[@]}"
+}
+
 case $phase in
 tune)
     tune=(--evaluate validation --seeds 0 --eval-every 5)
@@ -91,9 +97,7 @@ final)
     # One run per seed, so every finished seed lands as it finishes; the queues take the
     # comparisons that matter most (baseline, recommended, mixing alone) before the rest.
     for seed in 0 1 2; do
-        run "wide-baseline-s$seed" 0 --seeds "$seed" --eval-every 5 "${wide[@]}" --methods baseline
-        run "wide-recommended-s$seed" 1 --seeds "$seed" --eval-every 5 "${wide[@]}" \
-            --methods mkf-qp "${recommended[@]}"
+        wide_pair "$seed"
     done
     for seed in 0 1 2; do
         run "wide-mix-only-s$seed" $((seed % 2)) --seeds "$seed" --eval-every 5 "${wide[@]}" \
@@ -125,9 +129,7 @@ other)
     for seed in 0 1 2; do
         run "baseline-s$seed" 1 --seeds "$seed" --eval-every 5 --methods baseline
         run "recommended-s$seed" 0 --seeds "$seed" --eval-every 5 --methods mkf-qp "${recommended[@]}"
-        run "wide-baseline-s$seed" 0 --seeds "$seed" --eval-every 5 "${wide[@]}" --methods baseline
-        run "wide-recommended-s$seed" 1 --seeds "$seed" --eval-every 5 "${wide[@]}" \
-            --methods mkf-qp "${recommended[@]}"
+        wide_pair "$seed"
     done
     ;;
 *) echo "unknown phase $phase" >&2; exit 2 ;;

@@ -17,7 +17,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Collection, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
@@ -55,7 +55,7 @@ def summarise(configurations: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str,
     return rows
 
 
-def baseline_of(name: str, names) -> Any:
+def baseline_of(name: str, names: Collection[str]) -> Optional[str]:
     """The baseline a configuration is compared with: ``PREFIX-baseline`` for the longest prefix
     of ``name`` that has one (``wide-mix-only`` -> ``wide-baseline``), else ``baseline``; None
     when there is neither."""

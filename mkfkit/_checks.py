@@ -301,7 +301,7 @@ def as_lam(
         if lam.dim() == 0:
             lam = lam.expand(batch)
         check_shape(lam, name, (batch,), f"number or Tensor[B] with B = {batch}")
-        if lam.device != torch.device(device):
+        if lam.device != device:
             raise ValueError(f"`{name}` must be on {device}, the device of the batch, but got {lam.device}")
         check_in_range(lam, name, 0.0, 1.0)
         return lam.to(dtype)

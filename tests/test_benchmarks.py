@@ -16,6 +16,8 @@ from _subprocess import script_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import study_table  # noqa: E402
 
 
 def run_benchmark(script, *arguments, json_path):
@@ -120,11 +122,6 @@ def test_study_table_compares_each_configuration_with_its_own_baseline(tmp_path)
     write("wide-baseline", 91.0)
     write("wide-mix-only-s0", 93.0)
     write("wide-mix-only-s1", 92.0)
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import study_table
-    finally:
-        sys.path.remove(str(BENCHMARKS))
     rows = {row["configuration"]: row for row in study_table.summarise(study_table.gather(tmp_path))}
     assert sorted(rows) == ["baseline", "mix-only", "wide-baseline", "wide-mix-only"]
     assert rows["baseline"]["seeds"] == 2 and rows["baseline"]["top1_mean"] == pytest.approx(88.5)
