@@ -1,4 +1,5 @@
-"""Copies to a device that do not stall the host: tensors and index vectors."""
+"""Devices: copies that do not stall the host (tensors and index vectors), and a device named
+without its index resolved to the one it means."""
 
 from __future__ import annotations
 
@@ -25,3 +26,12 @@ def to_device(tensor: Tensor, device: Union[str, torch.device]) -> Tensor:
 def indices_on(index: Tensor, device: Union[str, torch.device]) -> Tensor:
     """``index`` as int64 on ``device``; a copy from the host does not stall it (:func:`to_device`)."""
     return to_device(index.to(torch.int64), device)
+
+
+def resolved(device: Union[str, torch.device]) -> torch.device:
+    """``device`` with its index: ``"cuda"`` means the current CUDA device, ``cuda:0`` say, and a
+    tensor made there reports ``cuda:0``; compared unresolved, the two would differ."""
+    device = torch.device(device)
+    if device.index is None and device.type not in ("cpu", "meta"):
+        return torch.empty(0, device=device).device  # allocates nothing, does not synchronise
+    return device

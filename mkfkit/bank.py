@@ -33,7 +33,7 @@ from mkfkit._checks import (
     format_number,
     value_checks_enabled,
 )
-from mkfkit._devices import indices_on as _indices_on
+from mkfkit._devices import indices_on as _indices_on, resolved
 from mkfkit.distributed import all_gather_uneven, distributed_world_size
 from mkfkit.fraction import (
     DEFAULT_FRACTION,
@@ -423,7 +423,7 @@ class KnowledgeBank(nn.Module):
         self._check_group(group)
         batch = index_a.shape[0] if isinstance(index_a, Tensor) else 0
         self._check_pair(index_a, index_b, lam, batch)
-        out = check_device(device, "device") if device is not None else index_a.device
+        out = resolved(check_device(device, "device")) if device is not None else index_a.device
         weight = None if index_b is None else as_lam(lam, batch, out, torch.float32)
         if self._fused(out):
             from mkfkit.kernels import bank as bank_kernels  # imports Triton

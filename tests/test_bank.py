@@ -517,6 +517,11 @@ def test_cpu_bank_serves_a_cuda_caller():
     target = on_cpu.target(0, torch.arange(20), device="cuda")
     assert target.probs.device.type == "cuda"
     assert torch.equal(target.probs, on_gpu.target(0, torch.arange(20, device="cuda")).probs)
+    # A mixed batch's lam on the device named without its index ("cuda" is cuda:0 here).
+    lam = torch.rand(20, generator=generator).cuda()
+    mixed = on_cpu.target(0, torch.arange(20), torch.arange(20).flip(0), lam, device="cuda")
+    ids = torch.arange(20, device="cuda")
+    assert torch.equal(mixed.probs, on_gpu.target(0, ids, ids.flip(0), lam).probs)
     for name, value in snapshot(on_gpu).items():
         assert torch.equal(value.cpu(), snapshot(on_cpu)[name]), name
 

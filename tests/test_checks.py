@@ -152,3 +152,12 @@ def test_distribution_tolerance_follows_the_dtype(dtype, tolerance):
     _checks.check_distribution_rows(torch.tensor([[row_sum, 0.0]], dtype=dtype), "p")
     with pytest.raises(ValueError, match=r"`p` must hold probability rows \(each summing to 1 within"):
         _checks.check_distribution_rows(torch.tensor([[1 + 3 * tolerance, 0.0]], dtype=dtype), "p")
+
+
+def test_a_device_named_without_index_resolves_to_the_one_it_means():
+    from mkfkit._devices import resolved
+
+    assert resolved("cpu") == torch.device("cpu") and resolved(torch.device("meta")) == torch.device("meta")
+    if torch.cuda.is_available():
+        assert resolved("cuda") == torch.zeros(1, device="cuda").device
+        assert resolved("cuda:0") == torch.device("cuda", 0)
