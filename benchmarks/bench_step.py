@@ -28,7 +28,7 @@ training run: they synchronise the GPU.
 ``--small`` (CPU): a ResNet with two blocks per stage on 8x8 images, batch 8, for a smoke run.
 
     python benchmarks/bench_step.py [--quick] [--small] [--device auto|cpu|cuda] [--threads N]
-                                    [--json PATH]
+                                    [--only TEXT] [--json PATH]
 """
 
 from __future__ import annotations
@@ -299,6 +299,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
+    parser.add_argument("--only", default="", help="only the settings whose name contains this text")
     default_json = Path(__file__).resolve().parent / "out" / "step.json"
     parser.add_argument("--json", default=str(default_json))
     args = parser.parse_args(argv)
@@ -309,6 +310,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     mkfkit.set_value_checks(False)
     repeats, steps = (3, 3) if args.quick else (5, 10)
     settings = cuda_settings(args.quick) if device.type == "cuda" else cpu_settings(args.quick, args.small)
+    settings = [setting for setting in settings if args.only in setting["name"]]
     variants = ["baseline", "mkf-opt2", "mkf-qp", "mkf-qp-triton", "mkf-cvxpylayers",
                 "mkf-qp, T=3 cycle"]
     if not args.no_compile:
