@@ -14,8 +14,8 @@
 # images only; "final" and "other" are the only phases that touch the test set. "other" trains
 # on images 20,000-24,999 (validation 25,000-26,999) to check the recommended configuration
 # (and at twice the width mixing alone) on images it was not tuned on. Environment: DATA_DIR
-# (the Fashion-MNIST IDX files),
-# CHECKPOINTS (default benchmarks/study/checkpoints), CORE (taskset core; default the queue).
+# (the Fashion-MNIST IDX files), CHECKPOINTS (default benchmarks/study/checkpoints), CORE
+# (taskset core; default the queue).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 phase=${1:?usage: study.sh tune|final|other QUEUE [NAME-PATTERN]}
