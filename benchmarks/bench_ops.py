@@ -12,8 +12,8 @@ a leaf tensor.
 On the CPU the bank and the fraction take the eager torch path (``backend="torch"``); the counts
 are the same on any device for that path. With ``--device cuda`` the default path
 (``backend="auto"``: the bank's fused read and write kernels, the QP's fused kernel) is counted
-too, with the Triton launches beside the aten operations. Value checks off (as in a tuned run)
-and on.
+too, and for both paths the kernels and copies the GPU runs (the profiler's CUDA events, the
+Triton kernels among them). Value checks off (as in a tuned run) and on.
 
     python benchmarks/bench_ops.py [--device cpu|cuda] [--batch 64] [--classes 10] [--top 0]
                                    [--json PATH]
