@@ -118,22 +118,20 @@ def count(batch: int, classes: int, fraction: str, storage: str, checks: bool,
     strategy = make_fraction(fraction, backend)
     row: Dict[str, object] = dict(fraction=fraction, storage=storage, value_checks=checks,
                                   backend=backend, B=batch, C=classes)
+    def step(mixed_ce: bool, enter=lambda phase: None) -> None:
+        logits.grad = None
+        bookkeeping(bank, strategy, logits, mixed, enter=enter, mixed_ce=mixed_ce)
+
     with mkfkit.value_checks(checks):
-        bookkeeping(bank, strategy, logits, mixed)  # first call: lazy imports, caches, kernels
-        for mixed_ce in (False, True):
-            logits.grad = None
-            counter = OpCounter()
+        step(True)  # first call: lazy imports, caches, kernels
+        own, with_ce = OpCounter(), OpCounter()
+        for counter, mixed_ce in ((own, False), (with_ce, True)):
             with counter:
-                bookkeeping(bank, strategy, logits, mixed, enter=counter.enter, mixed_ce=mixed_ce)
-            if mixed_ce:
-                row["ops_with_ce"] = sum(counter.counts.values())
-            else:
-                row.update(ops=sum(counter.counts.values()), by_op=dict(counter.counts.most_common()),
-                           **{phase: counter.phases[phase] for phase in PHASES})
-            if device.type == "cuda":
-                logits.grad = None
-                row["kernels_with_ce" if mixed_ce else "kernels"] = gpu_kernels(
-                    lambda: bookkeeping(bank, strategy, logits, mixed, mixed_ce=mixed_ce))
+                step(mixed_ce, counter.enter)
+        row.update(ops=sum(own.counts.values()), ops_with_ce=sum(with_ce.counts.values()),
+                   by_op=dict(own.counts.most_common()), **{phase: own.phases[phase] for phase in PHASES})
+        if device.type == "cuda":
+            row.update(kernels=gpu_kernels(lambda: step(False)), kernels_with_ce=gpu_kernels(lambda: step(True)))
     return row
 
 
