@@ -93,6 +93,10 @@ tune)
     run wide-mix-only 0 "${tune[@]}" "${wide[@]}" --methods mix-only
     run wide-mkf-joint 1 "${tune[@]}" "${wide[@]}" --methods mkf-qp "${joint[@]}"
     run wide-recommended 1 "${tune[@]}" "${wide[@]}" --methods mkf-qp "${recommended[@]}"
+    # Two groups: the full network and one half-depth sub-network on every step, between the
+    # recommended configuration (no sub-networks) and the joint loop (one of two sub-networks).
+    run mkf-joint-g2 0 "${tune[@]}" --methods mkf-qp "${joint[@]}" --groups 2
+    run wide-mkf-joint-g2 0 "${tune[@]}" "${wide[@]}" --methods mkf-qp "${joint[@]}" --groups 2
     ;;
 final)
     # One run per seed, so every finished seed lands as it finishes; the queues take the
