@@ -73,15 +73,21 @@ def check_classes(logits: Tensor, name: str) -> None:
 def _scaled_log_softmax(scores: Tensor, temperature: float) -> Tensor:
     """``log_softmax(scores / T)`` without overflow for small ``T``; entries may be ``-inf``.
 
-    The row maximum (finite: a row of finite scores, or of log-probabilities, some ``-inf``) is
-    subtracted before the division, so a large ``scores / T`` cannot overflow to ``inf`` (and
-    then ``inf - inf = NaN``); the maximum itself becomes exactly 0 whatever ``T``. A shift of
-    the whole row leaves the log-softmax unchanged, so no gradient flows through the maximum
-    (taken without autograd: no detached copy to make).
+    ``log_softmax`` subtracts the row maximum itself; only the division before it can overflow,
+    and only for ``T < 1``: a large ``scores / T`` becomes ``inf`` (and then ``inf - inf =
+    NaN``). Below 1 the row maximum (finite: a row of finite scores, or of log-probabilities,
+    some ``-inf``) is subtracted first, taken without autograd (a shift of the whole row leaves
+    the log-softmax unchanged, so no gradient flows through it). From 1 on the division cannot
+    overflow and the shift would be two operations more on every call; at ``T = 1`` the division
+    is skipped too, being exact.
     """
-    with torch.no_grad():
-        top = scores.amax(dim=-1, keepdim=True)
-    return ((scores - top) / temperature).log_softmax(dim=-1)
+    if temperature < 1.0:
+        with torch.no_grad():
+            top = scores.amax(dim=-1, keepdim=True)
+        scores = (scores - top) / temperature
+    elif temperature > 1.0:
+        scores = scores / temperature
+    return scores.log_softmax(dim=-1)
 
 
 def _softened_teacher(teacher: Tensor, temperature: float, teacher_kind: str) -> tuple[Tensor, Tensor]:
