@@ -114,6 +114,13 @@ final)
         run "wide-mkf-joint-s$seed" $((seed / 2)) --seeds "$seed" --eval-every 5 "${wide[@]}" \
             --methods mkf-qp "${joint[@]}"
     done
+    # Two groups was the best wide configuration on validation (tune/wide-mkf-joint-g2, 91.05,
+    # 0.80 above mixing alone; tried after the wide table was run): does the sub-network add to
+    # the mixing on the test set?
+    for seed in 0 1 2; do
+        run "wide-mkf-joint-g2-s$seed" $((seed % 2)) --seeds "$seed" --eval-every 5 "${wide[@]}" \
+            --methods mkf-qp "${joint[@]}" --groups 2
+    done
     for seed in 0 1 2; do
         run "wide-mkf-paper-qp-s$seed" 0 --seeds "$seed" --eval-every 5 "${wide[@]}" --methods mkf-qp \
             "${paper[@]}"
