@@ -6,8 +6,10 @@ That is what MKF adds to a training step with mixing; issue 18 counts it so ("MK
 second count adds ``mixed_cross_entropy``, which a mixup baseline pays as well ("with mixed CE").
 Every aten operation that reaches the dispatcher is counted (a ``TorchDispatchMode``; views
 and in-place operations included, as each is a call the host makes and, on a GPU, most are a
-kernel launch). The model's own forward and backward are not part of the count: the logits are
-a leaf tensor.
+kernel launch). Views among them (``OpOverload.is_view``: ``view``, ``unsqueeze``, ``select``,
+``expand``, ``detach``, ...) only make a new tensor header and launch nothing; the column "of
+which views" counts them. The model's own forward and backward are not part of the count: the
+logits are a leaf tensor.
 
 On the CPU the bank and the fraction take the eager torch path (``backend="torch"``); the counts
 are the same on any device for that path. With ``--device cuda`` the default path
@@ -50,12 +52,14 @@ def make_fraction(name: str, backend: str):
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the aten operations dispatched while it is active, by name."""
+    """Counts the aten operations dispatched while it is active, by name and phase, and how many
+    of them are views."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter = Counter()
         self.phases: Counter = Counter()
+        self.views = 0
         self.phase = ""
 
     def enter(self, phase: str) -> None:
@@ -65,6 +69,7 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func.overloadpacket)] += 1
         self.phases[self.phase] += 1
+        self.views += func.is_view
         return func(*args, **(kwargs or {}))
 
 
@@ -128,7 +133,7 @@ def count(batch: int, classes: int, fraction: str, storage: str, checks: bool,
         for counter, mixed_ce in ((own, False), (with_ce, True)):
             with counter:
                 step(mixed_ce, counter.enter)
-        row.update(ops=sum(own.counts.values()), ops_with_ce=sum(with_ce.counts.values()),
+        row.update(ops=sum(own.counts.values()), views=own.views, ops_with_ce=sum(with_ce.counts.values()),
                    by_op=dict(own.counts.most_common()), **{phase: own.phases[phase] for phase in PHASES})
         if device.type == "cuda":
             row.update(kernels=gpu_kernels(lambda: step(False)), kernels_with_ce=gpu_kernels(lambda: step(True)))
@@ -154,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     columns = [("backend", "backend", "<"), ("fraction", "fraction", "<"), ("bank storage", "storage", "<"),
                ("value checks", "value_checks", "<"), ("B", "B", "d"), ("C", "C", "d"),
                *((phase, phase, "d") for phase in PHASES), ("MKF's own", "ops", "d"),
-               ("with mixed CE", "ops_with_ce", "d")]
+               ("of which views", "views", "d"), ("with mixed CE", "ops_with_ce", "d")]
     if device.type == "cuda":
         columns += [("GPU kernels", "kernels", "d"), ("GPU kernels with mixed CE", "kernels_with_ce", "d")]
     print_table(rows, columns, title="aten operations of one step's bookkeeping (target, kd, backward, "
