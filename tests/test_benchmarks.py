@@ -73,8 +73,9 @@ def test_bench_projection_times_every_search(tmp_path):
         assert cell["auto_over_best"] == pytest.approx(cell[f"{cell['auto']}_ms"] / min(times))
 
 
-# benchmarks/RESULTS.md (issue 18): MKF's own bookkeeping, then with the mixed CE; the views
-# among the first (no kernel) for OPT2, then the QP (its projection unbinds the bounds).
+# benchmarks/RESULTS.md (issue 18): MKF's own bookkeeping, then with the mixed CE, by bank
+# storage; the views among MKF's own (no kernel launch), by fraction (the QP's projection
+# unbinds its bounds: one view more).
 OPS_PER_STEP = {"float32": (133, 154), "bfloat16": (140, 161)}
 VIEWS_PER_STEP = {"linear": 28, "qp": 29}
 
