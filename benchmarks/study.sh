@@ -67,9 +67,17 @@ wide_pair() {  # wide_pair SEED: the wide baseline (queue 0) and recommended con
         "${recommended[@]}"
 }
 
+# KD-ATFF (RESULTS, "Does KD-ATFF work?"): train.py's defaults are the paper's settings (two
+# branches splitting before the last stage, T = 3, theta = beta = 1, no attention warm-up).
+kdatff=(--eval-every 5 "${wide[@]}")
+
 case $phase in
 tune)
-    tune=(--evaluate validation --seeds 0 --eval-every 5)
+    tune=(--evaluate validation --seeds 0)
+    # KD-ATFF as the paper sets it, and with compound mixing (what helped in the MKF study).
+    run wide-kdatff 0 "${tune[@]}" "${kdatff[@]}" --methods kdatff
+    run wide-kdatff-mix 1 "${tune[@]}" "${kdatff[@]}" --methods kdatff-mix
+    tune+=(--eval-every 5)
     run baseline 0 "${tune[@]}" --methods baseline
     run mix-only 1 "${tune[@]}" --methods mix-only
     run st 1 "${tune[@]}" --methods st

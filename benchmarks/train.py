@@ -90,7 +90,6 @@ exactly with the same number of processes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import hashlib
 import io
@@ -105,7 +104,7 @@ from typing import Any, Dict, Iterator, List, NoReturn, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -115,25 +114,15 @@ from datasets import (  # noqa: E402
     DATASETS, FASHION_MNIST_DIR, DatasetError, ImageData, load_dataset,
 )
 
-from mkfkit._devices import to_device  # noqa: E402
-from mkfkit.attention import AttentionTransferLoss  # noqa: E402
-from mkfkit.bank import KnowledgeBank  # noqa: E402
+from methods import METHODS, MULTI_NETWORK_METHODS  # noqa: E402
+from methods.run import Run  # noqa: E402
+
 from mkfkit.depth import DepthSampler, recalibrate_batchnorm  # noqa: E402
-from mkfkit.distill import kd_loss  # noqa: E402
-from mkfkit.distributed import all_gather_uneven  # noqa: E402
-from mkfkit.fraction import DominantFraction, LinearFraction, QPFraction  # noqa: E402
-from mkfkit.fusion import FeatureFusionTeacher, online_distillation_loss  # noqa: E402
-from mkfkit.mixing import CompoundMix, mixed_cross_entropy  # noqa: E402
-from mkfkit.models import MultiBranchResNet, ResNet  # noqa: E402
+from mkfkit._devices import to_device  # noqa: E402
+from mkfkit.models import ResNet  # noqa: E402
 
 DEFAULT_METHODS = ["baseline", "mkf-opt2", "mkf-qp", "kdatff"]
-ALL_METHODS = DEFAULT_METHODS + ["mkf-nofraction", "mkf-nomix", "mix-only", "st"]
-FRACTIONS = {
-    "mkf-opt2": LinearFraction,
-    "mkf-qp": QPFraction,
-    "mkf-nofraction": DominantFraction,
-    "mkf-nomix": LinearFraction,
-}
+ALL_METHODS = list(METHODS)
 CHECKPOINT_MAGIC = b"mkfkit-train-checkpoint-v1\n"
 
 
@@ -207,6 +196,20 @@ def build_parser() -> OneLineParser:
         help="MKF: the full network (group 0) distils from its own stored knowledge (chosen on "
              "validation images: benchmarks/RESULTS.md, 'Does MKF work?'), or gets none (the "
              "paper)")
+    add("--branches", type=int, default=2, metavar="N",
+        help="KD-ATFF and its controls: branches of the multi-branch network (dml: networks)")
+    add("--shared-stages", type=int, default=None, metavar="S",
+        help="multi-branch methods: lower stages the branches share (default: all but the "
+             "last, as ONE and KD-ATFF split; 0: only the stem)")
+    add("--online-temperature", type=float, default=3.0, metavar="T",
+        help="multi-branch methods: temperature of the KL to the ensemble teacher (the paper: 3)")
+    add("--theta", type=float, default=1.0,
+        help="multi-branch methods: weight of the KL to the ensemble teacher (the paper: 1)")
+    add("--attention-weight", type=float, default=1.0,
+        help="KD-ATFF: weight of the attention transfer (the paper's beta: 1)")
+    add("--attention-warmup", type=float, default=0.0, metavar="FRACTION",
+        help="KD-ATFF: ramp the attention transfer in linearly over this fraction of the steps "
+             "(0: none, as in the paper)")
     add("--device", default="auto",
         help="auto (cuda if there is one, else cpu), cpu, cuda or cuda:N; under torchrun "
              "each process takes the GPU of its local rank")
@@ -255,18 +258,27 @@ def argument_problems(args: argparse.Namespace) -> Iterator[str]:
         if value is not None and value < minimum:
             yield f"{option} must be >= {minimum}, but got {value}"
     positive = [("--lr", args.lr), ("--temperature", args.temperature),
+                ("--online-temperature", args.online_temperature),
                 ("--collective-timeout", args.collective_timeout)]
     for option, value in positive:
         if not value > 0:  # NaN too
             yield f"{option} must be > 0, but got {value}"
     for option, value in [("--weight-decay", args.weight_decay), ("--beta", args.beta),
-                          ("--beta-ramp", args.beta_ramp)]:
+                          ("--beta-ramp", args.beta_ramp), ("--theta", args.theta),
+                          ("--attention-weight", args.attention_weight)]:
         if not value >= 0:
             yield f"{option} must be >= 0, but got {value}"
     if not 0 < args.bank_momentum <= 1:
         yield f"--bank-momentum must lie in (0, 1], but got {args.bank_momentum}"
-    if not 0 <= args.warmup <= 1:
-        yield f"--warmup must lie in [0, 1] (a fraction of the steps), but got {args.warmup}"
+    for option, value in [("--warmup", args.warmup), ("--attention-warmup", args.attention_warmup)]:
+        if not 0 <= value <= 1:
+            yield f"{option} must lie in [0, 1] (a fraction of the steps), but got {value}"
+    multi = [method for method in args.methods if method in MULTI_NETWORK_METHODS]
+    if multi and args.branches < 2:
+        yield f"--branches must be >= 2 for {', '.join(multi)}, but got {args.branches}"
+    if args.shared_stages is not None and not 0 <= args.shared_stages < len(args.blocks):
+        yield (f"--shared-stages must lie in [0, {len(args.blocks) - 1}] (fewer than the "
+               f"{len(args.blocks)} stages of --blocks), but got {args.shared_stages}")
     for option, values in [("--methods", args.methods), ("--seeds", args.seeds)]:
         repeated = sorted({str(value) for value in values if values.count(value) > 1})
         if repeated:
@@ -413,84 +425,18 @@ def in_batches(images: Tensor, batch_size: int = 1000):
 # One run = one method with one seed. `Run` holds every stateful object of the training loop.
 
 
-@dataclasses.dataclass
-class Run:
-    method: str
-    seed: int
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    data_generator: torch.Generator  # epoch permutations and augmentation
-    mix: Optional[CompoundMix] = None
-    sampler: Optional[DepthSampler] = None
-    bank: Optional[KnowledgeBank] = None
-    fraction: Any = None
-    attention: Optional[AttentionTransferLoss] = None
-    fusion: Optional[FeatureFusionTeacher] = None
-    stages: Optional[List[List[nn.Module]]] = None  # ST: the model's stages of blocks
-    # The model and fusion teacher as a training step calls them: under torchrun wrapped in
-    # DistributedDataParallel, which averages the gradients over the processes; else themselves.
-    train_model: Optional[nn.Module] = None
-    train_fusion: Optional[nn.Module] = None
-    # loop state
-    step: int = 0  # optimiser steps taken
-    last_write: Optional[Tensor] = None  # MKF: step of the last write of each knowledge row
-    stats: Dict[str, Tensor] = dataclasses.field(default_factory=dict)  # this epoch's sums
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    order: Optional[Tensor] = None  # the current epoch's permutation
-    train_seconds: float = 0.0
-    loss_sum: Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))
-    history: List[Dict[str, float]] = dataclasses.field(default_factory=list)
-
-    def stateful(self) -> Dict[str, Any]:
-        """Every object with a state_dict, by name (None for those this method does not use)."""
-        names = ["model", "optimizer", "scheduler", "mix", "sampler", "bank", "attention", "fusion"]
-        return {name: getattr(self, name) for name in names}
-
-
 def build_run(method: str, seed: int, args: argparse.Namespace, data: ImageData) -> Run:
-    device = torch.device(args.device)
     torch.manual_seed(seed)  # the model's initial weights
-    steps = args.epochs * steps_per_epoch(data, args)
-    warmup_steps = round(args.warmup * steps)
-    common = dict(num_classes=data.num_classes, in_channels=data.in_channels,
-                  blocks=args.blocks, widths=args.widths)
-    if method == "kdatff":
-        model = MultiBranchResNet(num_branches=2, **common).to(device)
-    else:
-        model = ResNet(**common).to(device)
-    run = Run(method, seed, model, None, None, torch.Generator().manual_seed(seed))  # type: ignore
-    parameters = list(model.parameters())
-
-    if method.startswith("mkf") or method == "mix-only":
-        mix_prob = 0.0 if method == "mkf-nomix" else 0.5
-        # One seed on every process: all mix their batches alike (the bank gathers the partners
-        # of every process, so per-process mixing would work too), and the mixer's state stays
-        # the same everywhere, which the first process's checkpoint relies on.
-        run.mix = CompoundMix(mix_prob=mix_prob, warmup_steps=warmup_steps,
-                              generator=torch.Generator().manual_seed(seed + 1))
-    if method.startswith("mkf"):
-        # One seed on every process: every process trains the same sub-network at each step.
-        run.sampler = DepthSampler.from_model(model, num_groups=args.groups, seed=seed + 2)
-        # Under torchrun every process folds the rows of all processes into its bank (one
-        # all-gather per update), so the banks stay identical; alone the sync does nothing.
-        run.bank = KnowledgeBank(len(data.train_labels), data.num_classes, args.groups,
-                                 momentum=args.bank_momentum, device=device, sync="all_gather")
-        run.fraction = FRACTIONS[method]()
-        run.last_write = torch.full((args.groups, len(data.train_labels)), -1, device=device)
-    if method == "st":
-        run.sampler = DepthSampler.from_model(model, num_groups=1, seed=seed + 2)
-        run.stages = [list(stage) for stage in model.layers()]
-    if method == "kdatff":
-        run.attention = AttentionTransferLoss(warmup_steps=warmup_steps)
-        run.fusion = FeatureFusionTeacher(model.feature_channels, model.num_branches).to(device)
-        parameters += list(run.fusion.parameters())
-
-    run.train_model, run.train_fusion = run.model, run.fusion  # replicate() wraps them
+    run = Run(method, seed, None, None, None, torch.Generator().manual_seed(seed),  # type: ignore
+              steps=args.epochs * steps_per_epoch(data, args))
+    METHODS[method].build(run, args, data)
+    parameters = list(run.model.parameters())
+    if run.teacher is not None:
+        parameters += list(run.teacher.parameters())
+    run.train_model, run.train_teacher = run.model, run.teacher  # replicate() wraps them
     run.optimizer = torch.optim.SGD(parameters, lr=args.lr, momentum=0.9, nesterov=True,
                                     weight_decay=args.weight_decay)
-    run.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(run.optimizer, T_max=steps)
+    run.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(run.optimizer, T_max=run.steps)
     return run
 
 
@@ -506,8 +452,8 @@ def replicate(run: Run) -> None:
     # sub-network's backward runs apart from the full network's.
     run.train_model = DistributedDataParallel(run.model, device_ids=device_ids,
                                               find_unused_parameters=run.sampler is not None)
-    if run.fusion is not None:
-        run.train_fusion = DistributedDataParallel(run.fusion, device_ids=device_ids)
+    if run.teacher is not None:
+        run.train_teacher = DistributedDataParallel(run.teacher, device_ids=device_ids)
 
 
 def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
@@ -517,135 +463,13 @@ def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training steps. Each takes one batch and returns the loss; the caller steps the optimiser.
-
-
-def baseline_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor) -> Tensor:
-    if run.mix is None:
-        loss = F.cross_entropy(run.train_model(images), labels)
-    else:  # mix-only
-        batch = run.mix(images, labels, indices)
-        loss = mixed_cross_entropy(run.train_model(batch.images), batch)
-    loss.backward()
-    return loss
-
-
-def add_stat(run: Run, name: str, value: Tensor) -> None:
-    """Accumulate a diagnostic of this epoch (a tensor: no host synchronisation per step)."""
-    run.stats[name] = run.stats.get(name, 0) + value.detach().float().cpu()
-
-
-def current_beta(run: Run, args: argparse.Namespace, per_epoch: int) -> float:
-    if args.beta_ramp == 0:
-        return args.beta
-    return args.beta * min(1.0, run.step / (args.beta_ramp * per_epoch))
-
-
-def teacher_group_of(group: int, args: argparse.Namespace) -> Optional[int]:
-    """Which group's knowledge teaches ``group`` (None: cross-entropy only)."""
-    if group == 0:
-        return 0 if args.full_teacher == "self" else None
-    return group - 1 if args.knowledge_from == "previous" else 0
-
-
-def mkf_loss(run: Run, logits: Tensor, batch, group: int, args: argparse.Namespace,
-             per_epoch: int) -> Tensor:
-    """Mixed CE + beta * KL(composite knowledge of the teaching group || output); then the
-    output is split by the fraction and folded into this group's knowledge."""
-    loss = mixed_cross_entropy(logits, batch)
-    add_stat(run, "ce", loss)
-    teacher_group = teacher_group_of(group, args)
-    if teacher_group is not None:
-        # Read the teacher before this group's update, so it never contains the current output.
-        teacher = run.bank.target(teacher_group, batch.index_a, batch.index_b, batch.lam)
-        written = run.last_write[teacher_group]
-        # Age of the composite knowledge: steps since each side was written, weighted by lam.
-        age = run.step - (batch.lam * written[batch.index_a]
-                          + (1 - batch.lam) * written[batch.index_b])
-        weight = teacher.mask  # rows whose knowledge is not known yet carry no teacher
-        if args.max_age:
-            weight = weight & (age <= args.max_age)
-        kd = kd_loss(logits, teacher.probs, args.temperature, teacher_kind="probs",
-                     weight=weight)
-        loss = loss + current_beta(run, args, per_epoch) * kd
-        add_stat(run, "kd", kd)
-        add_stat(run, "kd_steps", torch.ones(()))
-        add_stat(run, "age_sum", (age * weight).sum())
-        add_stat(run, "age_rows", weight.sum())
-    probs = logits.detach().float().softmax(dim=1)
-    if batch.op != "none":
-        # How far the fraction moves the clean estimates from the stored bases (L1 per row).
-        bases = [run.bank.target(group, index) for index in (batch.index_a, batch.index_b)]
-        split = run.fraction(probs, bases[0].probs, bases[1].probs, batch.lam)
-        known = bases[0].mask & bases[1].mask
-        moved = ((split.a - bases[0].probs).abs().sum(1) + (split.b - bases[1].probs).abs().sum(1))
-        add_stat(run, "fraction_sum", (moved / 2 * known).sum())
-        add_stat(run, "fraction_rows", known.sum())
-    run.bank.update(group, probs, batch.index_a, batch.index_b, batch.lam, fraction=run.fraction)
-    # The bank took the rows of every process: so does the record of when they were written.
-    index_a, index_b, lam = all_gather_uneven([batch.index_a, batch.index_b, batch.lam])
-    run.last_write[group, index_a[lam > 0]] = run.step
-    run.last_write[group, index_b[lam < 1]] = run.step
-    return loss
-
-
-def mkf_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
-             args: argparse.Namespace, per_epoch: int) -> Tensor:
-    batch = run.mix(images, labels, indices)  # unmixed batches come back with lam = 1
-    if args.mkf_loop == "cycle":
-        with run.sampler.sample() as subnet:  # groups 0, 1, 2, 0, 1, 2, ...
-            loss = mkf_loss(run, run.train_model(batch.images), batch, subnet.group, args,
-                            per_epoch)
-            loss.backward()
-        return loss
-    # joint: the full network on every step, then a sampled sub-network (group 1 or 2).
-    full_loss = mkf_loss(run, run.train_model(batch.images), batch, 0, args, per_epoch)
-    full_loss.backward()
-    with run.sampler.sample(include_full=False) as subnet:
-        sub_loss = mkf_loss(run, run.train_model(batch.images), batch, subnet.group, args,
-                            per_epoch)
-        sub_loss.backward()
-    return full_loss + sub_loss
-
-
-def st_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
-    """Stimulative Training: CE on the full network, then KL(full, detached || sub-network) on a
-    sub-network that drops a uniform number of trailing blocks per stage; no CE on the
-    sub-network, weight 1, temperature 1, no stored knowledge."""
-    full_logits = run.train_model(images)
-    loss = F.cross_entropy(full_logits, labels)
-    loss.backward()
-    with run.sampler.apply(run.sampler.draw_trailing(run.stages)):
-        kd = kd_loss(run.train_model(images), full_logits.detach(), teacher_kind="logits")
-        kd.backward()
-    add_stat(run, "ce", loss)
-    add_stat(run, "kd", kd)
-    add_stat(run, "kd_steps", torch.ones(()))
-    return loss + kd
-
-
-def kdatff_step(run: Run, images: Tensor, labels: Tensor) -> Tensor:
-    out = run.train_model(images)  # logits of each branch and the output of each branch block
-    attention = sum(run.attention(block_features) for block_features in out.features)
-    last_block = [block_features[-1] for block_features in out.features]
-    teacher_logits, _ = run.train_fusion(last_block, out.logits)
-    loss = online_distillation_loss(out.logits, teacher_logits, labels, temperature=3.0,
-                                    attention_loss=attention).total
-    loss.backward()  # also advances the attention loss's warm-up ramp
-    return loss
+# Training steps: each method's own is in methods/ (the loop to read and copy).
 
 
 def train_step(run: Run, images: Tensor, labels: Tensor, indices: Tensor,
                args: argparse.Namespace, per_epoch: int) -> Tensor:
     run.optimizer.zero_grad()
-    if run.method == "kdatff":
-        loss = kdatff_step(run, images, labels)
-    elif run.method.startswith("mkf"):
-        loss = mkf_step(run, images, labels, indices, args, per_epoch)
-    elif run.method == "st":
-        loss = st_step(run, images, labels)
-    else:
-        loss = baseline_step(run, images, labels, indices)
+    loss = METHODS[run.method].step(run, images, labels, indices, args, per_epoch)
     run.optimizer.step()
     run.scheduler.step()
     run.step += 1
@@ -665,7 +489,7 @@ def evaluate(run: Run, data: ImageData) -> Dict[str, float]:
         # Sub-network passes and mixed batches shifted the BatchNorm statistics; re-estimate them
         # for the full net (on every process from the same images).
         recalibrate_batchnorm(run.model, in_batches(data.train_images, 500), num_samples=2000)
-    modules = [module for module in (run.model, run.fusion) if module is not None]
+    modules = [module for module in (run.model, run.teacher) if module is not None]
     for module in modules:
         if launched_processes()[2] > 1:
             # The processes share the weights but each kept the BatchNorm statistics of its own
@@ -683,30 +507,65 @@ def evaluate(run: Run, data: ImageData) -> Dict[str, float]:
 
 
 def accuracies(run: Run, images: Tensor, labels: Tensor) -> Dict[str, float]:
-    names = ["top1", "ensemble_top1"] if run.method == "kdatff" else ["top1"]
-    correct = torch.zeros(len(names), dtype=torch.int64, device=labels.device)  # on the device
+    """Top-1 in percent of every output the method evaluates (``top1``: the deployed network;
+    multi-network methods add the ensemble and each branch, and ``ensemble_minus_best_branch``)."""
+    outputs = METHODS[run.method].outputs
+    correct: Optional[Tensor] = None  # on the device: one transfer at the end
     rank, _, processes = launched_processes()
     share = slice(rank, None, processes)
     for image_batch, label_batch in zip(in_batches(images[share]), in_batches(labels[share])):
-        if run.method == "kdatff":
-            out = run.model(image_batch)
-            teacher_logits, _ = run.fusion([f[-1] for f in out.features], out.logits)
-            outputs = [out.logits[0], teacher_logits]
-        else:
-            outputs = [run.model(image_batch)]
-        correct += torch.stack([(logits.argmax(1) == label_batch).sum() for logits in outputs])
+        logits = outputs(run, image_batch)
+        counts = torch.stack([(value.argmax(1) == label_batch).sum() for value in logits.values()])
+        correct = counts if correct is None else correct + counts
     if processes > 1:
         dist.all_reduce(correct)
-    return {name: 100.0 * int(count) / len(labels) for name, count in zip(names, correct)}
+    result = {name: 100.0 * int(count) / len(labels) for name, count in zip(logits, correct)}
+    branches = [value for name, value in result.items() if re.fullmatch(r"branch\d+_top1", name)]
+    if branches:
+        result["ensemble_minus_best_branch"] = result["ensemble_top1"] - max(branches)
+    return result
+
+
+# Diagnostics summed once per step, reported as their mean per step: the multi-network
+# methods' teacher cross-entropy, attention term (weighted, ramp included) and the branches'
+# disagreement (mkfkit.fusion.branch_disagreement: KL and share of differing predictions).
+PER_STEP_DIAGNOSTICS = ("ce", "teacher_ce", "attention", "disagreement_kl", "disagreement_top1")
+
+
+@torch.no_grad()
+def deployment_cost(run: Run, data: ImageData) -> Dict[str, Dict[str, int]]:
+    """Parameters and FLOPs per image (multiply-adds count 2, torch's FLOP counter) of what a
+    user deploys: ``single``, the method's one network (for multi-network methods branch or
+    network 0, the baseline's size), and ``ensemble``, everything evaluation runs (every
+    network, and the ensemble teacher)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = data.test_images[:1]
+    single = METHODS[run.method].deployed(run)
+    whole = [module for module in (run.model, run.teacher) if module is not None]
+    cost = {}
+    for name, modules, forward in (
+        ("single", [single], lambda: single(image)),
+        ("ensemble", whole, lambda: METHODS[run.method].outputs(run, image)),
+    ):
+        modes = [module.training for module in modules]
+        for module in modules:
+            module.eval()
+        with FlopCounterMode(display=False) as counter:
+            forward()
+        for module, mode in zip(modules, modes):
+            module.train(mode)
+        cost[name] = {"parameters": sum(p.numel() for m in modules for p in m.parameters()),
+                      "flops": counter.get_total_flops()}
+    return cost
 
 
 def epoch_diagnostics(run: Run, per_epoch: int) -> Dict[str, float]:
-    """This epoch's means: CE and KD terms per step (KD unweighted by beta), the age in steps of
-    the knowledge that taught, how far the fraction moved estimates from the stored bases."""
+    """This epoch's means: the loss terms per step (CE; KD unweighted by beta or theta; see
+    PER_STEP_DIAGNOSTICS), the age in steps of the knowledge that taught, how far the fraction
+    moved estimates from the stored bases."""
     stats = {name: float(value) for name, value in run.stats.items()}
-    out: Dict[str, float] = {}
-    if "ce" in stats:
-        out["ce"] = stats["ce"] / per_epoch
+    out = {name: stats[name] / per_epoch for name in PER_STEP_DIAGNOSTICS if name in stats}
     if stats.get("kd_steps"):
         out["kd"] = stats["kd"] / stats["kd_steps"]
     if stats.get("age_rows"):
@@ -728,7 +587,9 @@ class CheckpointError(Exception):
 CONFIG_KEYS = ["dataset", "train_subset", "train_offset", "validation_size", "evaluate",
                "methods", "seeds", "epochs", "batch_size", "lr", "weight_decay", "blocks",
                "widths", "beta", "beta_ramp", "temperature", "knowledge_from", "max_age",
-               "bank_momentum", "groups", "warmup", "mkf_loop", "full_teacher", "processes"]
+               "bank_momentum", "groups", "warmup", "mkf_loop", "full_teacher", "processes",
+               "branches", "shared_stages", "online_temperature", "theta", "attention_weight",
+               "attention_warmup"]
 # What checkpoints written before a setting was recorded ran with.
 UNRECORDED_SETTINGS = {"processes": 1}
 
@@ -1125,6 +986,7 @@ def study_main(args: argparse.Namespace) -> int:
         study["results"][key] = {
             "method": method, "seed": seed, "history": run.history,
             "top1": run.history[-1]["top1"], "seconds_per_epoch": run.train_seconds / args.epochs,
+            "deployment": deployment_cost(run, data),
         }
         if args.processes > 1:
             study["results"][key]["process_state_sha256"] = agreed_state_digests(run, key)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mkfkit._checks import (
     check_floating,
+    check_distribution_rows,
     check_in_range,
     check_index,
     check_positive_int,
@@ -33,6 +34,7 @@ from mkfkit.distill import batch_mean, check_classes, check_temperature, kd_loss
 
 __all__ = [
     "FeatureFusionTeacher",
+    "BranchGate",
     "BranchDisagreement",
     "branch_disagreement",
     "OnlineDistillationLoss",
@@ -45,6 +47,18 @@ def _check_logits_list(logits: Sequence[Tensor], name: str, count: Optional[int]
     checked = check_tensor_list(logits, name, "Tensor[B, K]", 2, count=count, same="shape")
     check_classes(checked[0], f"{name}[0]")
     return torch.stack(checked)
+
+
+def _weighted_branches(scores: Tensor, stacked: Tensor) -> tuple[Tensor, Tensor]:
+    """The ensemble teacher of both teachers: ``w = softmax(scores)`` over the branches and
+    ``z_e = sum_a w_a z_a`` from Tensor[B, n] scores and Tensor[n, B, K] branch logits, in
+    float32 (float64 for float64 inputs) with autocast off: the weights must sum to 1 to the
+    precision of the logits they mix."""
+    dtype = compute_dtype(scores, stacked)
+    with torch.autocast(scores.device.type, enabled=False):
+        weights = scores.to(dtype).softmax(dim=1)
+        teacher = torch.einsum("bn,nbk->bk", weights, stacked.to(dtype))
+    return teacher, weights
 
 
 class FeatureFusionTeacher(nn.Module):
@@ -159,17 +173,66 @@ class FeatureFusionTeacher(nn.Module):
         if self.detach_logits:
             stacked = stacked.detach()
         scores = self.scores(self.pool(self.central(fused)).flatten(1))
-        dtype = compute_dtype(scores, stacked)
-        with torch.autocast(scores.device.type, enabled=False):
-            weights = scores.to(dtype).softmax(dim=1)
-            teacher = torch.einsum("bn,nbk->bk", weights, stacked.to(dtype))
-        return teacher, weights
+        return _weighted_branches(scores, stacked)
 
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, num_branches={self.num_branches}, "
             f"detach_features={self.detach_features}, detach_logits={self.detach_logits}"
         )
+
+
+class BranchGate(nn.Module):
+    r"""ONE's gate: the ensemble teacher of On-the-Fly Native Ensemble (Lan et al., 2018), the
+    control KD-ATFF's fusion teacher replaces.
+
+    ``forward(shared, logits)``: the shared layers' output (the input of every branch) is
+    average-pooled, a linear layer gives one score per branch, then BatchNorm and ReLU; a
+    softmax over the branches gives the weights ``w`` and the teacher logits are
+    :math:`z_e = \sum_a w_a z_a`, as in :class:`FeatureFusionTeacher`. Where the fusion teacher
+    looks at what each branch computed (their last-block maps), the gate sees only what they all
+    start from.
+
+    Args:
+        in_channels: channels of the shared feature map.
+        num_branches: number of branches ``n >= 2``.
+
+    Shapes:
+        shared: Tensor[B, C, H, W]; logits: list of ``n`` Tensor[B, K]. Returns
+        ``(teacher_logits, weights)``: Tensor[B, K] and Tensor[B, n] (rows sum to 1).
+
+    Example:
+        >>> gate = BranchGate(in_channels=32, num_branches=2)
+        >>> logits = [torch.randn(8, 10), torch.randn(8, 10)]
+        >>> teacher, weights = gate(torch.randn(8, 32, 16, 16), logits)
+        >>> teacher.shape, weights.shape, bool(torch.allclose(weights.sum(1), torch.ones(8)))
+        (torch.Size([8, 10]), torch.Size([8, 2]), True)
+    """
+
+    def __init__(self, in_channels: int, num_branches: int) -> None:
+        super().__init__()
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.num_branches = check_positive_int(num_branches, "num_branches", minimum=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.scores = nn.Linear(in_channels, num_branches)
+        self.norm = nn.BatchNorm1d(num_branches)
+
+    def forward(self, shared: Tensor, logits: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        check_floating(shared, "shared")
+        check_shape(shared, "shared", (None, self.in_channels, None, None),
+                    f"Tensor[B, {self.in_channels}, H, W]")
+        stacked = _check_logits_list(logits, "logits", self.num_branches)
+        if stacked.shape[1] != shared.shape[0]:
+            raise ValueError(
+                f"`logits` must have the batch size of `shared` ({shared.shape[0]}), "
+                f"but got {stacked.shape[1]}"
+            )
+        check_same_device(stacked, "logits", shared, "shared")
+        scores = F.relu(self.norm(self.scores(self.pool(shared).flatten(1))))
+        return _weighted_branches(scores, stacked)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, num_branches={self.num_branches}"
 
 
 class BranchDisagreement(NamedTuple):
@@ -258,7 +321,9 @@ def online_distillation_loss(
     Args:
         branch_logits: list of ``n`` Tensor[B, K].
         teacher_logits: Tensor[B, K] fused teacher (from :class:`FeatureFusionTeacher`).
-        targets: LongTensor[B] class indices.
+        targets: LongTensor[B] class indices, or Tensor[B, K] probability rows (e.g. the mixed
+            targets of a compound-mixed batch, :meth:`~mkfkit.mixing.MixedBatch.soft_targets`:
+            the cross-entropy is linear in the target, so this is the mixed cross-entropy).
         temperature: KD temperature ``T`` in ``(0, 100]`` (paper: 3).
         theta: weight of the KL terms ``>= 0``.
         beta: weight of the attention term ``>= 0``.
@@ -278,7 +343,12 @@ def online_distillation_loss(
     check_floating(teacher_logits, "teacher_logits")
     check_shape(teacher_logits, "teacher_logits", (batch, classes), f"Tensor[B, K] = ({batch}, {classes})")
     check_same_device(teacher_logits, "teacher_logits", stacked, "branch_logits")
-    check_index(targets, "targets", classes, length=batch)
+    if targets.is_floating_point():
+        check_shape(targets, "targets", (batch, classes),
+                    f"Tensor[B] of class indices or Tensor[B, K] = ({batch}, {classes}) of probabilities")
+        check_distribution_rows(targets, "targets")
+    else:
+        check_index(targets, "targets", classes, length=batch)
     check_same_device(targets, "targets", stacked, "branch_logits")
     check_temperature(temperature)
     check_in_range(theta, "theta", 0.0, float("inf"), high_open=True)
@@ -293,7 +363,10 @@ def online_distillation_loss(
 
     with torch.autocast(stacked.device.type, enabled=False):
         flat = stacked.to(dtype).flatten(0, 1)
-        branch_ce = F.cross_entropy(flat, targets.repeat(count), reduction="none").view(count, batch)
+        if targets.is_floating_point():
+            targets = targets.to(dtype)
+        repeated = targets.repeat(count, *[1] * (targets.dim() - 1))
+        branch_ce = F.cross_entropy(flat, repeated, reduction="none").view(count, batch)
         teacher_ce = batch_mean(F.cross_entropy(teacher_logits.to(dtype), targets, reduction="none"))
         kd = kd_loss(
             flat,

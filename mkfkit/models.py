@@ -166,10 +166,14 @@ class BranchOutput(NamedTuple):
         logits: one Tensor[B, num_classes] per branch.
         features: per branch, the output Tensor[B, C_m, H_m, W_m] of each of its blocks in
             order; ``features[a][-1]`` is branch ``a``'s last-block feature map.
+        shared: the output Tensor[B, C, H, W] of the shared layers (the stem and the shared
+            stages), which every branch starts from: what ONE's gate
+            (:class:`~mkfkit.fusion.BranchGate`) weighs the branches by.
     """
 
     logits: List[Tensor]
     features: List[List[Tensor]]
+    shared: Tensor
 
 
 class MultiBranchResNet(nn.Module):
@@ -196,6 +200,8 @@ class MultiBranchResNet(nn.Module):
         >>> out = model(torch.randn(4, 1, 8, 8))
         >>> len(out.logits), out.logits[0].shape, out.features[1][-1].shape
         (2, torch.Size([4, 10]), torch.Size([4, 16, 4, 4]))
+        >>> out.shared.shape[1] == model.shared_channels  # what ONE's gate weighs by
+        True
     """
 
     def __init__(
@@ -237,6 +243,10 @@ class MultiBranchResNet(nn.Module):
         self.fcs = nn.ModuleList(nn.Linear(widths[-1], num_classes) for _ in range(num_branches))
         self.num_branches = num_branches
         self.feature_channels = widths[-1]
+        self.shared_channels = channels
+        self.num_classes = num_classes
+        self.architecture = (num_classes, in_channels, tuple(blocks), tuple(widths))
+        self.shared_stages = shared_stages
         _init_weights(self)
 
     def forward(self, x: Tensor) -> BranchOutput:
@@ -250,4 +260,53 @@ class MultiBranchResNet(nn.Module):
                 block_outputs.append(out)
             features.append(block_outputs)
             logits.append(fc(torch.flatten(self.avgpool(out), 1)))
-        return BranchOutput(logits, features)
+        return BranchOutput(logits, features, shared)
+
+    def branch(self, index: int) -> ResNet:
+        """Branch ``index`` on its own, as the :class:`ResNet` it is: what is deployed after
+        online distillation.
+
+        The result is a copy (the shared layers, the branch's own stages and its classifier,
+        parameters and BatchNorm statistics alike) on this model's device and dtype, in this
+        model's training mode; ``branch(a)(x)`` equals ``self(x).logits[a]``. Later training of
+        either does not change the other, and the global random state is left as it was.
+
+        Example:
+            >>> model = MultiBranchResNet(10, 1, blocks=(1, 2), widths=(8, 16)).eval()
+            >>> x = torch.randn(4, 1, 8, 8)
+            >>> torch.allclose(model.branch(1)(x), model(x).logits[1])
+            True
+        """
+        index = check_positive_int(index, "index", minimum=0)
+        if index >= self.num_branches:
+            raise ValueError(
+                f"`index` must be an int in [0, {self.num_branches - 1}], but got {index}"
+            )
+        num_classes, in_channels, blocks, widths = self.architecture
+        with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten below
+            single = ResNet(num_classes, in_channels, blocks, widths)
+        # Where each of the branch's blocks sits in the single network: (stage, block).
+        places = [(stage, block) for stage in range(self.shared_stages, len(blocks))
+                  for block in range(blocks[stage])]
+        renamed = {}
+        for name, value in self.state_dict().items():
+            head, _, rest = name.partition(".")
+            if head in ("conv1", "bn1"):
+                renamed[name] = value
+            elif head == "shared":
+                stage, _, rest = rest.partition(".")
+                renamed[f"layer{int(stage) + 1}.{rest}"] = value
+            elif head in ("branches", "fcs"):
+                owner, _, rest = rest.partition(".")
+                if int(owner) != index:
+                    continue
+                if head == "fcs":
+                    renamed[f"fc.{rest}"] = value
+                else:
+                    position, _, rest = rest.partition(".")
+                    stage, block = places[int(position)]
+                    renamed[f"layer{stage + 1}.{block}.{rest}"] = value
+        parameter = self.conv1.weight
+        single = single.to(device=parameter.device, dtype=parameter.dtype)
+        single.load_state_dict(renamed)  # strict: every tensor of the single network is set
+        return single.train(self.training)
