@@ -6,7 +6,11 @@ Every configuration's runs (one JSON of train.py per seed, in PHASE/NAME-sSEED/ 
 are gathered; the table gives the last epoch's top-1 mean and sample standard deviation over
 the seeds, the difference to the baseline's mean (``wide-*`` configurations to
 ``wide-baseline``'s), the full network's training accuracy (the
-generalisation gap), and the diagnostics of the last epoch (means over seeds).
+generalisation gap), and the diagnostics of the last epoch (means over seeds). The methods
+that train several networks (KD-ATFF and its controls) get a second table: the ensemble's top-1
+and its lead over the best branch, the loss terms, the branches' disagreement, and the cost of
+what is deployed (branch 0 alone, and the whole ensemble) with the time per epoch against the
+baseline's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from typing import Any, Collection, Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
-DIAGNOSTICS = ("kd", "knowledge_age", "fraction_l1")
+# Of the last epoch, means over seeds: MKF's (kd, knowledge_age, fraction_l1) and the
+# multi-network methods' (train.py's accuracies and PER_STEP_DIAGNOSTICS).
+DIAGNOSTICS = ("kd", "knowledge_age", "fraction_l1", "ce", "teacher_ce", "attention",
+               "disagreement_kl", "disagreement_top1", "ensemble_top1", "ensemble_minus_best_branch")
 
 
 def gather(phase: Path) -> Dict[str, List[Dict[str, Any]]]:
@@ -47,11 +54,17 @@ def summarise(configurations: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str,
         for key in DIAGNOSTICS:
             values = [entry[key] for entry in last if key in entry]
             row[key] = statistics.mean(values) if values else None
+        for network in ("single", "ensemble"):  # the same in every seed: the architecture's
+            costs = [run["deployment"][network] for run in runs if "deployment" in run]
+            row[f"{network}_parameters"] = costs[0]["parameters"] if costs else None
+            row[f"{network}_mflops"] = costs[0]["flops"] / 1e6 if costs else None
         rows.append(row)
-    means = {row["configuration"]: row["top1_mean"] for row in rows}
+    by_name = {row["configuration"]: row for row in rows}
     for row in rows:
-        baseline = baseline_of(row["configuration"], means)
-        row["vs_baseline"] = None if baseline is None else row["top1_mean"] - means[baseline]
+        baseline = by_name.get(baseline_of(row["configuration"], by_name))
+        row["vs_baseline"] = None if baseline is None else row["top1_mean"] - baseline["top1_mean"]
+        row["time_vs_baseline"] = (None if baseline is None else
+                                   row["seconds_per_epoch"] / baseline["seconds_per_epoch"])
     return rows
 
 
@@ -79,6 +92,26 @@ TABLE = [
     ("s/epoch", "seconds_per_epoch", ".1f"),
 ]
 
+# The methods that train several networks (KD-ATFF, its controls): what a user deploys and why
+# the ensemble teaches what it does.
+ENSEMBLE_TABLE = [
+    ("configuration", "configuration", "<"),
+    ("branch 0", lambda row: f"{row['top1_mean']:.2f}", ""),
+    ("ensemble", "ensemble_top1", ".2f"),
+    ("ens. - best branch", "ensemble_minus_best_branch", "+.2f"),
+    ("CE", "ce", ".3f"),
+    ("teacher CE", "teacher_ce", ".3f"),
+    ("KL", "kd", ".3f"),
+    ("attention", "attention", ".4f"),
+    ("disagree KL", "disagreement_kl", ".3f"),
+    ("disagree top-1", "disagreement_top1", ".3f"),
+    ("params (branch 0 / all)",
+     lambda row: f"{row['single_parameters']:,} / {row['ensemble_parameters']:,}", ""),
+    ("MFLOPs (branch 0 / all)",
+     lambda row: f"{row['single_mflops']:.1f} / {row['ensemble_mflops']:.1f}", ""),
+    ("x baseline time", "time_vs_baseline", ".2f"),
+]
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -90,6 +123,10 @@ def main() -> int:
         print(f"error: no finished runs under {args.phase}", file=sys.stderr)
         return 2
     print_table(rows, TABLE, title=f"{args.phase.name}: last-epoch top-1, mean ± std over seeds")
+    ensembles = [row for row in rows if row["ensemble_top1"] is not None]
+    if ensembles:
+        print_table(ensembles, ENSEMBLE_TABLE, title=f"{args.phase.name}: the multi-network "
+                    "methods, last epoch, means over seeds (CE per branch; KL unweighted)")
     if args.json:
         write_json(args.json, {"phase": str(args.phase), "rows": rows})
     return 0

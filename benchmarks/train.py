@@ -1,7 +1,9 @@
 """Train a small residual network with the baseline, MKF and KD-ATFF, and compare them.
 
-This is mkfkit's usage example: a plain training loop in which every mkfkit block is called
-by hand. Read `mkf_step` for MKF and `kdatff_step` for KD-ATFF.
+This is the driver (arguments, data, torchrun, checkpoints, evaluation, the tables); the
+training step of every method, the plain loop in which every mkfkit block is called by hand,
+is in ``benchmarks/methods/``, one module per family: read ``methods/mkf.py`` for MKF and
+``methods/branches.py`` for KD-ATFF.
 
     python benchmarks/train.py                        # digits, 4 methods x 3 seeds, a few minutes
     python benchmarks/train.py --dataset fashion-mnist --epochs 15 --train-subset 10000 \\
@@ -11,21 +13,36 @@ by hand. Read `mkf_step` for MKF and `kdatff_step` for KD-ATFF.
 
 Methods (``--methods``; the first four run by default):
 
-* ``baseline``: cross-entropy on the full network.
-* ``mkf-opt2``: MKF (compound mixing, depth sub-networks, knowledge bank, distillation from
-  the next larger group) with the paper's linear fraction OPT2.
+* ``baseline`` (``methods/baseline.py``): cross-entropy on the full network.
+* ``mkf-opt2`` (``methods/mkf.py``): MKF (compound mixing, depth sub-networks, knowledge bank,
+  distillation from the next larger group) with the paper's linear fraction OPT2.
 * ``mkf-qp``: MKF with the exact QP fraction (the paper's OPT1, solved in closed form).
-* ``kdatff``: two branches with attention transfer, a feature-fusion teacher and online
-  distillation; the accuracy reported is branch 0's (same size as the baseline network),
-  the fused ensemble's is in the JSON.
+* ``kdatff`` (``methods/branches.py``): two branches with attention transfer, a feature-fusion
+  teacher and online distillation; the accuracy reported (``top1``) is branch 0's, the network
+  a user deploys (the baseline's size); the fused ensemble's and each branch's are in the JSON.
 * ablations in the spirit of the MKF paper's Table 4: ``mkf-nofraction`` (the mixed output
   updates the dominant image's knowledge as is), ``mkf-nomix`` (no compound mixing),
   ``mix-only`` (compound mixing and cross-entropy, no distillation).
-* ``st``: Stimulative Training, the MKF authors' earlier method and the control a reviewer asks
-  for: every step the full network trains with cross-entropy, then one sub-network that drops
-  a uniformly drawn number of trailing blocks per stage (``DepthSampler.draw_trailing``) trains
-  with ``KL(full network's detached output || sub-network)``, weight 1, temperature 1; no
-  mixing, no stored knowledge, no cross-entropy on the sub-network.
+* ``st`` (``methods/st.py``): Stimulative Training, the MKF authors' earlier method and the
+  control a reviewer asks for: every step the full network trains with cross-entropy, then one
+  sub-network that drops a uniformly drawn number of trailing blocks per stage
+  (``DepthSampler.draw_trailing``) trains with ``KL(full network's detached output ||
+  sub-network)``, weight 1, temperature 1; no mixing, no stored knowledge, no cross-entropy on
+  the sub-network.
+* KD-ATFF's published controls and ablations (``methods/branches.py``, ``methods/dml.py``):
+  ``dml`` (Deep Mutual Learning: independent networks of the baseline's size, each with CE plus
+  KL to the others' detached outputs), ``one`` (ONE: the branches with ONE's gate as the
+  ensemble teacher, no attention transfer), ``kdatff-noat`` (fusion teacher, no attention
+  transfer), ``kdatff-nofusion`` (attention transfer, ONE's gate as teacher), ``multibranch``
+  (the branches with CE only: capacity without distillation) and ``kdatff-mix`` (KD-ATFF with
+  compound mixing, not in the paper).
+
+KD-ATFF's choices (docs/METHOD.md, its table of open points), the paper's values by default:
+``--branches`` (2), ``--shared-stages`` (all but the last), ``--online-temperature`` (3),
+``--theta`` (1, the KL to the teacher), ``--attention-weight`` (1, the paper's beta),
+``--attention-warmup`` (0: the attention term at full weight from the first step). Every
+method shares the driver's SGD with cosine schedule (``--lr``, ``--epochs``), not the paper's
+step schedule, so that all methods train alike.
 
 The defaults are the configuration the Fashion-MNIST study chose on its validation images
 (benchmarks/RESULTS.md, "Does MKF work?"): **one depth group** (``--groups 1``: no
@@ -62,7 +79,11 @@ Diagnostics, logged per epoch in the JSON: ``train_top1`` (the full network on 2
 training images: is it overfitting?), ``ce`` and ``kd`` (the mean loss terms; ``kd`` without
 beta), ``knowledge_age`` (steps since the teaching knowledge was written, weighted by lam) and
 ``fraction_l1`` (how far the fraction moves the clean estimates from the stored bases, half
-the L1 distance).
+the L1 distance). The multi-network methods add ``teacher_ce``, ``attention`` (the weighted
+attention term), ``disagreement_kl`` and ``disagreement_top1`` (how different the branches'
+predictions are), and at evaluation ``ensemble_top1``, ``branchN_top1`` and
+``ensemble_minus_best_branch``; every run records in ``deployment`` the parameters and FLOPs
+per image of the network deployed (branch 0 alone) and of the whole ensemble.
 
 Output: a progress bar, a table (top-1 mean and sample standard deviation over seeds, training
 seconds per epoch, time relative to the baseline), and in ``--out`` a JSON file and a PNG plot
@@ -114,7 +135,7 @@ from datasets import (  # noqa: E402
     DATASETS, FASHION_MNIST_DIR, DatasetError, ImageData, load_dataset,
 )
 
-from methods import METHODS, MULTI_NETWORK_METHODS  # noqa: E402
+from methods import ATTENTION_METHODS, METHODS, MULTI_NETWORK_METHODS  # noqa: E402
 from methods.run import Run  # noqa: E402
 
 from mkfkit.depth import DepthSampler, recalibrate_batchnorm  # noqa: E402
@@ -124,6 +145,7 @@ from mkfkit.models import ResNet  # noqa: E402
 DEFAULT_METHODS = ["baseline", "mkf-opt2", "mkf-qp", "kdatff"]
 ALL_METHODS = list(METHODS)
 CHECKPOINT_MAGIC = b"mkfkit-train-checkpoint-v1\n"
+OUT = Path(__file__).resolve().parent / "out"  # the default --out
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -217,8 +239,10 @@ def build_parser() -> OneLineParser:
     # and on a 2-core machine shared with another job two threads ran 2.7x slower than one.
     add("--threads", type=int, default=1,
         help="CPU threads for torch per process (raise it for big models)")
-    add("--out", default=str(Path(__file__).resolve().parent / "out"), metavar="DIR",
-        help="folder for the JSON file and the plot")
+    add("--out", default=None, metavar="DIR",
+        help="folder for the JSON file and the plot (default: benchmarks/out; under torchrun "
+             "with P processes benchmarks/out/torchrun-P, so that a multi-process run does not "
+             "overwrite a single-process run's files)")
     add("--checkpoint", default=None, metavar="PATH", help="save the study here after every epoch")
     add("--resume", action="store_true", help="continue the study saved in --checkpoint")
     add("--checkpoint-every", type=int, default=None, metavar="N",
@@ -237,6 +261,9 @@ def build_parser() -> OneLineParser:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.out is None:
+        processes = launched_processes()[2]
+        args.out = str(OUT if processes == 1 else OUT / f"torchrun-{processes}")
     for problem in argument_problems(args):
         parser.error(problem)
     args.device = resolve_device(parser, args.device)
@@ -279,6 +306,15 @@ def argument_problems(args: argparse.Namespace) -> Iterator[str]:
     if args.shared_stages is not None and not 0 <= args.shared_stages < len(args.blocks):
         yield (f"--shared-stages must lie in [0, {len(args.blocks) - 1}] (fewer than the "
                f"{len(args.blocks)} stages of --blocks), but got {args.shared_stages}")
+    elif len(args.blocks) == len(args.widths):
+        shared = len(args.blocks) - 1 if args.shared_stages is None else args.shared_stages
+        own = sum(args.blocks[shared:])
+        attention = [method for method in args.methods if method in ATTENTION_METHODS]
+        if attention and own < 2:
+            yield (f"{', '.join(attention)} transfer attention between consecutive blocks of a "
+                   f"branch, but with --blocks {' '.join(map(str, args.blocks))} and "
+                   f"--shared-stages {shared} each branch has {own} block: give the unshared "
+                   "stages 2 blocks or more, or share fewer stages")
     for option, values in [("--methods", args.methods), ("--seeds", args.seeds)]:
         repeated = sorted({str(value) for value in values if values.count(value) > 1})
         if repeated:

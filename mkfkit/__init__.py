@@ -25,6 +25,7 @@ from mkfkit.fraction import (
 )
 from mkfkit.fusion import (
     BranchDisagreement,
+    BranchGate,
     FeatureFusionTeacher,
     OnlineDistillationLoss,
     branch_disagreement,

@@ -137,3 +137,38 @@ def test_study_table_compares_each_configuration_with_its_own_baseline(tmp_path)
     assert rows["wide-mix-only"]["vs_baseline"] == pytest.approx(1.5)
     assert rows["wide-baseline"]["vs_baseline"] == 0
     assert study_table.baseline_of("st", {"wide-baseline"}) is None
+
+
+def test_study_table_shows_the_multi_network_methods_apart(tmp_path, capsys, monkeypatch):
+    """Ensemble figures and the deployed cost are gathered per configuration (means over seeds,
+    the cost from any seed), the time per epoch is compared with the baseline's, and only the
+    configurations with an ensemble get the second table."""
+    def write(name, top1, seconds, last=(), deployment=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        run = {"top1": top1, "seconds_per_epoch": seconds,
+               "history": [{"train_top1": 99.0, **dict(last)}]}
+        if deployment:
+            run["deployment"] = deployment
+        (folder / "train_fashion-mnist.json").write_text(json.dumps({"runs": [run]}))
+
+    cost = {"single": {"parameters": 100, "flops": 2_000_000},
+            "ensemble": {"parameters": 180, "flops": 3_000_000}}
+    write("wide-baseline", 89.0, 10.0)
+    write("wide-kdatff-s0", 90.0, 15.0, {"ensemble_top1": 91.0, "ensemble_minus_best_branch": 0.5,
+                                        "attention": 0.25}, cost)
+    write("wide-kdatff-s1", 91.0, 25.0, {"ensemble_top1": 92.0, "ensemble_minus_best_branch": 1.5,
+                                        "attention": 0.75}, cost)
+    rows = {row["configuration"]: row for row in study_table.summarise(study_table.gather(tmp_path))}
+    kdatff = rows["wide-kdatff"]
+    assert kdatff["ensemble_top1"] == pytest.approx(91.5)
+    assert kdatff["ensemble_minus_best_branch"] == pytest.approx(1.0)
+    assert kdatff["attention"] == pytest.approx(0.5)
+    assert kdatff["time_vs_baseline"] == pytest.approx(2.0)
+    assert (kdatff["single_parameters"], kdatff["ensemble_mflops"]) == (100, 3.0)
+    assert rows["wide-baseline"]["ensemble_top1"] is None
+    monkeypatch.setattr(sys, "argv", ["study_table.py", str(tmp_path)])
+    assert study_table.main() == 0
+    ensemble_table = capsys.readouterr().out.split("the multi-network methods")[1]
+    assert "wide-kdatff" in ensemble_table and "wide-baseline" not in ensemble_table
+    assert "100 / 180" in ensemble_table and "2.0 / 3.0" in ensemble_table

@@ -28,14 +28,14 @@ SCRIPT_ENVIRONMENT = script_environment()
 import train  # noqa: E402
 
 # The MKF run with the exact QP is last, so the final checkpoint holds its complete state.
-METHODS = ["baseline", "kdatff", "mix-only", "st", "mkf-nomix", "mkf-nofraction", "mkf-opt2",
-           "mkf-qp"]
+METHODS = ["baseline", "kdatff", "dml", "one", "kdatff-noat", "kdatff-nofusion", "multibranch",
+           "kdatff-mix", "mix-only", "st", "mkf-nomix", "mkf-nofraction", "mkf-opt2", "mkf-qp"]
 # 192 images, batch 32: 6 steps per epoch, 12 per run; mixing starts after 1 warm-up step.
 TINY = ["--device", "cpu", "--train-subset", "192", "--batch-size", "32", "--epochs", "2", "--seeds", "0",
         "--blocks", "2", "2", "2", "--widths", "8", "16", "16", "--no-progress",
         "--methods", *METHODS]
 STEPS_PER_RUN = 12
-STOP = 7 * STEPS_PER_RUN + 9  # inside the second epoch of the last run (mkf-qp)
+STOP = (len(METHODS) - 1) * STEPS_PER_RUN + 9  # inside the second epoch of the last run (mkf-qp)
 
 
 def run_script(*arguments, cwd):
@@ -198,6 +198,36 @@ def test_diagnostics_are_logged_per_epoch(studies):
     assert "fraction_l1" not in runs["mkf-nomix"]["history"][-1]  # nothing mixed, no fraction
 
 
+MULTI_NETWORK = ["kdatff", "dml", "one", "kdatff-noat", "kdatff-nofusion", "multibranch",
+                 "kdatff-mix"]
+
+
+def test_multi_network_methods_report_branches_ensemble_and_their_terms(studies):
+    root, *_ = studies
+    report = json.loads((root / "whole" / "train_digits.json").read_text())
+    runs = {run["method"]: run for run in report["runs"]}
+    for method in MULTI_NETWORK:
+        last = runs[method]["history"][-1]
+        branches = [last["branch0_top1"], last["branch1_top1"]]
+        assert last["top1"] == last["branch0_top1"]  # the deployed network is branch 0
+        assert last["ensemble_minus_best_branch"] == pytest.approx(last["ensemble_top1"] - max(branches))
+        assert last["ce"] > 0 and 0 <= last["disagreement_top1"] <= 1 and last["disagreement_kl"] >= 0
+        assert ("kd" in last) == (method != "multibranch"), method
+        assert ("teacher_ce" in last) == (method not in ("multibranch", "dml")), method
+        assert ("attention" in last) == (method in ("kdatff", "kdatff-nofusion", "kdatff-mix")), method
+    # What is deployed: branch 0 alone costs what the baseline costs; the ensemble more.
+    baseline = runs["baseline"]["deployment"]
+    assert baseline["single"] == baseline["ensemble"] and baseline["single"]["flops"] > 0
+    for method in MULTI_NETWORK:
+        cost = runs[method]["deployment"]
+        assert cost["single"] == baseline["single"], method
+        assert cost["ensemble"]["parameters"] > cost["single"]["parameters"], method
+        assert cost["ensemble"]["flops"] > cost["single"]["flops"], method
+    # DML's networks share nothing: twice the baseline exactly.
+    assert runs["dml"]["deployment"]["ensemble"] == {
+        key: 2 * value for key, value in baseline["single"].items()}
+
+
 @pytest.mark.parametrize("options", [
     ["--groups", "3", "--mkf-loop", "joint", "--full-teacher", "none", "--beta-ramp", "1"],
     ["--groups", "2", "--knowledge-from", "full", "--max-age", "3", "--temperature", "2"],
@@ -244,6 +274,18 @@ def test_validation_split_never_touches_the_test_set(tmp_path, monkeypatch, opti
     (["--beta-ramp", "-1"], "--beta-ramp must be >= 0, but got -1.0"),
     (["--bank-momentum", "0"], "--bank-momentum must lie in (0, 1], but got 0.0"),
     (["--warmup", "1.5"], "--warmup must lie in [0, 1] (a fraction of the steps), but got 1.5"),
+    (["--attention-warmup", "-0.1"],
+     "--attention-warmup must lie in [0, 1] (a fraction of the steps), but got -0.1"),
+    (["--online-temperature", "0"], "--online-temperature must be > 0, but got 0.0"),
+    (["--theta", "-1"], "--theta must be >= 0, but got -1.0"),
+    (["--attention-weight", "-2"], "--attention-weight must be >= 0, but got -2.0"),
+    (["--methods", "kdatff", "dml", "--branches", "1"],
+     "--branches must be >= 2 for kdatff, dml, but got 1"),
+    (["--methods", "kdatff-mix", "one", "--blocks", "2", "2", "1"],
+     "kdatff-mix transfer attention between consecutive blocks of a branch, but with --blocks "
+     "2 2 1 and --shared-stages 2 each branch has 1 block: give the unshared stages 2 blocks"),
+    (["--shared-stages", "3"],
+     "--shared-stages must lie in [0, 2] (fewer than the 3 stages of --blocks), but got 3"),
     (["--methods", "st", "baseline", "st"], "--methods names st more than once"),
     (["--seeds", "1", "1"], "--seeds names 1 more than once"),
     (["--data-dir", "/nonexistent"], "--data-dir has no effect with --dataset digits"),
@@ -343,3 +385,13 @@ def test_the_plot_zooms_on_the_last_epochs_and_says_what_the_bands_are():
         assert "mean over 3 seeds" in legend and "± 1 sample standard deviation" in legend
     finally:
         plt.close(figure)
+
+
+def test_a_torchrun_launch_writes_beside_the_single_process_results(monkeypatch):
+    """README's two commands, one process and torchrun, must not write over each other's JSON
+    and PNG: without --out, a launch of P processes writes to benchmarks/out/torchrun-P."""
+    single = Path(train.parse_args([]).out)
+    assert single == BENCHMARKS / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert Path(train.parse_args([]).out) == BENCHMARKS / "out" / "torchrun-2"
+    assert train.parse_args(["--out", "mine"]).out == "mine"

@@ -10,6 +10,7 @@ from mkfkit.attention import AttentionTransferLoss
 from mkfkit.distill import kd_loss
 from mkfkit.features import FeatureCollector
 from mkfkit.fusion import (
+    BranchGate,
     FeatureFusionTeacher,
     branch_disagreement,
     online_distillation_loss,
@@ -205,6 +206,31 @@ def test_online_loss_parts_match_hand_computation():
     assert attention.grad.item() == 2.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_online_loss_takes_probability_targets(dtype):
+    # One-hot rows give the index loss; mixed rows give the mixed cross-entropy
+    # lam * CE(a) + (1 - lam) * CE(b), by linearity of the cross-entropy in its target.
+    branches = [torch.randn(5, 4, dtype=dtype) for _ in range(2)]
+    teacher = torch.randn(5, 4, dtype=dtype)
+    labels_a, labels_b = torch.tensor([0, 1, 2, 3, 0]), torch.tensor([1, 1, 0, 2, 3])
+    one_hot = F.one_hot(labels_a, 4).to(dtype)
+    by_index = online_distillation_loss(branches, teacher, labels_a, theta=0.5)
+    by_rows = online_distillation_loss(branches, teacher, one_hot, theta=0.5)
+    for name in by_index._fields:
+        torch.testing.assert_close(getattr(by_rows, name), getattr(by_index, name))
+    lam = torch.tensor([1.0, 0.7, 0.5, 0.2, 0.0], dtype=dtype).unsqueeze(1)
+    mixed = lam * one_hot + (1 - lam) * F.one_hot(labels_b, 4).to(dtype)
+    parts = online_distillation_loss(branches, teacher, mixed)
+    b_side = online_distillation_loss(branches, teacher, labels_b)
+    for z, ce in zip(branches + [teacher], list(parts.branch_ce) + [parts.teacher_ce]):
+        per_sample = [lam[i, 0] * F.cross_entropy(z[i : i + 1], labels_a[i : i + 1])
+                      + (1 - lam[i, 0]) * F.cross_entropy(z[i : i + 1], labels_b[i : i + 1])
+                      for i in range(5)]
+        torch.testing.assert_close(ce, torch.stack(per_sample).mean())
+    torch.testing.assert_close(parts.kd, b_side.kd)  # the KL terms do not read the targets
+    assert parts.total.dtype == dtype
+
+
 def test_online_loss_defaults_and_precision():
     branches = [torch.randn(4, 3, dtype=torch.bfloat16) for _ in range(2)]
     teacher = torch.randn(4, 3, dtype=torch.bfloat16)
@@ -232,6 +258,70 @@ def test_online_loss_errors():
         online_distillation_loss(branches, teacher, targets, attention_loss=torch.ones(2))
     with pytest.raises(ValueError, match=r"`theta` must lie in \[0, inf\), but got -1"):
         online_distillation_loss(branches, teacher, targets, theta=-1.0)
+    with pytest.raises(ValueError, match=r"`targets` must be a Tensor\[B\] of class indices or Tensor\[B, K\] = \(4, 3\) of probabilities, but got shape \(4, 2\)"):
+        online_distillation_loss(branches, teacher, torch.full((4, 2), 0.5))
+    with pytest.raises(ValueError, match=r"`targets` must hold probability rows \(each summing to 1 within 0.001\), but got a row summing to 1.5"):
+        online_distillation_loss(branches, teacher, torch.full((4, 3), 0.5))
+
+
+# ---------------------------------------------------------------- BranchGate (ONE's gate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [2, 3])
+def test_gate_is_ones_gate(device, dtype, n):
+    # Reference from torch's functional ops, not from the gate's own submodules: global average
+    # pooling, the linear layer, BatchNorm over the batch (training mode), ReLU, softmax over
+    # the branches, then the weighted sum of the branch logits, by a loop.
+    gate = BranchGate(3, n).to(device, dtype)
+    shared = torch.randn(6, 3, 5, 4, dtype=dtype, device=device)
+    logits = [torch.randn(6, 7, dtype=dtype, device=device) for _ in range(n)]
+    teacher, weights = gate(shared, logits)
+    pooled = shared.mean((2, 3))
+    scores = pooled @ gate.scores.weight.T + gate.scores.bias
+    normalised = (scores - scores.mean(0)) / torch.sqrt(scores.var(0, unbiased=False) + 1e-5)
+    expected = F.relu(normalised * gate.norm.weight + gate.norm.bias).softmax(1)
+    torch.testing.assert_close(weights, expected)
+    for b in range(6):
+        torch.testing.assert_close(teacher[b], sum(weights[b, a] * logits[a][b] for a in range(n)))
+    assert teacher.dtype == weights.dtype == dtype
+
+
+def test_gate_gradients_reach_gate_shared_features_and_logits():
+    gate = BranchGate(3, 2)
+    shared = torch.randn(4, 3, 2, 2, requires_grad=True)
+    logits = [torch.randn(4, 5, requires_grad=True) for _ in range(2)]
+    teacher, _ = gate(shared, logits)
+    F.cross_entropy(teacher, torch.tensor([0, 1, 2, 3])).backward()
+    for tensor in [shared, *logits, *gate.parameters()]:
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0
+
+
+def test_gate_gradcheck():
+    gate = BranchGate(2, 2).double().eval()  # eval: BatchNorm is a fixed affine map
+    with torch.no_grad():
+        gate.norm.bias.fill_(1.0)  # keep the ReLU away from its kink
+    shared = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    logits = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    assert torch.autograd.gradcheck(lambda s, a, b: gate(s, [a, b])[0], (shared, *logits))
+
+
+def test_gate_errors_change_nothing():
+    gate = BranchGate(3, 2)
+    before = {name: value.clone() for name, value in gate.state_dict().items()}
+    logits = [torch.randn(4, 5)] * 2
+    with pytest.raises(ValueError, match=r"`shared` must be a Tensor\[B, 3, H, W\], but got shape \(4, 2, 2, 2\)"):
+        gate(torch.randn(4, 2, 2, 2), logits)
+    with pytest.raises(ValueError, match=r"`logits` must have the batch size of `shared` \(5\), but got 4"):
+        gate(torch.randn(5, 3, 2, 2), logits)
+    with pytest.raises(ValueError, match=r"`logits` must hold one tensor per branch \(2\), but got 1"):
+        gate(torch.randn(4, 3, 2, 2), logits[:1])
+    with pytest.raises(TypeError, match="`shared` must have a floating-point dtype, but got torch.int64"):
+        gate(torch.ones(4, 3, 2, 2, dtype=torch.int64), logits)
+    with pytest.raises(ValueError, match="`num_branches` must be an int >= 2, but got 1"):
+        BranchGate(3, 1)
+    for name, value in gate.state_dict().items():  # BatchNorm statistics untouched
+        assert torch.equal(value, before[name]), name
 
 
 # ---------------------------------------------------------------- a two-branch toy model trains

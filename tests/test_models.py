@@ -63,6 +63,50 @@ def test_multibranch_without_shared_stages_copies_the_whole_network():
     assert len(model.shared) == 0
 
 
+@pytest.mark.parametrize("shared_stages", [0, 1, 2])
+@pytest.mark.parametrize("training", [True, False])
+def test_branch_alone_is_the_resnet_it_computes(device, shared_stages, training):
+    model = MultiBranchResNet(5, 2, blocks=(1, 2, 2), widths=(4, 6, 8), num_branches=3,
+                              shared_stages=shared_stages).to(device)
+    with torch.no_grad():  # BatchNorm statistics that differ between branches
+        for buffer_name, buffer in model.named_buffers():
+            if buffer.is_floating_point():
+                buffer.uniform_(0.5, 1.5)
+    model.train(training)
+    x = torch.randn(4, 2, 12, 12, device=device)
+    out = model(x)
+    assert out.shared.shape[1] == model.shared_channels
+    for index in range(3):
+        single = model.branch(index)
+        assert isinstance(single, ResNet) and single.training == training
+        assert next(single.parameters()).device == x.device
+        torch.testing.assert_close(single(x), out.logits[index], rtol=0, atol=0)
+        # The architecture of the baseline network: what is deployed costs what a ResNet costs.
+        reference = ResNet(5, 2, blocks=(1, 2, 2), widths=(4, 6, 8))
+        assert [p.shape for p in single.parameters()] == [p.shape for p in reference.parameters()]
+
+
+def test_branch_is_a_copy_and_leaves_the_random_state():
+    model = MultiBranchResNet(3, 1, blocks=(1, 1), widths=(4, 8))
+    state = torch.get_rng_state()
+    single = model.branch(1)
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.no_grad():
+        single.fc.weight.add_(1.0)
+    assert not torch.equal(single.fc.weight, model.fcs[1].weight)
+    assert model.branch(1).fc.weight.data_ptr() != model.fcs[1].weight.data_ptr()
+
+
+def test_branch_index_errors():
+    model = MultiBranchResNet(3, 1, blocks=(1, 1), widths=(4, 8))
+    with pytest.raises(ValueError, match=r"`index` must be an int in \[0, 1\], but got 2"):
+        model.branch(2)
+    with pytest.raises(ValueError, match=r"`index` must be an int >= 0, but got -1"):
+        model.branch(-1)
+    with pytest.raises(TypeError, match="`index` must be an int"):
+        model.branch(0.0)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="`blocks` and `widths` must be non-empty and of equal"):
         ResNet(blocks=(1, 1), widths=(4,))

@@ -33,12 +33,12 @@ sys.path.insert(0, str(BENCHMARKS))
 import train  # noqa: E402
 
 PROCESSES = 2
-METHODS = ["baseline", "kdatff", "st", "mkf-qp"]
+METHODS = ["baseline", "kdatff-mix", "dml", "st", "mkf-qp"]
 # 192 images, batch 32 (16 per process): 6 steps per epoch, 12 per run.
 TINY = ["--device", "cpu", "--train-subset", "192", "--batch-size", "32", "--epochs", "2",
         "--seeds", "0", "--blocks", "2", "2", "2", "--widths", "8", "16", "16", "--no-progress",
         "--methods", *METHODS]
-STOP = 3 * 12 + 9  # inside the second epoch of the MKF run
+STOP = (len(METHODS) - 1) * 12 + 9  # inside the second epoch of the MKF run (the last)
 ENVIRONMENT = script_environment()
 
 

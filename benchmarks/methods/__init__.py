@@ -64,3 +64,5 @@ METHODS: Dict[str, Method] = {
 }
 # The methods that train more than one network (--branches applies to them).
 MULTI_NETWORK_METHODS = [*branches.VARIANTS, "dml"]
+# The methods that transfer attention between consecutive blocks of each branch.
+ATTENTION_METHODS = [name for name, variant in branches.VARIANTS.items() if variant.attention]
