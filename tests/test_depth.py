@@ -209,13 +209,26 @@ def test_find_blocks_never_selects_non_residual_modules():
         assert not is_residual_block(module)
 
 
+@pytest.mark.parametrize(
+    "module, extra_types, error, message",
+    [
+        ("not a module", (), TypeError, r"`module` must be a torch.nn.Module, but got 'not a module' \(str\)$"),
+        (PlainBlock, (), TypeError, r"`module` must be a torch.nn.Module, but got <class '.*PlainBlock'> \(type\)$"),
+        (PlainBlock(4), (int,), TypeError, r"`extra_types` must be a tuple of torch.nn.Module subclasses, but got \(<class 'int'>,\) \(tuple\)$"),
+    ],
+)
+def test_is_residual_block_refuses_what_is_not_a_module(module, extra_types, error, message):
+    with pytest.raises(error, match=message):
+        is_residual_block(module, extra_types)
+
+
 def test_find_blocks_extra_types():
     model = nn.Sequential(PlainBlock(4), PlainBlock(4))
     assert find_residual_blocks(model) == []
     assert find_residual_blocks(model, extra_types=(PlainBlock,)) == list(model)
-    with pytest.raises(TypeError, match="`extra_types` must be a tuple of nn.Module subclasses"):
+    with pytest.raises(TypeError, match=r"`extra_types` must be a tuple of torch.nn.Module subclasses, but got <class '.*PlainBlock'> \(type\)"):
         find_residual_blocks(model, extra_types=PlainBlock)
-    with pytest.raises(TypeError, match="`model` must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"`model` must be a torch.nn.Module, but got \[PlainBlock"):
         find_residual_blocks([PlainBlock(4)])
     with pytest.raises(ValueError, match="`model` must contain residual blocks"):
         DepthSampler.from_model(model)

@@ -381,6 +381,17 @@ def test_soft_targets_from_class_indices(device):
         batch.soft_targets()
 
 
+@pytest.mark.parametrize("bad_label", [7, -1])
+def test_soft_targets_refuse_labels_outside_the_classes(device, bad_label):
+    images, targets = random_batch(device=device, classes=4)
+    targets[2] = bad_label
+    batch = make_mix(mix_prob=1.0)(images, targets)
+    with pytest.raises(ValueError, match=rf"`targets_a` must hold indices in \[0, 3\], but got {bad_label}$"):
+        batch.soft_targets(num_classes=4)
+    with pytest.raises(TypeError, match=r"`num_classes` must be an int, but got 4.0 \(float\)"):
+        batch.soft_targets(num_classes=4.0)
+
+
 # --------------------------------------------------------------------------------------------
 # Functional pieces
 
