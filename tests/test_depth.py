@@ -536,7 +536,7 @@ def test_constructor_validation():
     blocks = [nn.Identity() for _ in range(8)]
     with pytest.raises(ValueError, match="`blocks` must hold at least one"):
         DepthSampler([])
-    with pytest.raises(TypeError, match=r"`blocks\[1\]` must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"`blocks\[1\]` must be a torch.nn.Module, but got 3 \(int\)"):
         DepthSampler([nn.Identity(), 3])
     with pytest.raises(ValueError, match="must not contain the same module twice"):
         DepthSampler([blocks[0]] * 2, num_groups=1)
