@@ -385,6 +385,22 @@ def exact_step(p, parent, budget):
     return outcomes
 
 
+def assert_law(outcomes, exact):
+    """The frequency of every outcome (the sets of dropped blocks drawn) within 4.5 standard
+    deviations (plus one count) of its exact probability; no outcome outside the law."""
+    counts, draws = defaultdict(int), len(outcomes)
+    for dropped in outcomes:
+        counts[dropped] += 1
+    assert set(counts) <= set(exact)
+    for dropped, prob in exact.items():
+        tolerance = 4.5 * math.sqrt(prob * (1 - prob) / draws) + 1 / draws
+        assert abs(counts[dropped] / draws - prob) < tolerance, (sorted(dropped), counts[dropped] / draws, prob)
+
+
+def dropped_blocks(subnet):
+    return frozenset(i for i, keep in enumerate(subnet.active) if not keep)
+
+
 def exact_first_step_marginals(p, budget):
     """P(block i is dropped in group 1)."""
     marginal = [0.0] * len(p)
@@ -431,16 +447,13 @@ def test_every_group_of_the_chain_has_its_exact_frequencies():
         parent = [i not in first for i in range(n)]
         for more, r in exact_step(p, parent, budget=sampler.max_dropped - len(first)).items():
             exact[first | more] += q * r
-    counts = defaultdict(int)
+    outcomes = []
     for _ in range(cycles):
         sampler.draw(), sampler.draw()
         subnet = sampler.draw()
         assert subnet.group == 2
-        counts[frozenset(i for i, keep in enumerate(subnet.active) if not keep)] += 1
-    assert set(counts) <= set(exact)
-    for dropped, prob in exact.items():
-        tolerance = 4.5 * math.sqrt(prob * (1 - prob) / cycles) + 1 / cycles
-        assert abs(counts[dropped] / cycles - prob) < tolerance, (sorted(dropped), counts[dropped] / cycles, prob)
+        outcomes.append(dropped_blocks(subnet))
+    assert_law(outcomes, exact)
 
 
 def test_defaults_do_not_hollow_out_a_shallow_net():
