@@ -95,6 +95,19 @@ def check_tensor(value: object, name: str) -> Tensor:
     return value
 
 
+def check_module(value: object, name: str) -> torch.nn.Module:
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"`{name}` must be a torch.nn.Module, but got {describe(value)}")
+    return value
+
+
+def check_module_types(value: object, name: str) -> tuple:
+    """A tuple of ``nn.Module`` subclasses (such as the ``extra_types`` of the depth helpers)."""
+    if not isinstance(value, tuple) or not all(isinstance(t, type) and issubclass(t, torch.nn.Module) for t in value):
+        raise TypeError(f"`{name}` must be a tuple of torch.nn.Module subclasses, but got {describe(value)}")
+    return value
+
+
 def check_floating(value: Tensor, name: str) -> Tensor:
     check_tensor(value, name)
     if not value.is_floating_point():

@@ -27,6 +27,10 @@ coordinates where it is the active value, the output gradient minus its mean ove
 derivatives are zero, and double backward works. Where ``tau`` falls on a breakpoint (a
 coordinate exactly at its bound) the gradient is one of two valid one-sided derivatives; the
 searches may pick different ones (such kinks are structural with two classes, rare otherwise).
+Here a coordinate exactly at ``lo`` counts as free and one with ``lo == hi`` as at ``hi``; the
+fused kernel (:mod:`mkfkit.kernels.qp`) breaks ties the other way, so at a row with every
+coordinate at a bound the two agree on the gradient's part tangent to the simplex, not on its
+row mean (docs/METHOD.md, "Gradients on the simplex").
 
 **Finding the segment.** Every search works on the breakpoints as one ``Tensor[2, R, C]`` (the
 ``lo - v``, then the ``hi - v``), as the bounds arrive (``Tensor[2, ..., C]``, see

@@ -101,6 +101,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mkfkit._checks import (
     check_generator_state,
+    check_module,
+    check_module_types,
     check_in_range,
     check_positive_int,
     check_state_keys,
@@ -298,6 +300,8 @@ def is_residual_block(module: nn.Module, extra_types: Tuple[Type[nn.Module], ...
     Returns:
         ``True`` if the module may be dropped.
     """
+    check_module(module, "module")
+    check_module_types(extra_types, "extra_types")
     if not _takes_one_input(module):
         return False
     if extra_types and isinstance(module, extra_types):
@@ -328,14 +332,8 @@ def find_residual_blocks(model: nn.Module, extra_types: Tuple[Type[nn.Module], .
         >>> len(find_residual_blocks(ResNet(blocks=(3, 3, 3))))  # 9 blocks, 2 downsample
         7
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, but got {describe(model)}")
-    if not isinstance(extra_types, tuple) or not all(
-        isinstance(t, type) and issubclass(t, nn.Module) for t in extra_types
-    ):
-        raise TypeError(
-            f"`extra_types` must be a tuple of nn.Module subclasses, but got {extra_types!r}"
-        )
+    check_module(model, "model")
+    check_module_types(extra_types, "extra_types")
     found: list = []
     seen: set = set()
 
@@ -473,8 +471,7 @@ class DepthSampler:
         if not blocks:
             raise ValueError("`blocks` must hold at least one residual block, but got none")
         for i, block in enumerate(blocks):
-            if not isinstance(block, nn.Module):
-                raise TypeError(f"`blocks[{i}]` must be an nn.Module, but got {describe(block)}")
+            check_module(block, f"blocks[{i}]")
         if len({id(b) for b in blocks}) != len(blocks):
             raise ValueError("`blocks` must not contain the same module twice")
         check_positive_int(num_groups, "num_groups")
@@ -770,8 +767,7 @@ def recalibrate_batchnorm(
         >>> recalibrate_batchnorm(model, data, num_samples=20)
         20
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, but got {describe(model)}")
+    check_module(model, "model")
     if num_samples is not None:
         check_positive_int(num_samples, "num_samples")
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]

@@ -9,6 +9,8 @@ from typing import Any, Iterator, Sequence
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from mkfkit._checks import check_module
+
 __all__ = ["FeatureCollector"]
 
 # Wrappers whose submodule names gain a prefix: DistributedDataParallel / DataParallel
@@ -71,8 +73,7 @@ class FeatureCollector(Mapping):
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module, but got {type(model).__name__}")
+        check_module(model, "model")
         if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
             raise ValueError(f"`names` must be a non-empty list of submodule names, but got {names!r}")
         if len(set(names)) != len(names):

@@ -439,6 +439,13 @@ def qp_fraction(
     for ``0 < lam < sqrt(finfo.tiny)`` (about 1e-19 in float32), where the true derivative of the
     bound ``mixed / lam`` overflows.
 
+    The gradients of ``mixed``, ``base_a`` and ``base_b`` are exact; where a side has every
+    coordinate at a bound (common with two or three classes) their component along
+    ``(1, ..., 1)`` is not unique, and the ``"torch"`` and ``"triton"`` backends may return
+    different ones. They agree on the part tangent to the simplex (row mean removed), the only
+    part a change of a probability row (or a softmax before it) sees; docs/METHOD.md,
+    "Gradients on the simplex", says why they are not forced to one vector.
+
     Args:
         mixed: Tensor[B, C], the output on the mixed input (probability rows).
         base_a: Tensor[B, C], stored knowledge of image a (probability rows).

@@ -120,7 +120,9 @@ def _dense_targets(targets: Tensor, num_classes: Optional[int], name: str) -> Te
             f"`num_classes` must be given for class-index targets, but got None ({name} "
             f"has dtype {targets.dtype})"
         )
-    return F.one_hot(targets.long(), check_positive_int(num_classes, "num_classes")).float()
+    num_classes = check_positive_int(num_classes, "num_classes")
+    check_index(targets, name, num_classes)
+    return F.one_hot(targets.long(), num_classes).float()
 
 
 # --------------------------------------------------------------------------------------------

@@ -420,7 +420,11 @@ BAD_FRACTIONS = [
     (returning(lambda f: f._replace(b=f.b.long())), TypeError, r"`b` must have a floating-point dtype, but got torch.int64"),
     (returning(lambda f: f._replace(mask_a=f.mask_a.float())), TypeError, r"`mask_a` must have dtype torch.bool, but got torch.float32"),
     (returning(lambda f: f._replace(mask_b=f.mask_b[:2])), ValueError, r"`mask_b` must be a Tensor\[B\] with B = 3"),
-    (returning(lambda f: (f.a, f.b)), TypeError, r"must return a Fraction\(a, b, mask_a, mask_b\), but got \("),
+    (returning(lambda f: (f.a, f.b)), TypeError, r"`fraction` .*returning.<locals>.fraction must return a Fraction\(a, b, mask_a, mask_b\), but got \("),
+    # Rows and masks elsewhere than `mixed` (the meta device stands in for another device).
+    (returning(lambda f: f._replace(a=f.a.to("meta"))), ValueError, r"returned rows a bank cannot store: `a` must be on the device of `mixed` \(cpu\), but got meta$"),
+    (returning(lambda f: f._replace(mask_b=f.mask_b.to("meta"))), ValueError, r"returned rows a bank cannot store: `mask_b` must be on the device of `mixed` \(cpu\), but got meta$"),
+    (returning(lambda f: f._replace(mask_a=f.mask_a.tolist())), TypeError, r"returned rows a bank cannot store: `mask_a` must be a torch.Tensor, but got \[True, True, True\] \(list\)$"),
 ]
 
 

@@ -3,7 +3,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mkfkit.bank import BankTarget, KnowledgeBank
@@ -266,6 +266,41 @@ def test_mixed_pair_naming_one_row_twice_averages_both_sides(backend):
     bank.update(0, mixed, torch.tensor([1]), torch.tensor([1]), 0.5, LinearFraction())
     expected = 0.5 * ((split.a + split.b) / 2) + 0.5 * known
     torch.testing.assert_close(bank.target(0, torch.tensor([1])).probs, expected, atol=1e-7, rtol=0)
+
+
+@given(
+    lam=st.floats(min_value=2.0**-149, max_value=2.0**-20, width=32),
+    fraction=st.sampled_from(sorted(FRACTIONS)),
+)
+@example(lam=2.0**-127, fraction="qp")  # the largest subnormal weights and the smallest normal one
+@example(lam=2.0**-126, fraction="qp")
+def test_a_tiny_weight_counts_from_the_smallest_normal_float32_on(lam, fraction):
+    # docs/METHOD.md, "Rows never written": a side of weight 0 needs no knowledge and teaches
+    # nothing, and its partner is the mixed output itself; a subnormal float32 weight counts as
+    # 0, a positive normal one (>= 2^-126), however small, as a weight. Rows 0, 2, 3 are known,
+    # row 1 is not; the pairs are (a=1, b=0) and (a=2, b=3).
+    weightless = lam < 2.0**-126
+    m = 0.5
+    bank = KnowledgeBank(4, 3, 1, momentum=m)
+    known = torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.25, 0.5], [0.125, 0.125, 0.75]])
+    bank.update(0, known, torch.tensor([0, 2, 3]))
+    index_a, index_b = torch.tensor([1, 2]), torch.tensor([0, 3])
+    assert bank.target(0, index_a, index_b, lam).mask.tolist() == [weightless, True]
+    probs = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]])
+    bank.update(0, probs, index_a, index_b, lam, FRACTIONS[fraction])
+    after = bank.target(0, torch.arange(4))
+    assert after.mask.tolist() == [True, False, True, True]  # row 1 is never written
+    if weightless:
+        # Side b is the mixed output, written with or without a known partner; side a is not.
+        expected = torch.stack((m * probs[0] + (1 - m) * known[0], known[1], m * probs[1] + (1 - m) * known[2]))
+        torch.testing.assert_close(after.probs[[0, 2, 3]], expected, atol=1e-7, rtol=0)
+    else:
+        # The pair with an unknown partner is skipped; in the other, side a is written (not by
+        # DominantFraction, which gives everything to the larger weight) and side b, of weight
+        # 1 - lam ~ 1, estimates the mixed output to within lam / (1 - lam).
+        assert torch.equal(after.probs[0], known[0])
+        assert torch.equal(after.probs[2], known[1]) == (fraction == "dominant")
+        torch.testing.assert_close(after.probs[3], m * probs[1] + (1 - m) * known[2], atol=1e-6, rtol=0)
 
 
 def test_row_result_does_not_depend_on_the_rest_of_the_batch(backend):

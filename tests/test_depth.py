@@ -2,6 +2,7 @@ import copy
 import io
 import itertools
 import math
+from collections import defaultdict
 
 import pytest
 import torch
@@ -209,13 +210,26 @@ def test_find_blocks_never_selects_non_residual_modules():
         assert not is_residual_block(module)
 
 
+@pytest.mark.parametrize(
+    "module, extra_types, error, message",
+    [
+        ("not a module", (), TypeError, r"`module` must be a torch.nn.Module, but got 'not a module' \(str\)$"),
+        (PlainBlock, (), TypeError, r"`module` must be a torch.nn.Module, but got <class '.*PlainBlock'> \(type\)$"),
+        (PlainBlock(4), (int,), TypeError, r"`extra_types` must be a tuple of torch.nn.Module subclasses, but got \(<class 'int'>,\) \(tuple\)$"),
+    ],
+)
+def test_is_residual_block_refuses_what_is_not_a_module(module, extra_types, error, message):
+    with pytest.raises(error, match=message):
+        is_residual_block(module, extra_types)
+
+
 def test_find_blocks_extra_types():
     model = nn.Sequential(PlainBlock(4), PlainBlock(4))
     assert find_residual_blocks(model) == []
     assert find_residual_blocks(model, extra_types=(PlainBlock,)) == list(model)
-    with pytest.raises(TypeError, match="`extra_types` must be a tuple of nn.Module subclasses"):
+    with pytest.raises(TypeError, match=r"`extra_types` must be a tuple of torch.nn.Module subclasses, but got <class '.*PlainBlock'> \(type\)"):
         find_residual_blocks(model, extra_types=PlainBlock)
-    with pytest.raises(TypeError, match="`model` must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"`model` must be a torch.nn.Module, but got \[PlainBlock"):
         find_residual_blocks([PlainBlock(4)])
     with pytest.raises(ValueError, match="`model` must contain residual blocks"):
         DepthSampler.from_model(model)
@@ -348,27 +362,51 @@ def test_include_full_false_cycles_over_sub_networks():
         DepthSampler([nn.Identity()], num_groups=1, seed=0).draw(include_full=False)
 
 
-def exact_first_step_marginals(p, budget):
-    """P(block i is dropped in group 1), by enumerating the sampler's procedure."""
-    n = len(p)
-    marginal = [0.0] * n
-    for hits in itertools.product([False, True], repeat=n):
-        prob = math.prod(pi if h else 1 - pi for pi, h in zip(p, hits))
-        chosen = [i for i in range(n) if hits[i]]
-        if not chosen:
-            for i in range(n):
-                marginal[i] += prob * p[i] / sum(p)
+def exact_step(p, parent, budget):
+    """{dropped blocks: probability} of one step of the chain from the active blocks ``parent``,
+    by enumerating the sampler's documented procedure (Bernoulli draws, then the repairs)."""
+    still = [i for i, keep in enumerate(parent) if keep]
+    outcomes = defaultdict(float)
+    for hits in itertools.product([False, True], repeat=len(still)):
+        prob = math.prod(p[i] if h else 1 - p[i] for i, h in zip(still, hits))
+        chosen = [i for i, h in zip(still, hits) if h]
+        if not chosen:  # one block, proportional to p
+            for i in still:
+                outcomes[frozenset([i])] += prob * p[i] / sum(p[j] for j in still)
         elif len(chosen) <= budget:
-            for i in chosen:
-                marginal[i] += prob
+            outcomes[frozenset(chosen)] += prob
         else:  # weighted draws without replacement, in order
             for order in itertools.permutations(chosen, budget):
                 q, left = prob, sum(p[i] for i in chosen)
                 for i in order:
                     q *= p[i] / left
                     left -= p[i]
-                for i in order:
-                    marginal[i] += q
+                outcomes[frozenset(order)] += q
+    return outcomes
+
+
+def assert_law(outcomes, exact):
+    """The frequency of every outcome (the sets of dropped blocks drawn) within 4.5 standard
+    deviations (plus one count) of its exact probability; no outcome outside the law."""
+    counts, draws = defaultdict(int), len(outcomes)
+    for dropped in outcomes:
+        counts[dropped] += 1
+    assert set(counts) <= set(exact)
+    for dropped, prob in exact.items():
+        tolerance = 4.5 * math.sqrt(prob * (1 - prob) / draws) + 1 / draws
+        assert abs(counts[dropped] / draws - prob) < tolerance, (sorted(dropped), counts[dropped] / draws, prob)
+
+
+def dropped_blocks(subnet):
+    return frozenset(i for i, keep in enumerate(subnet.active) if not keep)
+
+
+def exact_first_step_marginals(p, budget):
+    """P(block i is dropped in group 1)."""
+    marginal = [0.0] * len(p)
+    for dropped, prob in exact_step(p, [True] * len(p), budget).items():
+        for i in dropped:
+            marginal[i] += prob
     return marginal
 
 
@@ -393,6 +431,29 @@ def test_later_blocks_are_dropped_more_often():
     tolerance = 4.5 * torch.sqrt(exact * (1 - exact) / draws)
     assert torch.all((frequency - exact).abs() < tolerance), (frequency, exact)
     assert frequency[-1] > 2 * frequency[0]
+
+
+def test_every_group_of_the_chain_has_its_exact_frequencies():
+    # Group 2 is drawn from group 1 with the probabilities of the blocks group 1 kept, the budget
+    # left after group 1 and no reserve (the last group): its law is the sum over group 1's
+    # outcomes, each enumerated as the module docstring describes the step.
+    n, groups, cycles = 5, 3, 6000
+    sampler = DepthSampler(
+        [nn.Identity() for _ in range(n)], groups, drop_rate=0.5, growth=4.0, max_drop_fraction=0.8, seed=0
+    )
+    p = sampler.drop_probabilities.tolist()
+    exact = defaultdict(float)  # {blocks dropped by group 2: probability}
+    for first, q in exact_step(p, [True] * n, budget=sampler.max_dropped - 1).items():
+        parent = [i not in first for i in range(n)]
+        for more, r in exact_step(p, parent, budget=sampler.max_dropped - len(first)).items():
+            exact[first | more] += q * r
+    outcomes = []
+    for _ in range(cycles):
+        sampler.draw(), sampler.draw()
+        subnet = sampler.draw()
+        assert subnet.group == 2
+        outcomes.append(dropped_blocks(subnet))
+    assert_law(outcomes, exact)
 
 
 def test_defaults_do_not_hollow_out_a_shallow_net():
@@ -523,7 +584,7 @@ def test_constructor_validation():
     blocks = [nn.Identity() for _ in range(8)]
     with pytest.raises(ValueError, match="`blocks` must hold at least one"):
         DepthSampler([])
-    with pytest.raises(TypeError, match=r"`blocks\[1\]` must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"`blocks\[1\]` must be a torch.nn.Module, but got 3 \(int\)"):
         DepthSampler([nn.Identity(), 3])
     with pytest.raises(ValueError, match="must not contain the same module twice"):
         DepthSampler([blocks[0]] * 2, num_groups=1)

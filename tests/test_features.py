@@ -94,7 +94,7 @@ def test_bad_arguments():
         FeatureCollector(model, ["0", "0"])
     with pytest.raises(TypeError, match="`names` must hold strings, but got 0"):
         FeatureCollector(model, [0])
-    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module, but got function"):
+    with pytest.raises(TypeError, match=r"`model` must be a torch.nn.Module, but got <function .*> \(function\)"):
         FeatureCollector(lambda x: x, ["0"])
 
 

@@ -1,5 +1,7 @@
 """Tests of the knowledge-fraction strategies (mkfkit/fraction.py)."""
 
+from fractions import Fraction as Rational
+
 import numpy as np
 import pytest
 import torch
@@ -362,15 +364,51 @@ def test_subnormal_weights_count_as_zero(dtype):
         assert torch.equal(out.a[:2], base_a[:2]), name
 
 
-def test_linear_projection_is_exact_for_tiny_weights():
-    # Before the shift, float32 rows summed to C - 1 from lam ~ 1e-8 on (float64: 1e-19).
-    for dtype, lam in ((torch.float32, 1e-8), (torch.float32, 1e-30), (torch.float64, 1e-19), (torch.float64, 1e-300)):
-        mixed, base_a, base_b, lam_t, _, _ = make_instance(24, 64, 100, "unrelated", lam, dtype)
-        a = linear_fraction(mixed, base_a, base_b, lam_t).a
-        assert_on_simplex(a, 4 * torch.finfo(dtype).eps)
-        # The exact projection of the raw row, computed in float64 with the row's own order.
-        raw = ((mixed.double() - (1 - lam_t.double()[:, None]) * base_b.double()) / max(lam, torch.finfo(dtype).tiny ** 0.5))
-        assert torch.equal(a.argmax(-1), raw.argmax(-1))
+def exact_simplex_projection(row):
+    """The Euclidean projection of ``row`` (rationals) onto the simplex, in exact arithmetic:
+    ``max(row + tau, 0)`` with ``tau = (1 - sum of the rho largest) / rho`` for the largest
+    ``rho`` whose entry stays positive (the sort-based closed form)."""
+    ordered, total, tau = sorted(row, reverse=True), Rational(0), None
+    for rho, value in enumerate(ordered, start=1):
+        total += value
+        if value + (1 - total) / rho > 0:
+            tau = (1 - total) / rho
+    return [max(value + tau, Rational(0)) for value in row]
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    num_classes=st.integers(2, 30),
+    kind=st.sampled_from(KINDS),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    exponent=st.floats(-300.0, -6.0),
+    true_base_b=st.booleans(),
+)
+@example(seed=24, num_classes=30, kind="unrelated", dtype=torch.float32, exponent=-8.0, true_base_b=False)
+@example(seed=24, num_classes=30, kind="unrelated", dtype=torch.float32, exponent=-30.0, true_base_b=False)
+@example(seed=24, num_classes=30, kind="unrelated", dtype=torch.float64, exponent=-19.0, true_base_b=False)
+@example(seed=24, num_classes=30, kind="unrelated", dtype=torch.float64, exponent=-300.0, true_base_b=False)
+@example(seed=1, num_classes=10, kind="dirichlet", dtype=torch.float64, exponent=-9.0, true_base_b=True)
+def test_linear_projection_is_exact_for_tiny_weights(seed, num_classes, kind, dtype, exponent, true_base_b):
+    # A tiny positive weight makes the raw OPT2 row huge (1 / lam); its projection must still
+    # be the exact one, up to the rounding of numbers of order 1. Before the shift, float32 rows
+    # summed to C - 1 from lam ~ 1e-8 on (float64: 1e-19). With the true base of image b the
+    # raw row is p_a plus rounding / lam: for lam well above eps its projection has several
+    # positive entries, not just the largest one.
+    finfo = torch.finfo(dtype)
+    lam = float(torch.tensor(max(10.0**exponent, finfo.tiny), dtype=dtype))
+    mixed, base_a, base_b, lam_t, _, p_b = make_instance(seed, 2, num_classes, kind, lam, dtype)
+    if true_base_b:
+        base_b = p_b
+    a = linear_fraction(mixed, base_a, base_b, lam_t).a
+    assert_on_simplex(a, 4 * finfo.eps)
+    # The raw row as the documented formula computes it in `dtype`, divided (exactly) by the
+    # weight, or by sqrt(finfo.tiny) below it (documented).
+    numerator = mixed - (1 - lam_t[:, None]) * base_b
+    divisor = Rational(max(lam, finfo.tiny**0.5))
+    for got, raw in zip(a.tolist(), numerator.tolist()):
+        expected = exact_simplex_projection([Rational(value) / divisor for value in raw])
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor([float(x) for x in expected], dtype=torch.float64), atol=8 * finfo.eps, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,33 @@ def test_weights_sum_to_one_and_teacher_is_weighted_sum(device, dtype, n):
     torch.testing.assert_close(weights, scores.softmax(1))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_central_block_is_conv_bn_relu_then_average_pool_and_linear(training):
+    # KD-ATFF 1.2, written with functional ops on the module's parameters: each layer a
+    # same-padded convolution, BatchNorm (batch statistics in training, running ones in eval),
+    # ReLU; then the spatial mean, one linear score per branch and a softmax over branches.
+    fusion = FeatureFusionTeacher((3, 2, 3), 3, num_layers=2, hidden_channels=4, kernel_size=3).double()
+    with torch.no_grad():
+        for norm in (fusion.central[1], fusion.central[4]):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.uniform_(0.5, 2)
+            norm.bias.uniform_(-1, 1)
+    fusion.train(training)
+    features = [torch.randn(5, c, 6, 4, dtype=torch.float64) for c in (3, 2, 3)]
+    logits = [torch.randn(5, 7, dtype=torch.float64) for _ in range(3)]
+    x = torch.cat(features, 1)
+    for conv, norm in ((fusion.central[0], fusion.central[1]), (fusion.central[3], fusion.central[4])):
+        x = F.conv2d(x, conv.weight, padding=1)
+        x = F.batch_norm(x, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
+                         training=training, eps=norm.eps)
+        x = F.relu(x)
+    weights = F.linear(x.mean((2, 3)), fusion.scores.weight, fusion.scores.bias).softmax(1)
+    teacher, got_weights = fusion(features, logits)
+    torch.testing.assert_close(got_weights, weights, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(teacher, torch.einsum("bn,nbk->bk", weights, torch.stack(logits)))
+
+
 def test_fusion_weights_are_exposed_and_define_the_teacher():
     # USER-REPORTS (OKDDip#7): the user can read the fusion weights (forward returns them, per
     # sample and branch) and set them (the `scores` layer), and the teacher is the documented

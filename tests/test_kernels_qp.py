@@ -102,13 +102,22 @@ def make_instance(batch, num_classes, kind="related", seed=0, device="cpu", dtyp
 
 
 def tangential(grad):
-    """The part of a gradient along the simplex (row mean removed).
-
-    At a degenerate vertex (every coordinate at a bound, with the bounds summing to 1 for any
-    mixed row on the simplex) the Jacobian's component across the simplex is not unique; both
-    one-sided choices agree on the tangential part, which is all a softmax passes back.
-    """
+    """The part of a gradient along the simplex (row mean removed)."""
     return grad - grad.mean(-1, keepdim=True)
+
+
+def assert_gradients_close(got, want, lam, atol):
+    """The gradients of (mixed, base_a, base_b, lam) agree as the backends promise
+    (docs/METHOD.md, "Gradients on the simplex"): the three probability rows on the tangent
+    space of the simplex, ``lam`` in full where it is strictly inside (0, 1) (zero by
+    convention at exactly 0 or 1, where the fraction is not differentiable: the other side's
+    box collapses to a point).
+    """
+    for name, g, w in zip(("mixed", "base_a", "base_b"), got[:3], want[:3]):
+        torch.testing.assert_close(tangential(g).double(), tangential(w).double(), atol=atol, rtol=atol, msg=name)
+    inside = (lam > 0) & (lam < 1)
+    torch.testing.assert_close(got[3][inside].double(), want[3][inside].double(), atol=atol, rtol=atol, msg="lam")
+    assert (got[3][~inside] == 0).all()
 
 
 def assert_fraction_close(result, expected, atol):
@@ -272,6 +281,11 @@ def test_empty_batch(kernel_device):
 # Backward
 
 
+def _torch_pair(*inputs):
+    """The torch path's (a, b): the sort/table search of mkfkit.fraction."""
+    return tuple(torch_qp_fraction(*inputs, backend="torch")[:2])
+
+
 def _vjp(fraction, inputs, weights):
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     a, b = fraction(*inputs)
@@ -288,32 +302,35 @@ def test_gradients_match_reference_autograd(kernel_device, batch, num_classes):
         inputs[3][1] = 1.0
     weights = torch.randn(2, batch, num_classes, dtype=torch.float64, device=kernel_device)
     got = _vjp(_qp.qp_pair, inputs, weights)
-    want = _vjp(reference_fraction, inputs, weights)
-    torch.testing.assert_close(tangential(got[0]), tangential(want[0]), atol=1e-9, rtol=1e-9)
-    for name, g, w in zip(("base_a", "base_b"), got[1:3], want[1:3]):
-        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9, msg=name)
-    # lam: exact inside (0, 1); zero by convention where lam is exactly 0 or 1 (not
-    # differentiable there: the box of the other side collapses to a point).
-    inside = (inputs[3] > 0) & (inputs[3] < 1)
-    torch.testing.assert_close(got[3][inside], want[3][inside], atol=1e-9, rtol=1e-9)
-    assert (got[3][~inside] == 0).all()
+    assert_gradients_close(got, _vjp(reference_fraction, inputs, weights), inputs[3], atol=1e-9)
     # The same against the sort-based pure-torch solver of mkfkit.fraction.
-    plain = _vjp(lambda *x: tuple(torch_qp_fraction(*x, backend="torch")[:2]), inputs, weights)
-    torch.testing.assert_close(tangential(got[0]), tangential(plain[0]), atol=1e-9, rtol=1e-9)
-    for g, w in zip(got[1:3], plain[1:3]):
-        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(got[3][inside], plain[3][inside], atol=1e-9, rtol=1e-9)
+    plain = _vjp(_torch_pair, inputs, weights)
+    assert_gradients_close(got, plain, inputs[3], atol=1e-9)
     # The float32 kernel agrees with the float64 gradients to float32 accuracy. (On unrelated
     # small rows, a row can sit exactly at a kink of the active set, e.g. a = (0, 1, 0) with
     # hi = 1, where float32 rounding may pick the other, equally valid, one-sided Jacobian.)
     inputs = make_instance(batch, num_classes, "related", device=kernel_device, dtype=torch.float64)
     got32 = _vjp(_qp.qp_pair, [t.float() for t in inputs], weights.float())
-    want = _vjp(reference_fraction, inputs, weights)
-    torch.testing.assert_close(
-        tangential(got32[0]).double(), tangential(want[0]), atol=1e-4, rtol=1e-4
-    )
-    for name, g, w in zip(("base_a", "base_b", "lam"), got32[1:], want[1:]):
-        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4, msg=name)
+    assert_gradients_close(got32, _vjp(reference_fraction, inputs, weights), inputs[3], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind, num_classes", [("unrelated", 2), ("unrelated", 3), ("peaked", 3)])
+def test_gradients_agree_on_the_tangent_space_at_degenerate_vertices(kernel_device, kind, num_classes):
+    # With two or three classes many rows put every coordinate of a side at a bound (the bounds
+    # then sum to 1). There the component of the mixed row's gradient along (1, ..., 1) is not
+    # unique, and the kernel and the torch path may return different ones; the tangent parts,
+    # all that a change of a probability row can see, agree.
+    inputs = make_instance(64, num_classes, kind, seed=1, device=kernel_device, dtype=torch.float64)
+    mixed, _, _, lam = inputs
+    a, b = _qp.qp_pair(*inputs)
+    lo = ((mixed - (1 - lam[:, None])) / lam[:, None]).clamp_min(0)
+    hi = (mixed / lam[:, None]).clamp_max(1)
+    assert ((a == lo) | (a == hi)).all(-1).any(), "the instance must hold degenerate vertices"
+    weights = torch.randn(2, 64, num_classes, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weights = weights.to(kernel_device)
+    got = _vjp(_qp.qp_pair, inputs, weights)
+    assert_gradients_close(got, _vjp(_torch_pair, inputs, weights), lam, atol=1e-9)
+    assert_gradients_close(got, _vjp(reference_fraction, inputs, weights), lam, atol=1e-9)
 
 
 def test_gradcheck(kernel_device):
@@ -399,7 +416,4 @@ def test_large_on_cuda(batch, num_classes):
     inputs = make_instance(batch, num_classes, "peaked", device="cuda", dtype=torch.float64)
     weights = torch.randn(2, batch, num_classes, device="cuda", dtype=torch.float64)
     got = _vjp(_qp.qp_pair, inputs, weights)
-    want = _vjp(lambda *x: tuple(torch_qp_fraction(*x, backend="torch")[:2]), inputs, weights)
-    torch.testing.assert_close(tangential(got[0]), tangential(want[0]), atol=1e-9, rtol=1e-9)
-    for g, w in zip(got[1:], want[1:]):
-        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
+    assert_gradients_close(got, _vjp(_torch_pair, inputs, weights), inputs[3], atol=1e-9)

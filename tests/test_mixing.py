@@ -1,3 +1,4 @@
+import collections
 import math
 import re
 
@@ -154,6 +155,26 @@ def test_cutmix_lam_is_the_kept_pixel_fraction(device, dtype):
         box_mask = torch.zeros(9, 13, dtype=torch.bool, device=device)
         box_mask[y0:y1, x0:x1] = True
         assert bool((from_partner == box_mask).all()), "exactly the box comes from the partner"
+
+
+@pytest.mark.parametrize("height, width, lam", [(3, 4, 0.5), (1, 5, 0.2), (5, 1, 0.2), (4, 4, 0.0)])
+def test_sample_box_has_the_exact_law_of_a_uniform_centre(height, width, lam):
+    # The uncut box, floor(H sqrt(1 - lam)) x floor(W sqrt(1 - lam)), centred on a pixel drawn
+    # uniformly (top-left corner at centre - side // 2), clipped to the image: every pixel
+    # contributes 1 / (H W) to the probability of its box.
+    ratio = math.sqrt(1 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    exact = collections.Counter()
+    for cy in range(height):
+        for cx in range(width):
+            y0, x0 = cy - cut_h // 2, cx - cut_w // 2
+            box = (max(y0, 0), min(y0 + cut_h, height), max(x0, 0), min(x0 + cut_w, width))
+            exact[box] += 1 / (height * width)
+    draws, generator = 4000, seeded(5)
+    counts = collections.Counter(sample_box(height, width, lam, generator) for _ in range(draws))
+    assert set(counts) <= set(exact)
+    for box, prob in exact.items():
+        assert abs(counts[box] / draws - prob) < 4.5 * math.sqrt(prob * (1 - prob) / draws) + 1 / draws, box
 
 
 def test_cutmix_reports_the_clipped_area_not_the_sampled_lam():
@@ -338,6 +359,14 @@ def test_default_generator_follows_manual_seed_and_differs_per_rank(monkeypatch)
     assert draws(CompoundMix(mix_prob=1.0)) != rank0
     torch.manual_seed(123)
     assert draws(CompoundMix(mix_prob=1.0, same_on_all_ranks=True)) == rank0
+    # Every rank its own stream (ranks 0 to 3), also from the largest torch seed.
+    for seed in (123, 2**64 - 1):
+        streams = []
+        for rank in range(4):
+            monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, rank=rank: rank)
+            torch.manual_seed(seed)
+            streams.append(draws(CompoundMix(mix_prob=1.0)))
+        assert len({str(stream) for stream in streams}) == 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +397,17 @@ def test_soft_targets_of_teacher_knowledge_is_the_composite_bank_target(device):
     torch.testing.assert_close(batch.soft_targets(), composite, rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_soft_targets_of_probability_targets_are_float32(dtype):
+    images, _ = random_batch()
+    soft = torch.softmax(torch.randn(6, 4), dim=1).to(dtype)
+    batch = make_mix(mix_prob=1.0)(images, soft)
+    dense = batch.soft_targets()
+    assert dense.dtype == torch.float32
+    lam = batch.lam.unsqueeze(1)
+    torch.testing.assert_close(dense, lam * soft.float() + (1 - lam) * soft.float()[batch.partner])
+
+
 def test_soft_targets_from_class_indices(device):
     images, targets = random_batch(device=device, classes=5)
     batch = make_mix(mix_prob=1.0, switch_prob=0.0)(images, targets)
@@ -379,6 +419,20 @@ def test_soft_targets_from_class_indices(device):
     torch.testing.assert_close(dense[rows, targets], expected_a)
     with pytest.raises(ValueError, match=r"`num_classes` must be given for class-index targets"):
         batch.soft_targets()
+
+
+@pytest.mark.parametrize("bad_label", [7, -1])
+@pytest.mark.parametrize("side", ["targets_a", "targets_b"])
+def test_soft_targets_refuse_labels_outside_the_classes(device, bad_label, side):
+    images, targets = random_batch(device=device, classes=4)
+    batch = make_mix(mix_prob=1.0)(images, targets)
+    bad = getattr(batch, side).clone()
+    bad[2] = bad_label
+    batch = batch._replace(**{side: bad})
+    with pytest.raises(ValueError, match=rf"`{side}` must hold indices in \[0, 3\], but got {bad_label}$"):
+        batch.soft_targets(num_classes=4)
+    with pytest.raises(TypeError, match=r"`num_classes` must be an int, but got 4.0 \(float\)"):
+        batch.soft_targets(num_classes=4.0)
 
 
 # --------------------------------------------------------------------------------------------

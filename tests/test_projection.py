@@ -138,6 +138,22 @@ def test_gradcheck_in_v_lo_hi(search):
 
 
 @pytest.mark.parametrize("search", SEARCHES)
+def test_gradient_with_a_single_free_coordinate(search):
+    # x = (0.4, lo, hi): one free coordinate, whose own gradient cancels (tau absorbs it) and
+    # whose output gradient is subtracted from the active bounds' (the mean over F = {0}).
+    v = torch.tensor([[0.5, 0.3, 0.3]], dtype=torch.float64)
+    lo = torch.tensor([[0.0, 0.5, 0.0]], dtype=torch.float64)
+    hi = torch.tensor([[1.0, 1.0, 0.1]], dtype=torch.float64)
+    inputs = tuple(t.clone().requires_grad_(True) for t in (v, lo, hi))
+    x = project_box_simplex(*inputs, search=search)
+    torch.testing.assert_close(x, torch.tensor([[0.4, 0.5, 0.1]], dtype=torch.float64), atol=1e-15, rtol=0)
+    x.backward(torch.tensor([[3.0, 1.0, 2.0]], dtype=torch.float64))
+    assert inputs[0].grad.tolist() == [[0.0, 0.0, 0.0]]
+    assert inputs[1].grad.tolist() == [[0.0, -2.0, 0.0]] and inputs[2].grad.tolist() == [[0.0, 0.0, -1.0]]
+    assert torch.autograd.gradcheck(functools.partial(project_box_simplex, search=search), inputs)
+
+
+@pytest.mark.parametrize("search", SEARCHES)
 def test_float32_agrees_with_float64(search):
     generator = torch.Generator().manual_seed(5)
     v, lo, hi = random_box(generator, 256, 1000 if search in SCALABLE_SEARCHES else 64, torch.float64)
@@ -230,6 +246,12 @@ def test_auto_search_rule():
     # Beyond it, the sort, on every device.
     assert pick(torch.zeros(256, 64)) == "sort" and pick(torch.zeros(8, 1000, device="meta")) == "sort"
     assert all(_projection._pick_search(torch.zeros(2, 2), search) == search for search in SEARCHES)
+
+
+def test_default_search_is_auto():
+    v = torch.tensor([[0.8, 0.5, -0.1]])
+    zeros, ones = torch.zeros_like(v), torch.ones_like(v)
+    assert torch.equal(project_box_simplex(v, zeros, ones), project_box_simplex(v, zeros, ones, search="auto"))
 
 
 def test_unknown_search_is_rejected():

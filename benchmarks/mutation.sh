@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Mutation testing of the fraction, the projection, the bank and the mixer (issue 30).
+#
+# mutmut (3.x) copies mkfkit/ to mutants/, mutates fraction.py, _projection.py, bank.py and
+# mixing.py, and runs, for each mutant, those tests of test_fraction, test_projection,
+# test_bank, test_mixing and test_bad_input that cover the mutated function (configuration:
+# [mutmut] in setup.cfg). One worker, pinned to CORE; property tests draw 10 examples each
+# (the "mutation" profile of tests/conftest.py) instead of CI's 40.
+#
+#   benchmarks/mutation.sh CORE [PATTERN ...]   run all mutants, or those whose names match
+#                                               (e.g. 'mkfkit.fraction.*'); resumes: mutants
+#                                               already tested keep their verdict
+#   python -m mutmut results                    list the survivors afterwards
+#   python -m mutmut show NAME                  the diff of one mutant
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+core=${1:?usage: benchmarks/mutation.sh CORE [PATTERN ...]}
+shift
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-mutation}
+taskset -c "$core" "$PYTHON" -m mutmut run --max-children 1 "$@"
+"$PYTHON" - <<'PY'
+"""Score per mutated file, from mutmut's results (mutants/<path>.meta)."""
+import collections
+import json
+import pathlib
+
+from mutmut.stats import status_by_exit_code
+
+for meta in sorted(pathlib.Path("mutants/mkfkit").glob("*.py.meta")):
+    codes = json.loads(meta.read_text())["exit_code_by_key"].values()
+    counts = collections.Counter(status_by_exit_code[code] for code in codes)
+    detected = counts["killed"] + counts["timeout"] + counts["segfault"]
+    judged = detected + counts["survived"] + counts["suspicious"]
+    score = f"{100 * detected / judged:.1f} %" if judged else "n/a"
+    print(f"{meta.name[:-5]}: {len(codes)} mutants, score {score} ({detected} of {judged} detected); "
+          + ", ".join(f"{status} {count}" for status, count in sorted(counts.items())))
+PY
