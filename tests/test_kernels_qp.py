@@ -254,10 +254,9 @@ def test_chunked_rows_match_single_block(kernel_device, monkeypatch):
         return (a, b) + grads
 
     single = run()
-    monkeypatch.setattr(_qp, "_MAX_BLOCK", 16)
-    monkeypatch.setattr(_qp, "_CHUNK", 16)
+    monkeypatch.setitem(_qp._MAX_BLOCK, torch.float32, 16)
     _qp._launch_settings.cache_clear()
-    assert _qp._launch_config(3, 37)[1:3] == (16, False)
+    assert _qp._launch_config(37, torch.float32)[1:3] == (16, False)
     chunked = run()
     for got, want in zip(chunked, single):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

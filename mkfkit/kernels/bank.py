@@ -7,9 +7,9 @@ compute: which estimates count, and what a seen flag means for a target, is the 
 (:mod:`mkfkit.bank`); it hands :func:`write` the estimates and their validity.
 
 One program per batch row (reads) or per sorted entry (write-back); rows are walked in chunks
-of at most ``_BLOCK`` classes. Floating-point contraction is switched off
-(``enable_fp_fusion=False``) and quotients are IEEE-rounded (``div_rn``), so every elementwise
-step rounds as torch's separate kernels do. No atomics, no host synchronisation.
+of at most ``_MAX_BLOCK`` classes (:func:`_launch_config`). Floating-point contraction is
+switched off (``enable_fp_fusion=False``) and quotients are IEEE-rounded (``div_rn``), so
+every elementwise step rounds as torch's separate kernels do. No atomics, no host synchronisation.
 """
 
 from __future__ import annotations
@@ -23,7 +23,13 @@ from mkfkit.kernels._import import jit, on_device, tl, triton
 
 __all__ = ["read", "write"]
 
-_BLOCK = 4096
+# Launch rule (benchmarks/bench_kernels.py; RESULTS.md, "Kernel resources"): a block of
+# _MIN_BLOCK to _MAX_BLOCK columns, a warp per 256 of them (8 elements a thread, at most 80
+# registers, no spills). _MIN_BLOCK is one warp's 16-byte float32 loads: a smaller block would
+# cost no less, only add a compiled variant. Sixteen warps for the longest rows, so that a
+# batch of twice the SMs' count already fills a quarter of every SM's warp slots.
+_MIN_BLOCK = 128
+_MAX_BLOCK = 4096
 
 
 @jit
@@ -135,11 +141,12 @@ def _write_kernel(
             tl.store(seen_ptr + row, tl.full([], 1, tl.uint8))
 
 
-def _settings(store: Tensor) -> dict:
-    n_cols = store.shape[1]
-    block = min(triton.next_power_of_2(n_cols), _BLOCK)
-    return dict(BLOCK=block, NORMALIZE=store.dtype != torch.float32,
-                num_warps=min(max(block // 256, 1), 8), enable_fp_fusion=False)
+def _launch_config(n_cols: int, dtype: torch.dtype) -> dict:
+    """Constexprs and launch keywords for rows of ``n_cols`` classes stored in ``dtype`` (the
+    launch rule of both kernels: one owner)."""
+    block = min(max(triton.next_power_of_2(n_cols), _MIN_BLOCK), _MAX_BLOCK)
+    return dict(BLOCK=block, NORMALIZE=dtype != torch.float32, num_warps=max(block // 256, 1),
+                enable_fp_fusion=False)
 
 
 def read(
@@ -172,7 +179,7 @@ def read(
         _read_kernel[(n_pairs,)](
             store, seen.view(torch.uint8), index_a, index_b if has_b else index_a,
             lam if mix else first, first, first if second is None else second,
-            seen_rows.view(torch.uint8), n_pairs, n_cols, HAS_B=has_b, MIX=mix, **_settings(store),
+            seen_rows.view(torch.uint8), n_pairs, n_cols, HAS_B=has_b, MIX=mix, **_launch_config(store.shape[1], store.dtype),
         )
     return first, second, seen_rows
 
@@ -203,5 +210,5 @@ def write(
         _write_kernel[(rows.shape[0],)](
             store, seen.view(torch.uint8), sorted_rows, order, estimates,
             order if valid is None else valid.view(torch.uint8), rows.shape[0], store.shape[1],
-            float(momentum), 1.0 - float(momentum), ALL_VALID=valid is None, **_settings(store),
+            float(momentum), 1.0 - float(momentum), ALL_VALID=valid is None, **_launch_config(store.shape[1], store.dtype),
         )

@@ -40,12 +40,21 @@ from mkfkit.kernels._import import jit, on_device, tl, triton
 
 __all__ = ["qp_pair", "iteration_counts"]
 
-# Launch shape (tuned to avoid register spills on sm_90): rows of up to _MAX_BLOCK classes stay
-# in registers; longer rows loop over chunks of _CHUNK classes; short rows are packed several
-# to a program while ROWS * BLOCK <= _TILE.
-_MAX_BLOCK = 4096
-_CHUNK = 2048
-_TILE = 1024
+# Launch rule, from the kernels compiled for sm_80 and sm_90 (benchmarks/bench_kernels.py;
+# RESULTS.md, "Kernel resources"). A thread holds _PER_THREAD elements of its program's tile
+# (float64 needs twice the registers an element), in up to _MAX_WARPS warps; short rows are
+# packed _TILE // BLOCK to a program, whatever the batch (one compiled kernel per block size).
+# Rows of up to _MAX_BLOCK classes stay in registers (16 warps, up to four elements a thread);
+# longer rows loop over chunks of _MAX_BLOCK classes. ptxas is held to _MAX_REGISTERS a
+# thread, which leaves an SM room for 16 of its 64 warps: without the bound it trades a few
+# spilled bytes for occupancy of its own choosing (8 to 56 bytes in some configurations).
+# Blocks of 4096 classes need more than 128 registers and spill under it.
+_PER_THREAD = {torch.float32: 2, torch.float64: 1}
+_MAX_BLOCK = {torch.float32: 2048, torch.float64: 1024}
+_TILE = 256
+_MIN_BLOCK = 16
+_MAX_WARPS = 16
+_MAX_REGISTERS = 128
 # Cap on the Newton passes: bisection alone shrinks a bracket to rounding level in about 25
 # (float32) or 54 (float64).
 _SOLVER_CONSTANTS = {
@@ -376,20 +385,21 @@ def _qp_fraction_bwd_kernel(
 # host work is kept to allocating the outputs and one kernel launch: launch settings are cached
 # per shape and dtype, and the current-device guard is skipped when it is already right.
 
-def _launch_config(n_rows: int, n_cols: int) -> Tuple[int, int, bool, int]:
-    """Rows per program, columns per block, whether a row fits in one block, warps."""
-    single_block = n_cols <= _MAX_BLOCK
-    block = triton.next_power_of_2(n_cols) if single_block else _CHUNK
-    rows = min(triton.next_power_of_2(n_rows), max(_TILE // block, 1))
-    return rows, block, single_block, min(max(rows * block // 256, 1), 16)
+def _launch_config(n_cols: int, compute: torch.dtype) -> Tuple[int, int, bool, int]:
+    """Rows per program, columns per block, whether a row fits in one block, and warps, for
+    rows of ``n_cols`` classes computed in ``compute`` (the launch rule: one owner)."""
+    single_block = n_cols <= _MAX_BLOCK[compute]
+    block = max(triton.next_power_of_2(n_cols), _MIN_BLOCK) if single_block else _MAX_BLOCK[compute]
+    rows = max(_TILE // block, 1)
+    return rows, block, single_block, min(rows * block // (32 * _PER_THREAD[compute]), _MAX_WARPS)
 
 
 @functools.lru_cache(maxsize=1024)
 def _launch_settings(n_rows: int, n_cols: int, compute: torch.dtype) -> Tuple[Tuple[int], dict]:
     """Grid and constexpr/launch keywords shared by the forward and backward kernels."""
-    rows, block, single_block, num_warps = _launch_config(n_rows, n_cols)
+    rows, block, single_block, num_warps = _launch_config(n_cols, compute)
     meta = dict(COMPUTE=_TL_DTYPES[compute], ROWS=rows, BLOCK=block, SINGLE_BLOCK=single_block,
-                num_warps=num_warps)
+                num_warps=num_warps, maxnreg=_MAX_REGISTERS)
     return (triton.cdiv(n_rows, rows),), meta
 
 
