@@ -28,13 +28,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import device_report, median_time, print_table, write_json  # noqa: E402
-from bench_fraction import make_instance  # noqa: E402
+from bench_fraction import TABLE_LIMIT, make_instance  # noqa: E402
 
 from mkfkit import _projection  # noqa: E402
 from mkfkit.fraction import _qp_boxes, linear_fraction, side_weights  # noqa: E402
 
 SEARCHES = ("sort", "table", "newton")
-TABLE_LIMIT = 2**24  # entries of the table search's Tensor[2B, 2C, C] worth timing
 
 
 def boxes(kind: str, batch: int, num_classes: int, device: str):

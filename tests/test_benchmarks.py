@@ -42,13 +42,14 @@ def test_bench_fraction_runs_and_the_exact_qp_is_exact(tmp_path):
     assert result["settings"]["repeats"] == 1 and result["settings"]["threads"] == 1
     (cell,) = result["results"]
     assert (cell["device"], cell["B"], cell["C"]) == ("cpu", 4, 10)
-    for strategy in ("opt2_raw", "opt2_proj", "exact"):
+    for strategy in ("opt2_raw", "opt2_proj", "exact", "exact_sort", "exact_table", "exact_newton"):
         for timing in ("fwd_s", "fwd_loop_s", "fwdbwd_s", "fwdbwd_loop_s"):
             assert positive_time(cell[f"{strategy}_{timing}"]), (strategy, timing)
     assert not any(key.startswith("cvx") for key in cell)  # --skip-cvxpylayers
     # Against the QP solved in float64: the closed form is exact up to float32 rounding, the
     # paper's raw OPT2 is not a solution of it, and projecting OPT2 does not make it one.
-    assert cell["exact_max_err"] < 1e-6
+    for strategy in ("exact", "exact_sort", "exact_table", "exact_newton"):
+        assert cell[f"{strategy}_max_err"] < 1e-6
     assert cell["opt2_raw_max_err"] > 0 and cell["opt2_proj_max_err"] > 1e-3
     assert 0 <= cell["opt2_rows_leaving_01"] <= 1
 
