@@ -260,10 +260,14 @@ def _root_by_newton(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
     """tau by ``_NEWTON_PASSES`` safeguarded Newton passes (module docstring)."""
     breakpoints, offset = _breakpoints(v, bounds)
     enter, leave = breakpoints
-    num_classes = v.shape[-1]
+    # The constants as tensors of v's dtype, filled on its device (no copy from the host): a
+    # Python number costs a conversion in every operation it enters (about a tenth of the
+    # search's time at 512 rows of C = 100).
+    classes = v.new_full((), v.shape[-1])
     tolerance = 4 * torch.finfo(v.dtype).eps  # on g - 1, a sum of order 1 (the fused kernel's)
+    below, above = v.new_full((), tolerance), v.new_full((), -tolerance)
     t_lo, t_hi = enter.amin(-1, keepdim=True), leave.amax(-1, keepdim=True)
-    tau = (offset / -num_classes).clamp_(t_lo, t_hi)  # the root when no bound is active
+    tau = (offset / -classes).clamp_(t_lo, t_hi)  # the root when no bound is active
     # One buffer for every pass: a fresh one per pass costs its page faults again on a CPU
     # (as much as the clip itself at 512 rows of C = 1000).
     clipped = torch.empty_like(enter)
@@ -273,14 +277,14 @@ def _root_by_newton(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
         # clip(tau) - tau is exactly 0 on the free coordinates and nonzero on the others; its
         # sign counts them in float arithmetic, where a boolean comparison with a broadcast tau
         # costs three times as much on a CPU.
-        free = num_classes - clipped.sub_(tau).sign_().abs_().sum(-1, keepdim=True)
-        # Infinite or NaN on a flat piece (free = 0): the test below rejects it.
-        newton = tau - excess / free
+        free = classes - clipped.sub_(tau).sign_().abs_().sum(-1, keepdim=True)
+        # tau - excess / free; infinite or NaN on a flat piece (free = 0): rejected below.
+        newton = torch.addcdiv(tau, excess, free, value=-1)
         # A sum within rounding of 1 closes the bracket on tau, which then stays: on a flat
         # piece (every coordinate at a bound, e.g. a fraction's row at a corner of its box)
         # every such tau gives the same answer, and bisecting on would leave the piece.
-        t_lo = torch.where(excess <= tolerance, tau, t_lo)
-        t_hi = torch.where(excess >= -tolerance, tau, t_hi)
+        t_lo = torch.where(excess <= below, tau, t_lo)
+        t_hi = torch.where(excess >= above, tau, t_hi)
         # An end point repeated would let the steps cycle between the ends; a step that leaves
         # tau unchanged is the root to working precision (bisecting would move away from it).
         accept = ((newton > t_lo) & (newton < t_hi)) | (newton == tau)
