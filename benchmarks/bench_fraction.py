@@ -4,12 +4,15 @@ Compares, on the same random instances (float32, value checks off while timing):
 
 * ``opt2_raw``   -- the paper's OPT2 formula (LinearFraction(project=False))
 * ``opt2_proj``  -- OPT2 projected onto the simplex (LinearFraction(), the default)
-* ``exact``      -- the exact QP in closed form, plain torch (QPFraction(backend="torch"))
+* ``exact``      -- the exact QP in closed form, plain torch (QPFraction(backend="torch")), its
+  projection's search chosen by ``"auto"``
+* ``exact_sort`` / ``exact_table`` / ``exact_newton`` -- the same with each search of the
+  projection in turn (mkfkit/_projection.py; the table only up to 2**24 entries)
 * ``triton``     -- the exact QP as a fused Triton kernel (when mkfkit.kernels.available)
 * ``cvx_scs`` / ``cvx_clarabel`` -- the same QP through cvxpylayers (the paper's route)
 
 for B in {64, 256, 512} and C in {10, 100, 1000}, forward and forward+backward, on CPU and CUDA.
-Times are medians; ratios are to OPT2 (raw) and to the exact QP. Two timings per cell: "sync"
+Times are medians; ratios are to OPT2 (raw) and to the exact QP (``exact``). Two timings per cell: "sync"
 synchronises the device around every call (latency of one call, launch overhead included);
 "loop" times 20 back-to-back calls between two CUDA events (throughput in a training loop,
 where the host queues the next call while the GPU runs). cvxpylayers gets the "sync" timing
@@ -40,7 +43,31 @@ sys.path.insert(0, str(HERE))
 from _common import device_report, loop_time, median_time, print_table, write_json  # noqa: E402
 
 import mkfkit  # noqa: E402
+from mkfkit import _projection  # noqa: E402
 from mkfkit.fraction import LinearFraction, QPFraction  # noqa: E402
+
+TABLE_LIMIT = 2**24  # entries of the table search's Tensor[2B, 2C, C] worth timing
+
+
+class ExactBySearch(QPFraction):
+    """The exact QP in torch with its projection's search fixed to ``search`` (one of the
+    ``_projection`` searches) instead of chosen by ``"auto"``."""
+
+    def __init__(self, search: str) -> None:
+        super().__init__(backend="torch")
+        self.search = search
+
+    def forward(self, mixed, base_a, base_b, lam):
+        # The choice has one owner, _projection._pick_search: stand in for it during the call.
+        pick = _projection._pick_search
+        _projection._pick_search = lambda v, search: self.search
+        try:
+            return super().forward(mixed, base_a, base_b, lam)
+        finally:
+            _projection._pick_search = pick
+
+    def extra_repr(self) -> str:
+        return f"search={self.search!r}"
 
 
 def make_instance(batch, num_classes, device, seed=0):
@@ -104,6 +131,7 @@ def main() -> None:
         "opt2_raw": LinearFraction(project=False),
         "opt2_proj": LinearFraction(),
         "exact": QPFraction(backend="torch"),
+        **{f"exact_{search}": ExactBySearch(search) for search in ("sort", "table", "newton")},
     }
     cvx = {}
     if args.skip_cvxpylayers:
@@ -138,13 +166,15 @@ def main() -> None:
         for num_classes in classes:
             for batch in batches:
                 inputs = make_instance(batch, num_classes, device)
-                reference = QPFraction(backend="torch")(*inputs)  # float64 exact solution
+                reference = strategies["exact_sort"](*inputs)  # float64 exact solution, by the sort
                 inputs32 = [t.float() for t in inputs]
                 raw = strategies["opt2_raw"](*inputs32)
                 leaving = float(((raw.a < 0) | (raw.a > 1)).any(-1).float().mean())
                 row = {"device": device, "B": batch, "C": num_classes, "opt2_rows_leaving_01": leaving}
                 with mkfkit.value_checks(False):
                     for name, strategy in {**device_strategies, **cvx}.items():
+                        if name == "exact_table" and 2 * (2 * batch) * num_classes**2 > TABLE_LIMIT:
+                            continue
                         if name in cvx:  # build (and cache) the layer for this C outside the timing
                             strategy(*(t[:1] for t in inputs32))
                         latest = {}  # the last call's output, for the accuracy columns

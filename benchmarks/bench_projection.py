@@ -1,10 +1,11 @@
-"""Benchmark of the two active-set searches of the exact projection (mkfkit/_projection.py).
+"""Benchmark of the three searches of the exact projection (mkfkit/_projection.py).
 
 ``project_box_simplex`` finds the segment of the row sum that reaches 1 (and so which coordinates
-sit at a bound) by sorting the 2C breakpoints of every row (``search="sort"``) or by evaluating
-the row sum at every breakpoint (``search="table"``, Tensor[2B, 2C, C]); ``"auto"`` picks one by
-size. This script times both side by side (the table only up to 2**24 entries), on the two kinds
-of rows the library projects:
+sit at a bound) by sorting the 2C breakpoints of every row (``search="sort"``), by evaluating
+the row sum at every breakpoint (``search="table"``, Tensor[2B, 2C, C]) or by a fixed number of
+safeguarded Newton passes (``search="newton"``); ``"auto"`` picks one by size and device. This
+script times them side by side (the table only up to 2**24 entries), on the two kinds of rows
+the library projects:
 
 * ``qp``   -- the exact QP fraction's points and boxes (both sides of a batch, 2B rows);
 * ``opt2`` -- raw OPT2 estimates projected onto the simplex (LinearFraction(), 2B rows),
@@ -27,13 +28,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import device_report, median_time, print_table, write_json  # noqa: E402
-from bench_fraction import make_instance  # noqa: E402
+from bench_fraction import TABLE_LIMIT, make_instance  # noqa: E402
 
 from mkfkit import _projection  # noqa: E402
 from mkfkit.fraction import _qp_boxes, linear_fraction, side_weights  # noqa: E402
 
-SEARCHES = ("sort", "table")
-TABLE_LIMIT = 2**24  # entries of the table search's Tensor[2B, 2C, C] worth timing
+SEARCHES = ("sort", "table", "newton")
 
 
 def boxes(kind: str, batch: int, num_classes: int, device: str):

@@ -44,15 +44,38 @@ row mean (docs/METHOD.md, "Gradients on the simplex").
   ``Tensor[R, 2C, C]``. ``O(C^2)`` per row, but fewer operations than the sort and no sort at
   all, which on a CPU costs about 50 ns per element (benchmarks/RESULTS.md). Sync-free like the
   sort.
+- ``"newton"``: ``_NEWTON_PASSES`` safeguarded Newton passes on ``g(tau) = 1``, the fused
+  Triton kernel's step (:mod:`mkfkit.kernels.qp`) with a fixed pass count instead of its
+  stopping test, so the host is never asked whether every row has converged. A pass evaluates
+  ``g`` and its slope ``|F|`` (the coordinates whose clip leaves ``tau`` unchanged) at ``tau``
+  and moves to the root of that linear piece, ``tau - (g(tau) - 1) / |F|``, which is exact
+  once ``tau`` lies on the root's segment. A bracket ``[t_lo, t_hi]`` with ``g(t_lo) <= 1 <=
+  g(t_hi)``, initially ``[min(lo - v), max(hi - v)]``, guards the step: a step that would not
+  land strictly inside it (it leaves the bracket, repeats an end point, or comes from a flat
+  piece) bisects instead, unless it leaves ``tau`` unchanged (the root to working precision).
+  Where ``|g(tau) - 1| <= 4 eps`` the bracket closes on ``tau``, so a converged row stays put
+  for the remaining passes. Rows whose box cannot reach a sum of 1 are set to their corner at
+  the end. ``O(C)`` per pass and row: six operations over ``Tensor[R, C]`` and a dozen over the
+  ``Tensor[R, 1]`` of per-row values.
 
-A third search, safeguarded Newton steps with a host check per pass (the fused Triton kernel's
-algorithm, :mod:`mkfkit.kernels.qp`), was removed: it was faster than the sort only on the CPU
-for wide rows (3-8x for 512 rows of C >= 100), where a training step is dominated by the
-network anyway, it could not run under ``torch.compile`` or CUDA graphs, and it needed three
-thresholds tuned on one machine (benchmarks/RESULTS.md, "Issue 16: the projection's searches").
+  The pass count is empirical, not a bound: a Newton step on a piecewise linear function may
+  cross one breakpoint at a time. The search starts at the root with no bound active (``tau =
+  0`` for the exact QP's rows, whose ``v`` sums to 1). In 89,000 rows of each kind with C from
+  2 to 1,000 (float64, matching the sort to 1e-12), the exact QP's rows needed at most 3
+  passes but for 23 (at most 8), OPT2's rows as :func:`~mkfkit.fraction.linear_fraction`
+  projects them at most 7, and random boxes (tests/test_projection.py's) at most 11, each pass
+  beyond 4 leaving 3-5 times fewer rows unconverged than the one before (benchmarks/RESULTS.md,
+  "Exact fraction on one CPU thread"). A row that needs more passes than it gets is off by up
+  to its bracket's width.
 
-``"auto"`` (the default) takes the table while it holds at most ``_TABLE_MAX_ENTRIES`` entries
-(any device), the sort otherwise.
+An earlier CPU Newton search stopped on a host check after every pass; it was removed (it could
+not run under ``torch.compile`` or CUDA graphs and needed three thresholds tuned on one machine,
+benchmarks/RESULTS.md, "Issue 16: the projection's searches"). The fixed-pass search replaces
+it: the same operations on every device, eager or compiled.
+
+:func:`_pick_search` owns the choice for ``"auto"`` (the default): the table while it holds at
+most ``_TABLE_MAX_ENTRIES`` entries (any device); beyond it, on a CPU, the Newton passes from
+``_NEWTON_MIN_ELEMENTS`` elements on; the sort otherwise.
 """
 
 from __future__ import annotations
@@ -62,12 +85,22 @@ from torch import Tensor
 
 __all__ = ["project_box_simplex", "project_onto_bounds"]
 
-_SEARCHES = ("auto", "sort", "table")
+_SEARCHES = ("auto", "sort", "table", "newton")
 # Chosen on a CPU with one thread (benchmarks/bench_projection.py, benchmarks/RESULTS.md), for the
 # exact QP's rows. The table beats the sort at every size up to about 2**20 entries (0.6-0.9x of
-# its time), e.g. B = 64 pairs of C = 64 or B = 512 of C = 16; beyond it the table's C^2 work
-# shows (1.2-1.3x the sort's time at 2-3 million entries).
+# its time), e.g. B = 64 pairs of C = 64 or B = 512 of C = 16, and the Newton passes, whose
+# operations cost about 0.5 ms however small the rows; beyond it the table's C^2 work shows
+# (1.2-1.3x the sort's time at 2-3 million entries, about equal to the Newton passes). There the
+# Newton passes win from about 4,096 elements on (0.3-0.9x the sort's time at 16 rows, 0.05-0.1x
+# at 512 rows of C >= 100); below, rows too wide for the table are so few that the sort's
+# O(C log C) is cheaper (2 rows of C = 1000: 0.3 ms against 0.5 ms). Not measured on a GPU,
+# where the fused kernel serves the exact QP: there the sort stays.
 _TABLE_MAX_ENTRIES = 2**20
+_NEWTON_MIN_ELEMENTS = 4096
+# Passes of the "newton" search: two more than the hardest of 20,000 random boxes of C = 30 needs
+# (10; tests/test_projection.py checks the margin), one more than the hardest of 89,000 (module
+# docstring).
+_NEWTON_PASSES = 12
 
 
 def project_box_simplex(v: Tensor, lo: Tensor, hi: Tensor, *, search: str = "auto") -> Tensor:
@@ -77,7 +110,7 @@ def project_box_simplex(v: Tensor, lo: Tensor, hi: Tensor, *, search: str = "aut
         v: Tensor[..., C], the points to project (floating point).
         lo: Tensor[..., C], lower bounds, with ``lo <= hi`` (the shape of ``v``).
         hi: Tensor[..., C], upper bounds (the shape of ``v``).
-        search: how ``tau`` is found: ``"sort"``, ``"table"`` or ``"auto"``
+        search: how ``tau`` is found: ``"sort"``, ``"table"``, ``"newton"`` or ``"auto"``
             (see the module docstring). The result does not depend on it beyond rounding.
 
     Returns:
@@ -145,7 +178,9 @@ class _BoxSimplexProjection(torch.autograd.Function):
 def _pick_search(v: Tensor, search: str) -> str:
     """The search ``search`` names, or for ``"auto"`` the one expected to be fastest for ``v``."""
     if search == "auto":
-        return "table" if 2 * v.numel() * v.shape[-1] <= _TABLE_MAX_ENTRIES else "sort"
+        if 2 * v.numel() * v.shape[-1] <= _TABLE_MAX_ENTRIES:
+            return "table"
+        return "newton" if v.device.type == "cpu" and v.numel() >= _NEWTON_MIN_ELEMENTS else "sort"
     if search not in _SEARCHES:
         raise ValueError(f"`search` must be one of {_SEARCHES}, but got {search!r}")
     return search
@@ -225,4 +260,43 @@ def _root_by_table(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
     return _root_after(reference, excess.gather(-1, index), breakpoints)
 
 
-_FINDERS = {"sort": _root_by_sort, "table": _root_by_table}
+def _root_by_newton(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
+    """tau by ``_NEWTON_PASSES`` safeguarded Newton passes (module docstring)."""
+    breakpoints, offset = _breakpoints(v, bounds)
+    enter, leave = breakpoints
+    # The constants as tensors of v's dtype, filled on its device (no copy from the host): a
+    # Python number costs a conversion in every operation it enters (about a tenth of the
+    # search's time at 512 rows of C = 100).
+    classes = v.new_full((), v.shape[-1])
+    tolerance = 4 * torch.finfo(v.dtype).eps  # on g - 1, a sum of order 1 (the fused kernel's)
+    below, above = v.new_full((), tolerance), v.new_full((), -tolerance)
+    t_lo, t_hi = enter.amin(-1, keepdim=True), leave.amax(-1, keepdim=True)
+    tau = (offset / -classes).clamp_(t_lo, t_hi)  # the root when no bound is active
+    # One buffer for every pass: a fresh one per pass costs its page faults again on a CPU
+    # (as much as the clip itself at 512 rows of C = 1000).
+    clipped = torch.empty_like(enter)
+    for _ in range(_NEWTON_PASSES):
+        torch.clamp(tau, enter, leave, out=clipped)
+        excess = clipped.sum(-1, keepdim=True) + offset
+        # clip(tau) - tau is exactly 0 on the free coordinates and nonzero on the others; its
+        # sign counts them in float arithmetic, where a boolean comparison with a broadcast tau
+        # costs three times as much on a CPU.
+        free = classes - clipped.sub_(tau).sign_().abs_().sum(-1, keepdim=True)
+        # tau - excess / free; infinite or NaN on a flat piece (free = 0): rejected below.
+        newton = torch.addcdiv(tau, excess, free, value=-1)
+        # A sum within rounding of 1 closes the bracket on tau, which then stays: on a flat
+        # piece (every coordinate at a bound, e.g. a fraction's row at a corner of its box)
+        # every such tau gives the same answer, and bisecting on would leave the piece.
+        t_lo = torch.where(excess <= below, tau, t_lo)
+        t_hi = torch.where(excess >= above, tau, t_hi)
+        # An end point repeated would let the steps cycle between the ends; a step that leaves
+        # tau unchanged is the root to working precision (bisecting would move away from it).
+        accept = ((newton > t_lo) & (newton < t_hi)) | (newton == tau)
+        tau = torch.where(accept, newton, torch.lerp(t_lo, t_hi, 0.5))
+    # A box that cannot reach a sum of 1 (or reaches it only at a corner): its nearest corner.
+    sum_lo, sum_hi = bounds.sum(-1, keepdim=True)
+    tau = tau.masked_fill_(sum_hi <= 1, float("inf")).masked_fill_(sum_lo >= 1, -float("inf"))
+    return tau, tau >= breakpoints
+
+
+_FINDERS = {"sort": _root_by_sort, "table": _root_by_table, "newton": _root_by_newton}

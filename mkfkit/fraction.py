@@ -429,8 +429,8 @@ def qp_fraction(
     where ``Pi`` is the Euclidean projection onto ``{sum = 1, lo <= x <= hi}``
     (:func:`~mkfkit._projection.project_box_simplex`: exact, ``clip(v + tau, lo, hi)`` with the
     segment of the row sum where it reaches 1 found by evaluating the row sum at every breakpoint
-    for small problems, by sorting the breakpoints otherwise, and ``tau`` by the closed form on
-    that segment). ``b`` is
+    for small problems, on a CPU by a fixed number of safeguarded Newton passes beyond that, by
+    sorting the breakpoints otherwise, and ``tau`` by the closed form on that segment). ``b`` is
     the mirror projection of ``K_b + r`` with the roles of ``lam`` and ``1 - lam`` swapped,
     rather than ``(mixed - lam * a) / (1 - lam)``, which loses all precision as ``lam -> 1``.
     Both satisfy the mixing identity up to rounding (given rows of ``mixed`` that sum to 1) and

@@ -42,13 +42,14 @@ def test_bench_fraction_runs_and_the_exact_qp_is_exact(tmp_path):
     assert result["settings"]["repeats"] == 1 and result["settings"]["threads"] == 1
     (cell,) = result["results"]
     assert (cell["device"], cell["B"], cell["C"]) == ("cpu", 4, 10)
-    for strategy in ("opt2_raw", "opt2_proj", "exact"):
+    for strategy in ("opt2_raw", "opt2_proj", "exact", "exact_sort", "exact_table", "exact_newton"):
         for timing in ("fwd_s", "fwd_loop_s", "fwdbwd_s", "fwdbwd_loop_s"):
             assert positive_time(cell[f"{strategy}_{timing}"]), (strategy, timing)
     assert not any(key.startswith("cvx") for key in cell)  # --skip-cvxpylayers
     # Against the QP solved in float64: the closed form is exact up to float32 rounding, the
     # paper's raw OPT2 is not a solution of it, and projecting OPT2 does not make it one.
-    assert cell["exact_max_err"] < 1e-6
+    for strategy in ("exact", "exact_sort", "exact_table", "exact_newton"):
+        assert cell[f"{strategy}_max_err"] < 1e-6
     assert cell["opt2_raw_max_err"] > 0 and cell["opt2_proj_max_err"] > 1e-3
     assert 0 <= cell["opt2_rows_leaving_01"] <= 1
 
@@ -64,12 +65,12 @@ def test_bench_projection_times_every_search(tmp_path):
     assert {cell["rows"] for cell in cells} == {"qp", "opt2"}
     assert len({(cell["rows"], cell["B"], cell["C"]) for cell in cells}) == len(cells) > 2
     for cell in cells:
-        assert positive_time(cell["sort_ms"]) and "newton_ms" not in cell, cell
+        assert positive_time(cell["sort_ms"]) and positive_time(cell["newton_ms"]), cell
         # The table is timed up to 2**24 entries of Tensor[2B, 2C, C].
         fits = 2 * (2 * cell["B"]) * cell["C"] ** 2 <= 2**24
         assert positive_time(cell["table_ms"]) if fits else cell["table_ms"] is None, cell
-        times = [cell[f"{search}_ms"] for search in ("sort", "table") if cell[f"{search}_ms"]]
-        assert cell["auto"] in ("sort", "table")
+        times = [cell[f"{search}_ms"] for search in ("sort", "table", "newton") if cell[f"{search}_ms"]]
+        assert cell["auto"] in ("sort", "table", "newton")
         assert cell["auto_over_best"] == pytest.approx(cell[f"{cell['auto']}_ms"] / min(times))
 
 

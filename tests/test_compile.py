@@ -9,11 +9,14 @@ teacher from it there after the update has changed it, and return wrong gradient
 (test_update_in_the_differentiated_graph_is_refused_by_autograd).
 """
 
+import functools
+
 import pytest
 import torch
 from torch import nn
 
 import mkfkit
+from mkfkit._projection import project_box_simplex
 from mkfkit.bank import KnowledgeBank
 from mkfkit.distill import kd_loss
 from mkfkit.fraction import LinearFraction, QPFraction
@@ -87,6 +90,31 @@ def test_bookkeeping_traces_into_one_graph_without_breaks():
     for explained in (loss, update):
         assert explained.graph_break_count == 0, explained.break_reasons
         assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("search", ["sort", "table", "newton"])
+def test_every_projection_search_is_one_graph_with_the_eager_results(search):
+    # The step above takes the table (small rows); the others must trace as well: no host
+    # read, no data-dependent shape (the Newton search's passes unroll), the same values and
+    # gradients.
+    generator = torch.Generator().manual_seed(0)
+    v = torch.randn(16, 40, generator=generator, dtype=torch.float64) / 40**0.5
+    lo = torch.rand(16, 40, generator=generator, dtype=torch.float64) / 100
+    hi = lo + 0.1 + torch.rand(16, 40, generator=generator, dtype=torch.float64) / 10
+    project = functools.partial(project_box_simplex, search=search)
+    explained = torch._dynamo.explain(project)(v, lo, hi)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(project, backend="aot_eager", fullgraph=True)
+    weights = torch.randn(v.shape, generator=generator, dtype=torch.float64)
+    results = []
+    for run in (project, compiled):
+        inputs = [t.clone().requires_grad_(True) for t in (v, lo, hi)]
+        x = run(*inputs)
+        results.append((x.detach(), *torch.autograd.grad((x * weights).sum(), inputs)))
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, atol=1e-14, rtol=0)
 
 
 def test_one_graph_per_group_whatever_lam_and_the_mixing():

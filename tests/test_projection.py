@@ -1,21 +1,22 @@
 """Tests of the exact projection onto {sum = 1, lo <= x <= hi} (mkfkit/_projection.py)."""
 
 import functools
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mkfkit import _projection
 from mkfkit._projection import project_box_simplex
-from mkfkit.fraction import _qp_boxes, side_weights
+from mkfkit.fraction import _qp_boxes, linear_fraction, qp_fraction, side_weights
 
 # Every way of finding the active sets must give the same projection.
-SEARCHES = ["sort", "table"]
+SEARCHES = ["sort", "table", "newton"]
 # The table holds Tensor[rows, 2C, C]: keep its instances small.
-SCALABLE_SEARCHES = ["sort"]
+SCALABLE_SEARCHES = ["sort", "newton"]
 
 
 def bisection_projection(v, lo, hi, iterations=200):
@@ -238,13 +239,85 @@ def test_non_finite_row_terminates_and_leaves_other_rows_alone(search):
     torch.testing.assert_close(x[1], v[1])
 
 
+def newton_passes_needed(v, lo, hi, atol):
+    """The fewest passes of the "newton" search after which every row matches the sort (None
+    when even ``_NEWTON_PASSES`` do not)."""
+    by_sort = project_box_simplex(v, lo, hi, search="sort")
+    for passes in range(1, _projection._NEWTON_PASSES + 1):
+        with mock.patch.object(_projection, "_NEWTON_PASSES", passes):
+            by_newton = project_box_simplex(v, lo, hi, search="newton")
+        if torch.allclose(by_newton, by_sort, atol=atol, rtol=0):
+            return passes
+    return None
+
+
+def test_newton_pass_count_keeps_a_margin_over_the_hardest_rows():
+    # The pass count is empirical (a Newton step may cross one breakpoint at a time): it must
+    # exceed, by two, what the hardest of 20,000 random rows needs (10 passes for this sample).
+    # Fewer passes fail here first; a change to the iteration that makes it converge more
+    # slowly too.
+    generator = torch.Generator().manual_seed(2)
+    needed = newton_passes_needed(*random_box(generator, 20000, 30, torch.float64), atol=1e-12)
+    assert needed is not None and needed >= 8  # the sample holds rows that need many passes
+    assert _projection._NEWTON_PASSES >= needed + 2
+
+
+def fraction_rows(draw, batch, num_classes, kind):
+    """Probability rows of one kind, float64 numpy, for the edge-row test."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if kind == "one_hot":
+        return np.eye(num_classes)[rng.integers(num_classes, size=batch)]
+    if kind == "uniform":
+        return np.full((batch, num_classes), 1 / num_classes)
+    if kind == "ties":  # a few repeated values: many equal breakpoints
+        rows = rng.integers(0, 3, size=(batch, num_classes)).astype(float) + (np.arange(num_classes) == 0)
+        return rows / rows.sum(-1, keepdims=True)
+    return rng.dirichlet(np.full(num_classes, 0.05), size=batch)  # peaked
+
+
+@st.composite
+def edge_instances(draw):
+    batch, num_classes = draw(st.integers(1, 40)), draw(st.integers(1, 400))
+    kinds = st.sampled_from(["one_hot", "uniform", "ties", "peaked"])
+    mixed, base_a, base_b = (fraction_rows(draw, batch, num_classes, draw(kinds)) for _ in range(3))
+    weights = st.sampled_from([0.0, 1e-300, 1e-30, 1e-12, 1e-6, 0.5, 1 - 1e-6, 1 - 1e-12, 1.0]) | st.floats(0, 1)
+    lam = np.array([draw(weights) for _ in range(batch)])
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    return tuple(torch.from_numpy(t).to(dtype) for t in (mixed, base_a, base_b, lam))
+
+
+@settings(max_examples=60, deadline=None)
+@given(instance=edge_instances())
+def test_newton_matches_the_sort_on_fraction_edge_rows(instance):
+    # Both fractions end to end, every search forced in turn: one-hot, uniform and tied rows,
+    # weights at and near 0 and 1 (the boxes collapse to points or open to [0, 1]), every dtype.
+    mixed, base_a, base_b, lam = instance
+    # float64 is the tight check. Both searches end on g - 1, a sum of C terms of order 1,
+    # divided by the size of the free set (a single coordinate in peaked rows): in float32
+    # they may differ by C roundings. bfloat16 is computed in float32 and rounded back, one
+    # bfloat16 step at 1 apart at most.
+    rounding = mixed.shape[1] * torch.finfo(torch.float32).eps
+    atol = {torch.float64: 1e-12, torch.float32: max(2e-6, rounding), torch.bfloat16: 2**-8}[mixed.dtype]
+    for fraction in (qp_fraction, linear_fraction):
+        by_search = {}
+        for search in ("sort", "newton"):
+            with mock.patch.object(_projection, "_pick_search", lambda v, _, search=search: search):
+                by_search[search] = fraction(mixed, base_a, base_b, lam)
+        for side in ("a", "b"):
+            newton, sort = (getattr(by_search[search], side).double() for search in ("newton", "sort"))
+            torch.testing.assert_close(newton, sort, atol=atol, rtol=0)
+
+
 def test_auto_search_rule():
     pick = functools.partial(_projection._pick_search, search="auto")
     # The table while it holds at most _TABLE_MAX_ENTRIES entries (2 * rows * C * C), on any device.
     assert pick(torch.zeros(2048, 16)) == "table" and pick(torch.zeros(2048, 16, device="meta")) == "table"
     assert pick(torch.zeros(2, 512)) == "table" and pick(torch.zeros(2, 513)) == "sort"
-    # Beyond it, the sort, on every device.
-    assert pick(torch.zeros(256, 64)) == "sort" and pick(torch.zeros(8, 1000, device="meta")) == "sort"
+    # Beyond it, on a CPU, the Newton passes from _NEWTON_MIN_ELEMENTS elements on.
+    assert pick(torch.zeros(8, 512)) == "newton" and pick(torch.zeros(7, 585)) == "sort"
+    assert pick(torch.zeros(256, 64)) == "newton" and pick(torch.zeros(8, 1000)) == "newton"
+    # Elsewhere the sort.
+    assert pick(torch.zeros(256, 64, device="meta")) == "sort" and pick(torch.zeros(8, 1000, device="meta")) == "sort"
     assert all(_projection._pick_search(torch.zeros(2, 2), search) == search for search in SEARCHES)
 
 
@@ -256,5 +329,5 @@ def test_default_search_is_auto():
 
 def test_unknown_search_is_rejected():
     v = torch.full((1, 2), 0.5)
-    with pytest.raises(ValueError, match=r"`search` must be one of \('auto', 'sort', 'table'\), but got 'bisect'"):
+    with pytest.raises(ValueError, match=r"`search` must be one of \('auto', 'sort', 'table', 'newton'\), but got 'bisect'"):
         project_box_simplex(v, torch.zeros_like(v), torch.ones_like(v), search="bisect")
