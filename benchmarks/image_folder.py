@@ -125,6 +125,11 @@ def _layout(root: Path) -> Tuple[List[LabelledFile], List[LabelledFile]]:
         if test_root.name == "test" and (root / "val").is_dir():
             _note(f"{root / 'val'} is not used: the test images are {test_root}, and "
                   "--validation-size holds validation images out of the training ones")
+        others = [entry.name for entry in sorted(root.iterdir())
+                  if entry.name not in ("train", "test", "val") and not entry.name.startswith(".")]
+        if others:
+            _note(f"{root}: ignored {', '.join(others)}: the images are in {root / 'train'} and "
+                  f"{test_root}")
         train_classes, train_files = _classes(root / "train")
         test_classes, test_files = _classes(test_root)
         if train_classes != test_classes:
@@ -262,12 +267,17 @@ def _decode_or_why(paths: List[Path], geometry: Geometry) -> List[Decoded]:
     return results
 
 
-def _stack(paths: List[Path], geometry: Geometry) -> Tensor:
-    try:
-        return torch.from_numpy(np.stack([decode(path, geometry) for path in paths]))
-    except Exception as error:  # the files changed since they were read at the start
-        raise RuntimeError(f"an image of this batch ({', '.join(map(str, paths))}) could not be "
-                           f"decoded any more ({type(error).__name__}: {error})") from None
+def _stack(paths: List[Path], geometry: Geometry) -> Union[Tensor, str]:
+    """The batch's pixels, or why a file could not be decoded: a message, not an exception,
+    which a worker process would hand on wrapped in its traceback."""
+    pixels = []
+    for path in paths:
+        try:
+            pixels.append(decode(path, geometry))
+        except Exception as error:  # the file changed since it was read at the start
+            return (f"{path}: cannot read the image any more ({type(error).__name__}: {error}); "
+                    "it was readable when the run started")
+    return torch.from_numpy(np.stack(pixels))
 
 
 def _loader(dataset: torch.utils.data.Dataset, items: Sequence, workers: int,
@@ -415,5 +425,7 @@ class FolderImages:
     def _decoder(self) -> _Decoder:
         return _Decoder(self.files, self.geometry, _stack)
 
-    def _finish(self, pixels: Tensor) -> Tensor:
+    def _finish(self, pixels: Union[Tensor, str]) -> Tensor:
+        if isinstance(pixels, str):
+            raise DatasetError(pixels)
         return normalise(pixels.to(self.device, non_blocking=True), self.mean, self.std)

@@ -290,3 +290,22 @@ def test_two_processes_under_torchrun_read_their_shares_and_agree(split_folder, 
     for run in report["runs"]:
         digests = run["process_state_sha256"]
         assert len(digests) == 2 and len(set(digests)) == 1
+
+
+def test_an_image_that_breaks_during_a_run_is_one_error_naming_it(split_folder):
+    streamed = read(split_folder, cache="none")
+    index = next(i for i, path in enumerate(streamed.train_images.files) if path.name == "004.png")
+    streamed.train_images.files[index].write_bytes(b"")
+    for workers in (0, 1):
+        with pytest.raises(DatasetError, match=r"004.png: cannot read the image any more \(.*"
+                                               r"it was readable when the run started"):
+            list(streamed.train_images.stream([torch.tensor([0, index])], workers))
+
+
+def test_what_lies_beside_train_and_test_is_ignored_with_a_note(tmp_path, capsys):
+    root = bad(tmp_path, lambda root: ((root / "val").mkdir(), (root / "notes.txt").write_text("")))
+    read(root)
+    assert capsys.readouterr().err == (
+        f"note: {root}/val is not used: the test images are {root}/test, and --validation-size "
+        "holds validation images out of the training ones\n"
+        f"note: {root}: ignored notes.txt: the images are in {root}/train and {root}/test\n")
