@@ -8,6 +8,7 @@
 #   benchmarks/study.sh final 0 & benchmarks/study.sh final 1 &   # the table, on the test set
 #   benchmarks/study.sh other 0                                   # other training images
 #   benchmarks/study.sh final 0 'recommended-*'                   # only the matching names
+#   DATASET=folder DATA_DIR=~/my-images benchmarks/study.sh tune 0   # on your own images
 #
 # KD-ATFF (RESULTS, "Does KD-ATFF work?") runs in the same phases under names wide-kdatff*,
 # wide-one, wide-dml, wide-multibranch: benchmarks/study.sh tune 0 'wide-kdatff*' and so on.
@@ -17,20 +18,40 @@
 # images only; "final" and "other" are the only phases that touch the test set. "other" trains
 # on images 20,000-24,999 (validation 25,000-26,999) to check the recommended configuration
 # (and at twice the width mixing alone) on images it was not tuned on. Environment: DATA_DIR
-# (the Fashion-MNIST IDX files), CHECKPOINTS (default benchmarks/study/checkpoints), CORE
-# (taskset core; default the queue).
+# (the Fashion-MNIST IDX files), CHECKPOINTS (default STUDY/checkpoints), CORE (taskset core;
+# default the queue).
+#
+# Any dataset train.py takes (README, "Does it help on my data?"): DATASET (default
+# fashion-mnist; folder: your images, in DATA_DIR), SUBSET (training images used, the first of
+# the dataset's seeded order; default 7000 for fashion-mnist, else all), VALIDATION (held out of
+# them; default 2000), EPOCHS (default 60), OPTIONS (more options of train.py, such as
+# "--image-size 32 --workers 1"), STUDY (the results; default benchmarks/study for
+# fashion-mnist, else benchmarks/study-NAME, NAME the dataset or DATA_DIR's folder name).
+# "other" trains on the SUBSET images that follow those of the other phases: it needs SUBSET
+# and twice that many images (train.py says so, in the run's log, when there are fewer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 phase=${1:?usage: study.sh tune|final|other QUEUE [NAME-PATTERN]}
 queue=${2:?usage: study.sh tune|final|other QUEUE [NAME-PATTERN]}
 only=${3:-*}
-checkpoints=${CHECKPOINTS:-benchmarks/study/checkpoints}
+dataset=${DATASET:-fashion-mnist}
+if [ "$dataset" = fashion-mnist ]; then
+    subset=${SUBSET-7000} study=${STUDY:-benchmarks/study} other_offset=20000
+else
+    name=$dataset
+    [ "$dataset" = folder ] && name=$(basename "${DATA_DIR:?DATASET=folder needs DATA_DIR}")
+    subset=${SUBSET:-} study=${STUDY:-benchmarks/study-$name} other_offset=${SUBSET:-}
+fi
+checkpoints=${CHECKPOINTS:-$study/checkpoints}
 core=${CORE:-$queue}
 mkdir -p "$checkpoints"
 
-common=(--dataset fashion-mnist --train-subset 7000 --validation-size 2000 --widths 8 16 32
-        --epochs 60 --threads 1 --no-progress)
+common=(--dataset "$dataset" --validation-size "${VALIDATION:-2000}" --widths 8 16 32
+        --epochs "${EPOCHS:-60}" --threads 1 --no-progress)
+[ -n "$subset" ] && common+=(--train-subset "$subset")
 [ -n "${DATA_DIR:-}" ] && common+=(--data-dir "$DATA_DIR")
+# shellcheck disable=SC2206  # split on purpose: several options in one variable
+[ -n "${OPTIONS:-}" ] && common+=($OPTIONS)
 # Every MKF configuration names T, the loop, the full network's teacher and beta, whatever
 # train.py's defaults are.
 paper=(--groups 3 --mkf-loop cycle --full-teacher none --knowledge-from previous --beta 2 --beta-ramp 0
@@ -54,13 +75,16 @@ run() {  # run NAME QUEUE ARGS...: one configuration, if it belongs to this queu
     [ "$owner" = "$queue" ] || return 0
     # shellcheck disable=SC2053  # a pattern on purpose
     [[ $name == $only ]] || return 0
-    local out="benchmarks/study/$phase/$name"
-    [ -e "$out/train_fashion-mnist.json" ] && return 0
-    local checkpoint="$checkpoints/$phase-$name.pt" resume=()
+    local out="$study/$phase/$name"
+    [ -e "$out/train_$dataset.json" ] && return 0
+    local checkpoint="$checkpoints/$phase-$name.pt" resume=() log="$checkpoints/$phase-$name.log"
     [ -e "$checkpoint" ] && resume=(--resume)
     echo "$(date -u +%FT%TZ) $phase/$name: start"
-    taskset -c "$core" python benchmarks/train.py "${common[@]}" "$@" --out "$out" \
-        --checkpoint "$checkpoint" "${resume[@]}" > "$checkpoints/$phase-$name.log" 2>&1
+    if ! taskset -c "$core" python benchmarks/train.py "${common[@]}" "$@" --out "$out" \
+        --checkpoint "$checkpoint" "${resume[@]}" > "$log" 2>&1; then
+        echo "$(date -u +%FT%TZ) $phase/$name: failed: $(tail -n 1 "$log") (the whole log: $log)" >&2
+        exit 1
+    fi
     echo "$(date -u +%FT%TZ) $phase/$name: done"
 }
 
@@ -179,7 +203,11 @@ final)
     done
     ;;
 other)
-    common+=(--train-offset 20000)
+    if [ -z "$other_offset" ]; then
+        echo "study.sh other: pass SUBSET, the training images of the other phases; other trains on the next SUBSET images" >&2
+        exit 2
+    fi
+    common+=(--train-offset "$other_offset")
     for seed in 0 1 2; do  # KD-ATFF's chosen configuration, beside the wide baseline below
         run "wide-${kdatff_chosen}-s$seed" $((seed % 2)) --seeds "$seed" "${kdatff[@]}" \
             --methods "$kdatff_chosen"

@@ -120,7 +120,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NoReturn, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NoReturn, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -134,6 +134,7 @@ from _common import device_report, print_table, synchronize, write_json  # noqa:
 from datasets import (  # noqa: E402
     DATASETS, FASHION_MNIST_DIR, DatasetError, ImageData, load_dataset,
 )
+from image_folder import FolderImages, FolderOptions, load_image_folder  # noqa: E402
 
 from methods import ATTENTION_METHODS, METHODS, MULTI_NETWORK_METHODS  # noqa: E402
 from methods.run import Run  # noqa: E402
@@ -146,6 +147,7 @@ DEFAULT_METHODS = ["baseline", "mkf-opt2", "mkf-qp", "kdatff"]
 ALL_METHODS = list(METHODS)
 CHECKPOINT_MAGIC = b"mkfkit-train-checkpoint-v1\n"
 OUT = Path(__file__).resolve().parent / "out"  # the default --out
+Images = Union[Tensor, FolderImages]  # a dataset's images, in memory or read from their files
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -176,10 +178,35 @@ def launched_processes() -> Tuple[int, int, int]:
 def build_parser() -> OneLineParser:
     parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add = parser.add_argument
-    add("--dataset", default="digits", choices=DATASETS, help="the images to train on")
+    add("--dataset", default="digits", choices=DATASETS + ("folder",),
+        help="the images to train on; folder: your own, in --data-dir")
     add("--data-dir", default=None, metavar="DIR",
         help="dataset folder: fashion-mnist's IDX files (default: "
-             f"{FASHION_MNIST_DIR}), cifar100's pickle release (required); digits has none")
+             f"{FASHION_MNIST_DIR}), cifar100's pickle release (required), folder's images "
+             "(required: one sub-folder a class, in DIR or in DIR/train and DIR/test or DIR/val); "
+             "digits has none")
+    # Your own images (--dataset folder): benchmarks/image_folder.py says how they are read.
+    add("--image-size", type=int, default=None, metavar="N",
+        help="folder: resize the shorter side to N and crop the centre N x N (default: keep the "
+             "size, which must then be the same for all images)")
+    add("--channels", type=int, default=None, choices=[1, 3],
+        help="folder: convert every image to 1 (grayscale) or 3 (RGB) channels (default: as the "
+             "images are, which must then be all grayscale or all colour)")
+    add("--mean", type=float, nargs="+", default=None, metavar="M",
+        help="folder: normalise with this mean per channel (or one for all) of pixels in [0, 1] "
+             "(default: the training images')")
+    add("--std", type=float, nargs="+", default=None, metavar="S",
+        help="folder: and this standard deviation (with --mean)")
+    add("--bad-images", default="stop", choices=["stop", "skip"],
+        help="folder: stop at an unreadable image, or leave each one out with a note naming it")
+    add("--cache", default="auto", choices=["auto", "memory", "none"],
+        help="folder: decode the images once and hold them in memory, or decode every batch "
+             "from the files (none); auto: memory when they take at most a quarter of it")
+    add("--workers", type=int, default=0, metavar="N",
+        help="folder: processes that decode images ahead of training (0: the training process)")
+    add("--flip", action=argparse.BooleanOptionalAction, default=None,
+        help="mirror half of the training images, drawn per image (default: cifar100 and "
+             "folder; not digits and fashion-mnist, which are not mirror-symmetric)")
     add("--train-subset", type=int, default=None, metavar="N",
         help="use only the first N training images (default: all)")
     add("--train-offset", type=int, default=0, metavar="K",
@@ -278,7 +305,8 @@ def argument_problems(args: argparse.Namespace) -> Iterator[str]:
                 ("--train-subset", args.train_subset, 1), ("--train-offset", args.train_offset, 0),
                 ("--validation-size", args.validation_size, 0), ("--max-age", args.max_age, 0),
                 ("--groups", args.groups, 1), ("--checkpoint-every", args.checkpoint_every, 1),
-                ("--stop-after", args.stop_after, 1)]
+                ("--stop-after", args.stop_after, 1), ("--image-size", args.image_size, 1),
+                ("--workers", args.workers, 0)]
     at_least += [("--blocks", blocks, 1) for blocks in args.blocks]
     at_least += [("--widths", width, 1) for width in args.widths]
     for option, value, minimum in at_least:
@@ -324,6 +352,20 @@ def argument_problems(args: argparse.Namespace) -> Iterator[str]:
                f"and {len(args.widths)} values")
     if args.dataset == "digits" and args.data_dir is not None:
         yield "--data-dir has no effect with --dataset digits (it comes with scikit-learn): drop it"
+    if args.dataset == "folder" and args.data_dir is None:
+        yield "--dataset folder needs --data-dir DIR: a folder with one sub-folder of images per class"
+    folder_only = [("--image-size", args.image_size), ("--channels", args.channels),
+                   ("--mean", args.mean), ("--std", args.std),
+                   ("--bad-images", args.bad_images != "stop"), ("--cache", args.cache != "auto"),
+                   ("--workers", args.workers)]
+    for option, value in folder_only:
+        if args.dataset != "folder" and value:
+            yield f"{option} applies to --dataset folder only, but got --dataset {args.dataset}"
+    if (args.mean is None) != (args.std is None):
+        yield "--mean and --std go together: pass both or neither"
+    for value in args.std or []:
+        if not value > 0:
+            yield f"--std must be > 0, but got {value}"
     if args.evaluate == "validation" and args.validation_size == 0:
         yield "--evaluate validation needs --validation-size N > 0"
     for option, given in [("--resume", args.resume), ("--checkpoint-every", args.checkpoint_every),
@@ -404,6 +446,8 @@ def resolve_device(parser: OneLineParser, device: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Data: whole datasets live in memory as tensors; batches are slices of a seeded permutation.
+# A folder of images too large for memory is a FolderImages instead, which decodes the images
+# that a batch asks for (a slice of it is a FolderImages of those files).
 # The random draws come from a CPU generator (the same stream on every device); on CUDA they
 # reach the GPU through `to_device`, which does not make the host wait for the queued steps.
 #
@@ -443,18 +487,33 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
     return padded[batch, channel, rows, cols]
 
 
-def augment(images: Tensor, dataset: str, generator: torch.Generator) -> Tensor:
+def augment(images: Tensor, args: argparse.Namespace, generator: torch.Generator) -> Tensor:
     images = random_crop(images, padding=max(1, images.shape[-1] // 8), generator=generator)
-    if dataset == "cifar100":  # digits and clothes are not mirror-symmetric
+    if flips(args):
         draws, mine = draws_for_all_processes(images.shape[0])
         flip = to_device(torch.rand(draws, generator=generator)[mine] < 0.5, images.device)
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
     return images
 
 
-def in_batches(images: Tensor, batch_size: int = 1000):
+def flips(args: argparse.Namespace) -> bool:
+    """``--flip``, by default for the datasets whose images may be mirrored (digits and clothes
+    are not mirror-symmetric)."""
+    return args.flip if args.flip is not None else args.dataset in ("cifar100", "folder")
+
+
+def in_batches(images: Images, batch_size: int = 1000) -> Iterator[Tensor]:
     for start in range(0, len(images), batch_size):
-        yield images[start : start + batch_size]
+        batch = images[start : start + batch_size]
+        yield batch.load() if isinstance(batch, FolderImages) else batch
+
+
+def epoch_batches(images: Images, batches: List[Tensor], workers: int) -> Iterator[Tensor]:
+    """``images[indices]`` for each ``indices`` of ``batches``, when asked; images streamed
+    from their files are decoded ahead by ``--workers`` processes."""
+    if isinstance(images, FolderImages):
+        return images.stream(batches, workers)
+    return (images[indices] for indices in batches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +635,7 @@ def deployment_cost(run: Run, data: ImageData) -> Dict[str, Dict[str, int]]:
     network, and the ensemble teacher)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    image = data.test_images[:1]
+    image = next(in_batches(data.test_images[:1]))
     single = METHODS[run.method].deployed(run)
     whole = [module for module in (run.model, run.teacher) if module is not None]
     cost = {}
@@ -625,9 +684,10 @@ CONFIG_KEYS = ["dataset", "train_subset", "train_offset", "validation_size", "ev
                "widths", "beta", "beta_ramp", "temperature", "knowledge_from", "max_age",
                "bank_momentum", "groups", "warmup", "mkf_loop", "full_teacher", "processes",
                "branches", "shared_stages", "online_temperature", "theta", "attention_weight",
-               "attention_warmup"]
+               "attention_warmup", "image_size", "channels", "mean", "std", "bad_images", "flip"]
 # What checkpoints written before a setting was recorded ran with.
-UNRECORDED_SETTINGS = {"processes": 1}
+UNRECORDED_SETTINGS = {"processes": 1, "image_size": None, "channels": None, "mean": None,
+                       "std": None, "bad_images": "stop", "flip": None}
 
 
 def run_state(run: Run) -> Dict[str, Any]:
@@ -736,10 +796,14 @@ def train_run(run: Run, data: ImageData, args: argparse.Namespace, study: Dict[s
         start = time.perf_counter()
         # run.order stays on the CPU for the checkpoint
         order = to_device(share_of_epoch(run.order), device)
+        # the epoch's remaining batches: a run resumed in mid-epoch continues with the next one
+        batches = [order[first : first + batch_size]
+                   for first in range(run.batch_in_epoch * batch_size, len(order), batch_size)]
+        images_of = epoch_batches(data.train_images, batches, args.workers)
         while run.batch_in_epoch < per_epoch:
             first = run.batch_in_epoch * batch_size
             indices = order[first : first + batch_size]
-            images = augment(data.train_images[indices], args.dataset, run.data_generator)
+            images = augment(next(images_of), args, run.data_generator)
             loss = train_step(run, images, data.train_labels[indices], indices, args, per_epoch)
             run.loss_sum = run.loss_sum + loss  # a tensor: no host synchronisation per step
             run.batch_in_epoch += 1
@@ -976,10 +1040,19 @@ def join_processes(args: argparse.Namespace) -> None:
                             timeout=datetime.timedelta(seconds=args.collective_timeout))
 
 
+def load_data(args: argparse.Namespace) -> ImageData:
+    """The dataset of ``--dataset``, a built-in one or the folder of ``--data-dir``."""
+    if args.dataset != "folder":
+        return load_dataset(args.dataset, args.data_dir)
+    options = FolderOptions(args.image_size, args.channels, args.mean, args.std, args.bad_images,
+                            args.cache, args.workers, launched_processes()[2])
+    return load_image_folder(args.data_dir, options)
+
+
 def study_main(args: argparse.Namespace) -> int:
     """Every method with every seed; under torchrun the first process reports."""
     first_process = launched_processes()[0] == 0
-    data = split(load_dataset(args.dataset, args.data_dir), args)
+    data = split(load_data(args), args)
     data = ImageData(*(tensor.to(args.device) for tensor in data))
 
     study = {"config": config_of(args), "results": {}, "steps_done": 0, "current": None}
