@@ -10,6 +10,8 @@ why, where Triton or its ``ptxas`` is missing.
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,9 +43,17 @@ def report(tmp_path_factory):
         pytest.skip(f"cannot build the kernels ahead of time: {reason}")
     path = tmp_path_factory.mktemp("kernels") / "kernels.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--json", str(path)]
-    done = subprocess.run(command, cwd=ROOT, env=script_environment(), capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    # In a session of its own, so that a timeout ends its compiling processes too.
+    with subprocess.Popen(command, cwd=ROOT, env=script_environment(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+        try:
+            # About 95 s of CPU time in two processes; the limit leaves room for a busy machine
+            # (8 min of wall time seen while other jobs held both cores).
+            stdout, stderr = process.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
     return json.loads(path.read_text())
 
 

@@ -105,11 +105,9 @@ def unavailable() -> Optional[str]:
     from triton import knobs
 
     try:
-        ptxas = knobs.nvidia.ptxas
-    except (RuntimeError, OSError) as error:  # raised where the backend lacks its tools
-        return f"Triton's ptxas cannot run here: {error}"
-    if ptxas is None:
-        return "Triton's ptxas is missing (set TRITON_PTXAS_PATH)"
+        knobs.nvidia.ptxas  # finds ptxas (TRITON_PTXAS_PATH, else the wheel's) and runs it
+    except RuntimeError as error:
+        return f"Triton's ptxas cannot run here ({error}; TRITON_PTXAS_PATH names one)"
     return None
 
 

@@ -24,10 +24,11 @@ from mkfkit.kernels._import import jit, on_device, tl, triton
 __all__ = ["read", "write"]
 
 # Launch rule (benchmarks/bench_kernels.py; RESULTS.md, "Kernel resources"): a block of
-# _MIN_BLOCK to _MAX_BLOCK columns, a warp per 256 of them (8 elements a thread, at most 80
-# registers, no spills). _MIN_BLOCK is one warp's 16-byte float32 loads: a smaller block would
-# cost no less, only add a compiled variant. Sixteen warps for the longest rows, so that a
-# batch of twice the SMs' count already fills a quarter of every SM's warp slots.
+# _MIN_BLOCK to _MAX_BLOCK columns, a warp per 256 of them (up to 8 elements a thread, at most
+# 68 registers on sm_80/sm_90, no spills). _MIN_BLOCK is one warp's 16-byte float32 loads: a
+# smaller block would cost no less, only add a compiled variant. Sixteen warps for the longest
+# rows, so that a batch with a row for every SM fills a quarter of its warp slots (8 warps
+# left the H100 short of that up to 263 rows).
 _MIN_BLOCK = 128
 _MAX_BLOCK = 4096
 
