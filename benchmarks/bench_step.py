@@ -162,10 +162,11 @@ def make_run(variant: str, model: nn.Module, setting: Dict, device: torch.device
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
                                 weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10**6)
-    method = "baseline" if variant.startswith("baseline") else "mkf"
+    # train.py's step of the method (its fraction is set below, whichever the variant names)
+    method = "baseline" if variant.startswith("baseline") else "mkf-qp"
     run = train.Run(method, 0, model, optimizer, scheduler, torch.Generator().manual_seed(0))
     run.train_model = model  # one process: the step calls the model itself (no DDP wrapper)
-    if method == "mkf":
+    if method != "baseline":
         groups = 3 if variant.endswith("cycle") else 1
         run.mix = CompoundMix(mix_prob=1.0, generator=torch.Generator().manual_seed(1))
         run.sampler = DepthSampler.from_model(model, num_groups=groups, seed=2)
