@@ -596,6 +596,14 @@ def test_module_equals_functional(device):
     criterion = MixedCrossEntropyLoss(label_smoothing=0.1)
     assert "label_smoothing=0.1" in repr(criterion)
     assert torch.equal(criterion(logits, batch), mixed_cross_entropy(logits, batch, 0.1))
+    # No smoothing unless asked (USER-REPORTS: smoothing hidden in the mixer or the loss).
+    assert torch.equal(MixedCrossEntropyLoss()(logits, batch), mixed_cross_entropy(logits, batch))
+
+
+def test_compound_mix_defaults_are_the_papers():
+    # MKF: mix half of the batches, Mixup or CutMix with equal probability, Beta(1, 1) weights.
+    mix = CompoundMix()
+    assert (mix.mix_prob, mix.switch_prob, mix.mixup_alpha, mix.cutmix_alpha) == (0.5, 0.5, 1.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
