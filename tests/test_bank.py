@@ -453,6 +453,29 @@ def test_topk_state_names_a_class_stored_twice_in_a_row():
         bank.load_state_dict(state)
 
 
+def test_topk_state_rows_may_sum_to_one_within_the_tolerance():
+    bank = KnowledgeBank(1, 3, 1, storage="topk", k=2)
+    state = bank.state_dict()
+    state["values"] = torch.tensor([[[0.5, 0.5 + 2**-9]]], dtype=torch.float16)  # 1 + 2^-9 exactly
+    bank.load_state_dict(state)
+    assert torch.equal(bank.values, state["values"])
+
+
+def test_loaded_state_is_copied_not_shared():
+    bank, source = KnowledgeBank(4, 3, 1), KnowledgeBank(4, 3, 1)
+    source.update(0, torch.tensor([[0.5, 0.25, 0.25]]), torch.tensor([1]))
+    state = source.state_dict()
+    bank.load_state_dict(state)
+    state["knowledge"].fill_(0.0)
+    assert bank.knowledge[0, 1].tolist() == [0.5, 0.25, 0.25]
+
+
+def test_state_that_is_not_a_dict_is_refused_clearly():
+    message = r"^`state_dict` must come from a KnowledgeBank \(it holds no layout description under '_extra_state'\)$"
+    with pytest.raises(ValueError, match=message):
+        KnowledgeBank(4, 3, 1).load_state_dict([("knowledge", torch.zeros(1))])
+
+
 def test_topk_state_values_are_read_only_with_value_checks_on():
     bank = KnowledgeBank(2, 5, 1, storage="topk", k=2)
     state = bank.state_dict()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+import mkfkit
 from mkfkit.mixing import (
     CompoundMix,
     MixedBatch,
@@ -608,6 +609,20 @@ def test_compound_mix_defaults_are_the_papers():
 
 # --------------------------------------------------------------------------------------------
 # Bad input
+
+
+def test_tensors_on_another_device_are_named():
+    # The meta device stands in for a second device; value checks read no meta values.
+    images, targets = random_batch()
+    batch = make_mix(mix_prob=1.0)(images, targets)
+    logits = torch.randn(6, 5)
+    with mkfkit.value_checks(False):
+        with pytest.raises(ValueError, match=r"^`partner` must be on the device of `images` \(cpu\), but got meta$"):
+            mixup(images, batch.partner.to("meta"), 0.5)
+        for name in ("targets_b", "lam"):
+            moved = batch._replace(**{name: getattr(batch, name).to("meta")})
+            with pytest.raises(ValueError, match=rf"^`batch.{name}` must be on the device of `logits` \(cpu\), but got meta$"):
+                mixed_cross_entropy(logits, moved)
 
 
 def test_constructor_errors():
