@@ -459,6 +459,8 @@ def test_topk_state_rows_may_sum_to_one_within_the_tolerance():
     state["values"] = torch.tensor([[[0.5, 0.5 + 2**-9]]], dtype=torch.float16)  # 1 + 2^-9 exactly
     bank.load_state_dict(state)
     assert torch.equal(bank.values, state["values"])
+    # Read back, the row is renormalised: its kept values sum past 1.
+    torch.testing.assert_close(bank.target(0, torch.tensor([0])).probs.sum(), torch.tensor(1.0), atol=1e-7, rtol=0)
 
 
 def test_loaded_state_is_copied_not_shared():
