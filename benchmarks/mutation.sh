@@ -7,9 +7,10 @@
 # [mutmut] in setup.cfg). One worker, pinned to CORE; property tests draw 10 examples each
 # (the "mutation" profile of tests/conftest.py) instead of CI's 40.
 #
-#   benchmarks/mutation.sh CORE [PATTERN ...]   run all mutants, or those whose names match
-#                                               (e.g. 'mkfkit.fraction.*'); resumes: mutants
-#                                               already tested keep their verdict
+#   benchmarks/mutation.sh CORE                 run the mutants not tested yet (a rerun
+#                                               resumes; delete mutants/ to start afresh)
+#   benchmarks/mutation.sh CORE PATTERN ...     (re)test the mutants whose names match, e.g.
+#                                               'mkfkit.fraction.*', tested before or not
 #   python -m mutmut results                    list the survivors afterwards
 #   python -m mutmut show NAME                  the diff of one mutant
 set -euo pipefail

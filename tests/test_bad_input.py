@@ -556,6 +556,8 @@ BAD_STATES = [
     ("topk", dict(ids=torch.zeros_like(TOPK["ids"])), ValueError, r"`state_dict\['ids'\]` must name each class at most once per row, but got class 0 twice"),
     ("topk", dict(values=TOPK["values"] * float("nan")), ValueError, r"`state_dict\['values'\]` must lie in \[0, 1\], but got nan"),
     ("topk", dict(values=torch.full_like(TOPK["values"], 0.75)), ValueError, r"`state_dict\['values'\]` must hold rows summing to at most 1 \(within 0.00195312\), but got a row summing to 1.5"),
+    # The sum in the shortest float32 form (float64 would print 1.400390625).
+    ("topk", dict(values=torch.full_like(TOPK["values"], 0.7)), ValueError, r"but got a row summing to 1.4003906$"),
     ("topk", dict(ids=TOPK["ids"].long()), TypeError, r"`state_dict\['ids'\]` must have dtype torch.int16, but got torch.int64"),
 ]
 

@@ -6,6 +6,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import mkfkit
 from mkfkit.bank import BankTarget, KnowledgeBank
 from mkfkit.fraction import DominantFraction, LinearFraction, QPFraction
 
@@ -440,7 +441,50 @@ def test_topk_layout_keeps_the_largest_entries_and_spreads_the_rest():
     decoded = bank.target(0, torch.tensor([1])).probs[0]
     rest = (1 - 0.5 - 0.25) / 4
     torch.testing.assert_close(decoded, torch.tensor([rest, 0.5, rest, 0.25, rest, rest]), atol=1e-4, rtol=0)
+    assert KnowledgeBank(1, 32767, 1, storage="topk", k=2).ids.dtype == torch.int16
     assert KnowledgeBank(1, 40000, 1, storage="topk", k=2).ids.dtype == torch.int32
+
+
+def test_topk_state_names_a_class_stored_twice_in_a_row():
+    bank = KnowledgeBank(2, 5, 1, storage="topk", k=3)
+    state = bank.state_dict()
+    state["ids"] = torch.tensor([[[0, 1, 2], [4, 3, 4]]], dtype=torch.int16)
+    with pytest.raises(ValueError, match=r"`state_dict\['ids'\]` must name each class at most once per row, but got class 4 twice$"):
+        bank.load_state_dict(state)
+
+
+def test_topk_state_rows_may_sum_to_one_within_the_tolerance():
+    bank = KnowledgeBank(1, 3, 1, storage="topk", k=2)
+    state = bank.state_dict()
+    state["values"] = torch.tensor([[[0.5, 0.5 + 2**-9]]], dtype=torch.float16)  # 1 + 2^-9 exactly
+    bank.load_state_dict(state)
+    assert torch.equal(bank.values, state["values"])
+    # Read back, the row is renormalised: its kept values sum past 1.
+    torch.testing.assert_close(bank.target(0, torch.tensor([0])).probs.sum(), torch.tensor(1.0), atol=1e-7, rtol=0)
+
+
+def test_loaded_state_is_copied_not_shared():
+    bank, source = KnowledgeBank(4, 3, 1), KnowledgeBank(4, 3, 1)
+    source.update(0, torch.tensor([[0.5, 0.25, 0.25]]), torch.tensor([1]))
+    state = source.state_dict()
+    bank.load_state_dict(state)
+    state["knowledge"].fill_(0.0)
+    assert bank.knowledge[0, 1].tolist() == [0.5, 0.25, 0.25]
+
+
+def test_state_that_is_not_a_dict_is_refused_clearly():
+    message = r"^`state_dict` must come from a KnowledgeBank \(it holds no layout description under '_extra_state'\)$"
+    with pytest.raises(ValueError, match=message):
+        KnowledgeBank(4, 3, 1).load_state_dict([("knowledge", torch.zeros(1))])
+
+
+def test_topk_state_values_are_read_only_with_value_checks_on():
+    bank = KnowledgeBank(2, 5, 1, storage="topk", k=2)
+    state = bank.state_dict()
+    state["values"] = torch.full_like(state["values"], 0.75)  # rows summing to 1.5
+    with mkfkit.value_checks(False):
+        bank.load_state_dict(state)
+    assert torch.equal(bank.values, state["values"])
 
 
 def classifier_rows(rows, classes, generator):
@@ -513,6 +557,15 @@ def test_memory_bytes_is_what_gets_allocated(storage, k):
     assert bank.nbytes == KnowledgeBank.memory_bytes(50, 7, 3, storage, k)
 
 
+def test_memory_bytes_defaults_and_refusals():
+    assert KnowledgeBank.memory_bytes(10, 3) == KnowledgeBank.memory_bytes(10, 3, 3, "float32") == 3 * 10 * (12 + 1)
+    for position, name in enumerate(("num_samples", "num_classes", "num_groups")):
+        arguments = [10, 3, 3]
+        arguments[position] = 0
+        with pytest.raises(ValueError, match=rf"`{name}` must be an int >= 1, but got 0"):
+            KnowledgeBank.memory_bytes(*arguments)
+
+
 def test_memory_bytes_for_imagenet():
     imagenet = (1_281_167, 1000, 3)
     assert KnowledgeBank.memory_bytes(*imagenet, "float32") == 3 * 1_281_167 * (4000 + 1)
@@ -578,6 +631,22 @@ def test_cpu_and_cuda_give_the_same_bits():
             bank.update(0, *args[:2]) if step == 0 else bank.update(0, *args, DominantFraction())
     for name, value in snapshot(banks["cuda"]).items():
         assert torch.equal(value.cpu(), snapshot(banks["cpu"])[name]), name
+
+
+def test_target_on_another_device_moves_the_rows():
+    # The meta device stands in for any device other than the bank's (and other than CUDA,
+    # which has its own pinned-memory path).
+    bank = KnowledgeBank(4, 3, 1)
+    bank.update(0, torch.tensor([[0.5, 0.25, 0.25]]), torch.tensor([2]))
+    target = bank.target(0, torch.tensor([2, 0]), device="meta")
+    assert target.probs.device.type == "meta" and target.probs.shape == (2, 3)
+    assert target.mask.device.type == "meta" and target.mask.shape == (2,)
+
+
+def test_state_dict_describes_the_layout():
+    # The layout description saved with every checkpoint; loading compares it key by key.
+    state = KnowledgeBank(4, 3, 2, storage="topk", k=2).state_dict()
+    assert state["_extra_state"] == {"num_samples": 4, "num_classes": 3, "num_groups": 2, "storage": "topk", "k": 2}
 
 
 def test_module_to_moves_the_storage(device):

@@ -513,12 +513,19 @@ def test_backend_dispatch_uses_the_fused_kernels_and_keeps_masks(monkeypatch):
     mixed, base_a, base_b, _, _, _ = make_instance(19, 3, 4, "dirichlet", 0.5, torch.float32)
     lam = torch.tensor([0.0, 0.5, 1.0])
     out = qp_fraction(mixed, base_a, base_b, lam, backend="triton")
-    assert len(calls) == 1 and calls[0].shape == (3,)
+    assert len(calls) == 1 and torch.equal(calls[0], lam)  # the weight of side a
     assert torch.equal(out.a[0], base_a[0]) and bool((out.a[1:] == 7).all())
     assert torch.equal(out.b[2], base_b[2]) and bool((out.b[:2] == 8).all())
     # "auto" keeps CPU tensors on the torch path.
     assert torch.equal(qp_fraction(mixed, base_a, base_b, lam, backend="auto").a, qp_fraction(mixed, base_a, base_b, lam, backend="torch").a)
     assert len(calls) == 1
+    # The module keeps its backend, called directly and through a bank's update.
+    assert bool((QPFraction(backend="triton")(mixed, base_a, base_b, lam).a[1:] == 7).all())
+    assert len(calls) == 2
+    bank = mkfkit.KnowledgeBank(6, 4, 1, backend="torch")
+    bank.update(0, base_a, torch.tensor([0, 1, 2]))
+    bank.update(0, mixed, torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1]), 0.5, QPFraction(backend="triton"))
+    assert len(calls) == 3
 
 
 # ---------------------------------------------------------------------------------------------

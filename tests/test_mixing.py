@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+import mkfkit
 from mkfkit.mixing import (
     CompoundMix,
     MixedBatch,
@@ -596,10 +597,58 @@ def test_module_equals_functional(device):
     criterion = MixedCrossEntropyLoss(label_smoothing=0.1)
     assert "label_smoothing=0.1" in repr(criterion)
     assert torch.equal(criterion(logits, batch), mixed_cross_entropy(logits, batch, 0.1))
+    # No smoothing unless asked (USER-REPORTS: smoothing hidden in the mixer or the loss).
+    assert torch.equal(MixedCrossEntropyLoss()(logits, batch), mixed_cross_entropy(logits, batch))
+
+
+def test_compound_mix_defaults_are_the_papers():
+    # MKF: mix half of the batches, Mixup or CutMix with equal probability, Beta(1, 1) weights.
+    mix = CompoundMix()
+    assert (mix.mix_prob, mix.switch_prob, mix.mixup_alpha, mix.cutmix_alpha) == (0.5, 0.5, 1.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
 # Bad input
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda g: sample_beta(1.0, 0.0, g), ValueError, r"^`beta` must lie in \(0, inf\), but got 0$"),
+        (lambda g: sample_beta(1.0, math.inf, g), ValueError, r"^`beta` must lie in \(0, inf\), but got inf$"),
+        (lambda g: sample_box(0, 4, 0.5, g), ValueError, r"^`height` must be an int >= 1, but got 0$"),
+        (lambda g: sample_box(4, 0, 0.5, g), ValueError, r"^`width` must be an int >= 1, but got 0$"),
+        (lambda g: CompoundMix(generator=g)(torch.rand(2, 1, 2, 2), [0, 1]), TypeError, r"^`targets` must be a torch.Tensor, but got \[0, 1\] \(list\)$"),
+        (lambda g: mixup(torch.rand(3, 1, 2, 2), torch.tensor([1, 2, 0]), torch.full((2,), 0.5)), ValueError, r"^`lam` must be a number or Tensor\[B\] with B = 3, but got shape \(2,\)$"),
+    ],
+)
+def test_draw_and_mix_arguments_are_named(call, error, message):
+    with pytest.raises(error, match=message):
+        call(seeded(0))
+
+
+def test_empty_boxes_and_half_images_are_mixed_as_given():
+    images, partner = torch.rand(3, 1, 4, 5), torch.tensor([1, 2, 0])
+    for box in ((2, 2, 0, 5), (0, 4, 3, 3)):  # no rows, no columns: nothing is pasted
+        assert torch.equal(cutmix(images, partner, box), images)
+    half = images.half()
+    mixed = mixup(half, partner, torch.full((3,), 0.25))
+    assert mixed.dtype == torch.float16
+    torch.testing.assert_close(mixed, 0.25 * half + 0.75 * half[partner])
+
+
+def test_tensors_on_another_device_are_named():
+    # The meta device stands in for a second device; value checks read no meta values.
+    images, targets = random_batch()
+    batch = make_mix(mix_prob=1.0)(images, targets)
+    logits = torch.randn(6, 5)
+    with mkfkit.value_checks(False):
+        with pytest.raises(ValueError, match=r"^`partner` must be on the device of `images` \(cpu\), but got meta$"):
+            mixup(images, batch.partner.to("meta"), 0.5)
+        for name in ("targets_b", "lam"):
+            moved = batch._replace(**{name: getattr(batch, name).to("meta")})
+            with pytest.raises(ValueError, match=rf"^`batch.{name}` must be on the device of `logits` \(cpu\), but got meta$"):
+                mixed_cross_entropy(logits, moved)
 
 
 def test_constructor_errors():
