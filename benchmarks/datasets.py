@@ -15,6 +15,8 @@
 
 Images are normalised per channel with the mean and standard deviation of the training split.
 Anything missing or malformed raises :class:`DatasetError` with the path and what was expected.
+A folder of the user's own images (``train.py --dataset folder``) is read by
+``image_folder.py``, into the same :class:`ImageData`.
 """
 
 from __future__ import annotations

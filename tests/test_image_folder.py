@@ -309,3 +309,17 @@ def test_what_lies_beside_train_and_test_is_ignored_with_a_note(tmp_path, capsys
         f"note: {root}/val is not used: the test images are {root}/test, and --validation-size "
         "holds validation images out of the training ones\n"
         f"note: {root}: ignored notes.txt: the images are in {root}/train and {root}/test\n")
+
+
+@pytest.mark.slow
+def test_bench_folder_times_memory_against_streaming(split_folder, tmp_path):
+    command = [sys.executable, str(BENCHMARKS / "bench_folder.py"), "--data-dir", str(split_folder),
+               "--batch-size", "8", "--batches", "2", "--rounds", "1", "--widths", "4", "4", "4",
+               "--workers", "0", "1", "--json", str(tmp_path / "folder.json")]
+    done = subprocess.run(command, env=script_environment(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads((tmp_path / "folder.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["memory", "workers 0", "workers 1"]
+    assert rows[0]["wall_vs_memory"] == rows[0]["cpu_vs_memory"] == 1.0
+    assert all(row["wall"] > 0 and row["cpu"] > 0 for row in rows)
