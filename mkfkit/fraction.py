@@ -132,14 +132,17 @@ def settle_sides(pair: Tensor, masks: Tensor, mixed: Tensor, weights: Tensor, kn
     Tensor[2, B]); ``weights``: :func:`side_weights`; ``known``: bool Tensor[2, B], whether each
     side's base is known. A side whose
     partner carries no weight (:func:`positive_weights`) is the mixed output itself (``a =
-    mixed`` where ``lam == 1``, whatever the strategy). A side counts where the strategy's mask
-    says so and its partner carries no weight or both bases are known: an estimate made from an
-    unknown base is no estimate.
+    mixed`` where ``lam == 1``, whatever the strategy). A side counts where it carries weight,
+    the strategy's mask says so and its partner carries no weight or both bases are known: an
+    estimate made from an unknown base is no estimate, and a side of weight 0 is never updated.
     """
-    partner_positive = positive_weights(weights).flip(0)
+    own_positive = positive_weights(weights)
+    partner_positive = own_positive.flip(0)
     estimates = torch.where(partner_positive.unsqueeze(-1), pair.float(), mixed)
     # For booleans, both_known >= partner_positive is "both known or the partner weightless".
-    valid = masks & (known.all(0) >= partner_positive)
+    # A side without weight learns nothing from the pair, whatever the strategy's mask says
+    # (the built-in strategies say so themselves; a user's strategy need not).
+    valid = masks & own_positive & (known.all(0) >= partner_positive)
     return estimates.flatten(0, 1), valid.flatten()
 
 

@@ -772,3 +772,51 @@ def test_all_gather_mode_without_a_process_group_is_a_single_process(backend):
     for bank in (local, synced):
         bank.update(0, probs, index, index.flip(0), torch.linspace(0, 1, 5))
     assert_same_state(synced, snapshot(local))
+
+
+# ----------------------------------------------------------------------------- issue 30's properties
+
+
+@given(classes=st.integers(2, 48), seed=st.integers(0, 2**16), scale=st.sampled_from([0.0, 1.0, 8.0, 60.0]),
+       data=st.data())
+def test_decoded_rows_sum_to_one_in_every_storage(classes, seed, scale, data):
+    # Rounded storage (float16, bfloat16, top-k in float16) must decode to rows that sum to 1 to
+    # float32 precision, not to a loose tolerance: at k = C in float16 the kept values alone sum
+    # to 1 +- 3e-4. Scales 0 and 60 give uniform and one-hot rows.
+    storage, k = data.draw(st.sampled_from(LAYOUTS))
+    if storage == "topk":
+        k = data.draw(st.integers(1, classes))
+    bank = KnowledgeBank(6, classes, 1, storage=storage, k=k)
+    generator = torch.Generator().manual_seed(seed)
+    rows = (scale * torch.randn(6, classes, generator=generator, dtype=torch.float64)).softmax(1)
+    bank.update(0, rows.float(), torch.arange(6))
+    sums = bank.target(0, torch.arange(6)).probs.double().sum(1)
+    assert float((sums - 1).abs().max()) <= classes * 2.0**-24, (storage, k, sums)
+
+
+class UniformFraction(torch.nn.Module):
+    """A fraction that ignores the mixed row: both estimates uniform, both sides informative."""
+
+    def forward(self, mixed, base_a, base_b, lam):
+        uniform = torch.full_like(mixed, 1 / mixed.shape[1])
+        every = torch.ones(mixed.shape[0], dtype=torch.bool, device=mixed.device)
+        return mkfkit.fraction.Fraction(uniform, uniform, every, every)
+
+
+@pytest.mark.parametrize("storage,k", LAYOUTS, ids=LAYOUT_IDS)
+def test_a_side_of_weight_one_is_the_mixed_row_whatever_the_fraction_says(storage, k):
+    # docs/METHOD.md: where lam == 1, side a is the mixed output itself and side b is left
+    # alone, whatever the strategy returns; the other rows follow the strategy.
+    generator = torch.Generator().manual_seed(5)
+    plain = KnowledgeBank(8, 5, 1, storage=storage, k=k)
+    mixed_path = KnowledgeBank(8, 5, 1, storage=storage, k=k)
+    seed_rows = random_probs(8, 5, generator)
+    for bank in (plain, mixed_path):  # every row known: the fraction's estimates are used
+        bank.update(0, seed_rows, torch.arange(8))
+    probs = random_probs(3, 5, generator)
+    index_a, index_b = torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7])
+    lam = torch.tensor([1.0, 1.0, 0.5])
+    mixed_path.update(0, probs, index_a, index_b, lam, UniformFraction())
+    plain.update(0, probs[:2], index_a[:2])  # the two rows of weight 1, as unmixed
+    plain.update(0, torch.full((2, 5), 0.2), torch.tensor([2, 7]))  # the fraction's pair
+    assert_same_state(mixed_path, snapshot(plain))

@@ -572,3 +572,20 @@ def test_value_checks_can_be_switched_off():
 def test_repr():
     assert repr(QPFraction()) == "QPFraction(backend='auto')"
     assert repr(LinearFraction(project=False)) == "LinearFraction(project=False)"
+
+
+@pytest.mark.parametrize("dtype, tiny", [(torch.float32, 1e-30), (torch.float32, 1e-38),
+                                         (torch.float64, 1e-200), (torch.float64, 1e-300)])
+@pytest.mark.parametrize("project", [False, True])
+def test_linear_fraction_lam_gradient_is_finite_for_tiny_positive_lam(dtype, tiny, project):
+    # OPT2 divides by lam and 1 - lam: at a tiny positive weight the gradient with respect to
+    # lam must stay finite (checked here apart from lam = 0 and 1, which the tests above pin).
+    generator = torch.Generator().manual_seed(0)
+    mixed, base_a, base_b = (torch.rand(4, 5, generator=generator, dtype=dtype).softmax(1)
+                             for _ in range(3))
+    for lam_value in (tiny, 1 - tiny if dtype == torch.float64 else tiny):
+        lam = torch.full((4,), lam_value, dtype=dtype, requires_grad=True)
+        split = LinearFraction(project=project)(mixed, base_a, base_b, lam)
+        (split.a.sum() + 2 * split.b.square().sum()).backward()
+        assert torch.isfinite(lam.grad).all(), (lam_value, lam.grad)
+        assert torch.isfinite(split.a).all() and torch.isfinite(split.b).all()
