@@ -119,6 +119,7 @@ import re
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NoReturn, Optional, Tuple, Union
 
@@ -695,11 +696,12 @@ def run_state(run: Run) -> Dict[str, Any]:
     the same point: the one state that differs between them, their own partial sums of this
     epoch's loss and diagnostics, is gathered into lists in rank order."""
     state = {name: obj.state_dict() for name, obj in run.stateful().items() if obj is not None}
-    partial_sums = {"loss_sum": run.loss_sum, "stats": run.stats}
+    partial_sums = {"loss_sum": run.loss_sum.cpu(),
+                    "stats": {name: value.cpu() for name, value in run.stats.items()}}
     processes = launched_processes()[2]
     if processes > 1:
         gathered: List[Any] = [None] * processes
-        dist.all_gather_object(gathered, {**partial_sums, "loss_sum": run.loss_sum.cpu()})
+        dist.all_gather_object(gathered, partial_sums)
         partial_sums = {name: [sums[name] for sums in gathered] for name in partial_sums}
     state.update(
         method=run.method, seed=run.seed, epoch=run.epoch, batch_in_epoch=run.batch_in_epoch,
@@ -1024,10 +1026,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.processes == 1:
         return study_main(args)
     join_processes(args)
-    try:
-        return study_main(args)
-    finally:
-        dist.destroy_process_group()
+    status = study_main(args)
+    # Torn down only after a clean finish, and only once every process has got here: gloo's
+    # teardown while another process is gone or still sending can abort this one (SIGABRT)
+    # before it reports anything. After a failure, `exit_now` leaves without a teardown.
+    dist.barrier()
+    dist.destroy_process_group()
+    return status
 
 
 def join_processes(args: argparse.Namespace) -> None:
@@ -1133,17 +1138,31 @@ def lost_contact(error: RuntimeError) -> Optional[str]:
     return re.sub(r"^\[[^\]]*\]\s*", "", first_line).split(". ")[0]
 
 
+def exit_now(status: int) -> NoReturn:
+    """Exit with ``status``; with a process group still open (a failed run under torchrun),
+    without the interpreter's teardown, which would tear the group down too and can abort the
+    process in gloo (SIGABRT, "terminate called without an active exception") when another
+    process is gone, so that the exit status and the error line would be lost."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if dist.is_available() and dist.is_initialized():
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        status = main()
     except (DatasetError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_now(2)
     except RuntimeError as error:
         what = lost_contact(error)
         if what is None:
-            raise
+            traceback.print_exc()
+            exit_now(1)
         rank, _, processes = launched_processes()
         print(f"error: process {rank} of {processes} lost contact with the others ({what}); one "
               "of them failed, was killed or stopped answering: see its output", file=sys.stderr)
-        sys.exit(1)
+        exit_now(1)
+    sys.exit(status)

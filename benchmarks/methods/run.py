@@ -56,8 +56,10 @@ class Run:
 
 
 def add_stat(run: Run, name: str, value: Tensor) -> None:
-    """Accumulate a diagnostic of this epoch (a tensor: no host synchronisation per step)."""
-    run.stats[name] = run.stats.get(name, 0) + value.detach().float().cpu()
+    """Accumulate a diagnostic of this epoch on the device of ``value``: no host
+    synchronisation per step (the sums are read once an epoch, and copied to the host only for
+    a checkpoint)."""
+    run.stats[name] = run.stats.get(name, 0) + value.detach().float()
 
 
 def network_shape(args: argparse.Namespace, data) -> Dict[str, Any]:
