@@ -726,6 +726,7 @@ def _ddp_worker(rank, world_size, folder):
                 None if p.grad is None else p.grad.clone() for p in net.parameters()
             ]
         torch.save(results, f"{folder}/rank{rank}.pt")
+        dist.barrier()  # no process tears gloo down while the other may still use it
     finally:
         dist.destroy_process_group()
 

@@ -106,6 +106,7 @@ def _worker(rank, init_file, out_dir):
     results["attention_loss"] = loss.detach()
     results["attention_grads"] = [parameter.grad.clone() for parameter in model.parameters()]
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # no process tears gloo down while the other may still use it
     dist.destroy_process_group()
 
 
