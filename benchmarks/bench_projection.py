@@ -31,7 +31,7 @@ from _common import device_report, median_time, print_table, write_json  # noqa:
 from bench_fraction import TABLE_LIMIT, make_instance  # noqa: E402
 
 from mkfkit import _projection  # noqa: E402
-from mkfkit.fraction import _qp_boxes, linear_fraction, side_weights  # noqa: E402
+from mkfkit.fraction import _feasible_target, _qp_bounds, linear_fraction, side_weights  # noqa: E402
 
 SEARCHES = ("sort", "table", "newton")
 
@@ -40,8 +40,9 @@ def boxes(kind: str, batch: int, num_classes: int, device: str):
     """Rows to project, as (v, lo, hi): Tensor[2B, C] each."""
     mixed, base_a, base_b, lam = (t.float() for t in make_instance(batch, num_classes, device))
     if kind == "qp":
-        v, bounds = _qp_boxes(mixed, torch.stack((base_a, base_b)), side_weights(lam).unsqueeze(-1))
-        return (v.flatten(0, 1), *bounds.flatten(1, 2))
+        target, bases, weights = _feasible_target(mixed), torch.stack((base_a, base_b)), side_weights(lam).unsqueeze(-1)
+        v = bases + (target - (weights * bases).sum(0))
+        return (v.flatten(0, 1), *_qp_bounds(target, weights, weights.flip(0)).flatten(1, 2))
     raw = linear_fraction(mixed, base_a, base_b, lam, project=False)
     v = torch.cat((raw.a, raw.b))
     return v, torch.zeros_like(v), torch.ones_like(v)

@@ -434,10 +434,16 @@ def qp_fraction(
     segment of the row sum where it reaches 1 found by evaluating the row sum at every breakpoint
     for small problems, on a CPU by a fixed number of safeguarded Newton passes beyond that, by
     sorting the breakpoints otherwise, and ``tau`` by the closed form on that segment). ``b`` is
-    the mirror projection of ``K_b + r`` with the roles of ``lam`` and ``1 - lam`` swapped,
-    rather than ``(mixed - lam * a) / (1 - lam)``, which loses all precision as ``lam -> 1``.
-    Both satisfy the mixing identity up to rounding (given rows of ``mixed`` that sum to 1) and
-    every row lies on the simplex. When the bases are the true clean responses, ``r = 0`` and
+    the mirror projection of ``K_b + r`` with the roles of ``lam`` and ``1 - lam`` swapped, and
+    equals ``(mixed - lam * a) / (1 - lam)``. The torch backend projects only the side of smaller
+    weight and takes the other from that identity (half the search; dividing by the larger
+    weight, at least 1/2, keeps the precision that dividing by a small one would lose); the
+    fused kernel projects both. The constraints can hold together only for a row of ``mixed``
+    on the simplex, and rows are accepted within a tolerance of it
+    (:func:`~mkfkit._checks.distribution_tolerance`); both backends solve the QP for ``mixed``
+    clamped to [0, 1] and scaled to sum 1, which is ``mixed`` up to rounding for a row on the
+    simplex. Both rows satisfy the mixing identity with that row up to rounding, and lie on the
+    simplex. When the bases are the true clean responses, ``r = 0`` and
     the bases are returned. Values are finite for every ``lam`` in [0, 1]; gradients too, except
     for ``0 < lam < sqrt(finfo.tiny)`` (about 1e-19 in float32), where the true derivative of the
     bound ``mixed / lam`` overflows.
@@ -487,7 +493,18 @@ def _qp(mixed: Tensor, bases: Tensor, weights: Tensor, backend: str) -> Tensor:
         from mkfkit.kernels.qp import qp_pair  # imports Triton
 
         return torch.stack(qp_pair(mixed, *bases, weights[0]))
-    return project_onto_bounds(*_qp_boxes(mixed, bases, weights.unsqueeze(-1)))
+    target = _feasible_target(mixed)
+    weights = weights.unsqueeze(-1)  # Tensor[2, B, 1]
+    residual = target - torch.lerp(bases[1], bases[0], weights[0])  # target - lam K_a - (1 - lam) K_b
+    # Project the side of smaller weight and take the other from the mixing identity: half the
+    # search of projecting both. Dividing by the larger weight (at least 1/2) amplifies the
+    # lighter side's rounding at most twofold; the clamp only removes rounding (the lighter
+    # side's box keeps the other in [0, 1]).
+    lighter = weights[0] <= weights[1]  # Tensor[B, 1]: side a is the lighter one
+    weight, other_weight = torch.where(lighter, weights, weights.flip(0))
+    light = project_onto_bounds(torch.where(lighter, *bases) + residual, _qp_bounds(target, weight, other_weight))
+    heavy = torch.addcmul(target, weight, light, value=-1).div_(other_weight).clamp_(0, 1)
+    return torch.stack((torch.where(lighter, light, heavy), torch.where(lighter, heavy, light)))
 
 
 class QPFraction(nn.Module):
@@ -514,22 +531,30 @@ class QPFraction(nn.Module):
         return f"backend={self.backend!r}"
 
 
-def _qp_boxes(mixed: Tensor, bases: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """The points the exact QP projects, Tensor[2, B, C], and their boxes, Tensor[2, 2, B, C]
-    (``lo``, then ``hi``), both sides stacked as ``bases`` and ``weights`` (Tensor[2, B, 1], the
-    :func:`side_weights` as a column) are.
+def _feasible_target(mixed: Tensor) -> Tensor:
+    """``mixed`` clamped to [0, 1] and scaled to sum to 1 in every row (Tensor[B, C]).
+
+    The QP's constraints (the mixing identity and two rows on the simplex) can hold together
+    only for a row of ``mixed`` on the simplex, and rows are accepted within a tolerance of it
+    (:func:`~mkfkit._checks.distribution_tolerance`, up to 0.016 for bfloat16). The QP is
+    solved for this row instead; on the simplex it is ``mixed`` up to rounding. The fused
+    kernel (:mod:`mkfkit.kernels.qp`) makes the same row.
     """
-    # base + residual, with residual = mixed - lam * base_a - (1 - lam) * base_b.
-    v = bases + (mixed - (weights * bases).sum(0))
-    # Entries of `mixed` outside [0, 1] (allowed within the row tolerance) would cross the bounds.
     target = mixed.clamp(0, 1)
+    return target / target.sum(-1, keepdim=True)
+
+
+def _qp_bounds(target: Tensor, weight: Tensor, other_weight: Tensor) -> Tensor:
+    """The box of a side's projection, Tensor[2, ..., B, C] (``lo``, then ``hi``), from the
+    :func:`_feasible_target` and the weights of the side and of its partner (Tensor[..., B, 1]:
+    a leading dimension of 2 gives both sides' boxes at once)."""
     # 0 <= other side <= 1 under the mixing identity, written as bounds on this side. The ratios
-    # stay O(1) even for tiny weights (mixed is then tiny too), so divide exactly; a side of
+    # stay O(1) even for tiny weights (target is then tiny too), so divide exactly; a side of
     # weight 0 or subnormal (which counts as 0, see positive_weights) divides by finfo.tiny
     # (finite quotients) and is replaced by its base afterwards. Rounding can overshoot [0, 1].
-    divisor = weights.clamp_min(torch.finfo(weights.dtype).tiny)
-    bounds = torch.stack((target - weights.flip(0), target.expand_as(v)))
-    return v, bounds.div_(divisor).clamp_(0, 1)
+    divisor = weight.clamp_min(torch.finfo(weight.dtype).tiny)
+    bounds = torch.stack(torch.broadcast_tensors(target - other_weight, target))
+    return bounds.div_(divisor).clamp_(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,6 +162,32 @@ def test_qp_large_batch_extreme_weights_is_exact():
     assert float(variational_gap(out, mixed, base_a, base_b, lam).max()) <= 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_qp_of_rows_off_the_simplex_is_the_qp_of_the_row_scaled_onto_it(backend, dtype):
+    # Rows of `mixed` are accepted up to distribution_tolerance off the simplex, where the
+    # mixing identity and two rows on the simplex cannot hold together; the QP is solved for the
+    # row clamped to [0, 1] and scaled to sum 1, by either backend (the kernel scales inside).
+    lam = [0.0, 0.2, 0.5, 0.7, 0.95, 1.0]
+    mixed, base_a, base_b, lam, _, _ = make_instance(5, 6, 10, "dirichlet", lam, dtype)
+    off = mixed * torch.tensor([1 + 9e-4, 1 - 9e-4, 1, 1 + 5e-4, 1 - 5e-4, 1 + 9e-4], dtype=dtype)[:, None]
+    low, high = off[2].argmin(), off[2].argmax()  # an entry below 0, the row's sum kept
+    off[2, high] += off[2, low] + 4e-4
+    off[2, low] = -4e-4
+    scaled = off.clamp(0, 1) / off.clamp(0, 1).sum(-1, keepdim=True)
+    out = qp_fraction(off, base_a, base_b, lam, backend=backend)
+    atol = 1e-6 if dtype == torch.float32 else 1e-14
+    for got, want in zip(out, qp_fraction(scaled, base_a, base_b, lam, backend="torch")):
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    assert_on_simplex(out.a, atol)
+    assert_on_simplex(out.b, atol)
+    torch.testing.assert_close(lam[:, None] * out.a + (1 - lam[:, None]) * out.b, scaled, atol=atol, rtol=0)
+    if dtype == torch.float64:  # against a general-purpose solver, where both sides count
+        for row in range(1, 5):
+            ref_a, ref_b = cvxpy_qp(scaled[row].numpy(), base_a[row].numpy(), base_b[row].numpy(), float(lam[row]))
+            torch.testing.assert_close(out.a[row], torch.from_numpy(ref_a), atol=1e-6, rtol=0)
+            torch.testing.assert_close(out.b[row], torch.from_numpy(ref_b), atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Linear fraction (OPT2)
 

@@ -57,8 +57,10 @@ def reference_fraction(mixed, base_a, base_b, lam):
     """The exact QP fraction in float64 (docs/METHOD.md, "Knowledge fraction")."""
     p, base_a, base_b, lam = (t.double() for t in (mixed, base_a, base_b, lam))
     weight_a, weight_b = lam[:, None], 1 - lam[:, None]
-    residual = p - weight_a * base_a - weight_b * base_b
+    # The QP for the nearest row on the simplex in the sense of mkfkit.fraction._feasible_target.
     target = p.clamp(0, 1)
+    target = target / target.sum(-1, keepdim=True)
+    residual = target - weight_a * base_a - weight_b * base_b
 
     def side(base, weight, other_weight):
         safe = torch.where(weight > 0, weight, 1)
@@ -186,12 +188,16 @@ def test_float64_is_exact_to_rounding(kernel_device):
 
 def test_lam_exactly_zero_or_one(kernel_device):
     mixed, base_a, base_b, lam = make_instance(4, 50, "unrelated", device=kernel_device)
+    mixed *= torch.tensor([1 + 9e-4, 1 - 9e-4, 1, 1 + 5e-4], device=kernel_device)[:, None]
     lam = torch.tensor([0.0, 1.0, 0.0, 1.0], device=kernel_device)
     a, b = _qp.qp_pair(mixed, base_a, base_b, lam)
-    # The side of weight 0 keeps its base exactly; the other side is the mixed output exactly.
+    # The side of weight 0 keeps its base exactly; the other side is the mixed output scaled to
+    # sum 1 (to rounding: the kernel sums in its own order).
+    scaled = mixed / mixed.sum(-1, keepdim=True)
     zero, one = lam == 0, lam == 1
-    assert torch.equal(a[zero], base_a[zero]) and torch.equal(b[zero], mixed[zero])
-    assert torch.equal(a[one], mixed[one]) and torch.equal(b[one], base_b[one])
+    assert torch.equal(a[zero], base_a[zero]) and torch.equal(b[one], base_b[one])
+    torch.testing.assert_close(b[zero], scaled[zero], atol=0, rtol=2 * torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(a[one], scaled[one], atol=0, rtol=2 * torch.finfo(torch.float32).eps)
     assert (_qp.iteration_counts(mixed, base_a, base_b, lam) == 0).all()
 
 
@@ -244,6 +250,7 @@ def test_strided_inputs(kernel_device):
 def test_chunked_rows_match_single_block(kernel_device, monkeypatch):
     # Rows longer than _MAX_BLOCK loop over chunks; force it on small rows, last chunk partial.
     mixed, base_a, base_b, lam = make_instance(3, 37, "peaked", device=kernel_device)
+    mixed *= torch.tensor([1 + 9e-4, 1, 1 - 9e-4], device=kernel_device)[:, None]  # scaled inside
     lam[0] = 0.0
     inputs = [t.clone().requires_grad_(True) for t in (mixed, base_a, base_b, lam)]
     weights = torch.randn(2, 3, 37, device=kernel_device)
@@ -293,12 +300,14 @@ def _vjp(fraction, inputs, weights):
 
 @pytest.mark.parametrize("batch, num_classes", [(7, 3), (64, 100), (1, 1000)])
 def test_gradients_match_reference_autograd(kernel_device, batch, num_classes):
-    inputs = make_instance(
+    inputs = list(make_instance(
         batch, num_classes, "unrelated", device=kernel_device, dtype=torch.float64
-    )
+    ))
     inputs[3][0] = 0.0
     if batch > 1:
         inputs[3][1] = 1.0
+    # Rows within the tolerance off the simplex: their gradients pass through the scaling.
+    inputs[0] *= 1 + 9e-4 * torch.linspace(-1, 1, batch, dtype=torch.float64, device=kernel_device)[:, None]
     weights = torch.randn(2, batch, num_classes, dtype=torch.float64, device=kernel_device)
     got = _vjp(_qp.qp_pair, inputs, weights)
     assert_gradients_close(got, _vjp(reference_fraction, inputs, weights), inputs[3], atol=1e-9)

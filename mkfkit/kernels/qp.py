@@ -1,7 +1,9 @@
 """Fused Triton kernels for the exact QP knowledge fraction (OPT1 in closed form).
 
-For one row with weight ``lam`` in [0, 1] (``mu = 1 - lam``), mixed output ``p`` and bases
-``K_a``, ``K_b``, the exact QP fraction is two projections sharing one residual:
+For one row with weight ``lam`` in [0, 1] (``mu = 1 - lam``), bases ``K_a``, ``K_b`` and the
+mixed output clamped to [0, 1] and scaled to sum 1, ``p`` (the QP's constraints hold together
+only on the simplex; :func:`mkfkit.fraction._feasible_target` makes the same row), the exact QP
+fraction is two projections sharing one residual:
 
 .. math::
 
@@ -11,8 +13,8 @@ For one row with weight ``lam`` in [0, 1] (``mu = 1 - lam``), mixed output ``p``
 
 with ``lo``/``hi`` the bounds the mixing identity puts on each side and the scalars ``tau``
 chosen so that both rows sum to 1. ``tau`` is found by safeguarded Newton steps on the row sum
-(no sort), both sides in the same pass; a side of weight 0 keeps its base. The backward takes
-two passes. The algorithm, its stopping rules and the backward's chain rule are written out in
+(no sort), both sides in the same pass, after one pass for the row sums; a side of weight 0
+keeps its base. The backward takes three passes after that one. The algorithm, its stopping rules and the backward's chain rule are written out in
 docs/METHOD.md, "Knowledge fraction: the fused QP kernel". At a side with every coordinate at a
 bound, the gradients of the three probability rows may differ from the torch path's by a
 constant per row (the kernel counts only coordinates strictly inside their box as free); they
@@ -85,35 +87,56 @@ def _bounds(target, weight, other_weight):
 
 
 @jit
-def _side_terms(p, base_a, base_b, lam, mu):
+def _clamped(p):
+    # Entries of p a hair outside [0, 1] (within the row tolerance) would cross the bounds.
+    return tl.minimum(tl.maximum(p, 0.0), 1.0)
+
+
+@jit
+def _row_totals(mixed_ptr, rows, row_mask, cols, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                COMPUTE: tl.constexpr):
+    """Row sums of the clamped p, Tensor[ROWS, 1] (1 on padding rows): the target is the clamped
+    p over its sum, on the simplex as the QP needs (mkfkit.fraction._feasible_target)."""
+    acc = tl.zeros([ROWS, BLOCK], COMPUTE)
+    for start in range(0, n_cols, BLOCK):
+        offsets, mask = _tile(rows, row_mask, start, cols, n_cols)
+        acc += _clamped(_load_tile(mixed_ptr, offsets, mask, COMPUTE))
+    total = tl.sum(acc, 1)
+    return tl.where(total > 0, total, 1.0)[:, None]
+
+
+@jit
+def _side_terms(target, base_a, base_b, lam, mu):
     """Projection inputs v and bounds of both sides; masked lanes get v = lo = hi = 0."""
-    residual = p - lam * base_a - mu * base_b
-    # Entries of p a hair outside [0, 1] (rounding) would otherwise cross the bounds.
-    target = tl.minimum(tl.maximum(p, 0.0), 1.0)
+    residual = target - lam * base_a - mu * base_b
     lo_a, hi_a = _bounds(target, lam, mu)
     lo_b, hi_b = _bounds(target, mu, lam)
     return base_a + residual, lo_a, hi_a, base_b + residual, lo_b, hi_b
 
 
 @jit
-def _load_terms(mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam, mu, COMPUTE: tl.constexpr):
-    """Load a tile of p, K_a, K_b; derive both sides' projection inputs and bounds."""
+def _load_terms(mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam, mu, total, COMPUTE: tl.constexpr):
+    """Load a tile of p, K_a, K_b; derive the target (p clamped, over ``total``, its row sums)
+    and both sides' projection inputs and bounds."""
     p = _load_tile(mixed_ptr, offsets, mask, COMPUTE)
     base_a = _load_tile(base_a_ptr, offsets, mask, COMPUTE)
     base_b = _load_tile(base_b_ptr, offsets, mask, COMPUTE)
-    v_a, lo_a, hi_a, v_b, lo_b, hi_b = _side_terms(p, base_a, base_b, lam, mu)
-    return p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b
+    target = _clamped(p) / total
+    v_a, lo_a, hi_a, v_b, lo_b, hi_b = _side_terms(target, base_a, base_b, lam, mu)
+    return p, target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b
 
 
 @jit
-def _load_grad_terms(grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam, mu,
-                     COMPUTE: tl.constexpr):
-    """:func:`_load_terms` and the incoming gradients of the same tile (the backward's loads)."""
-    p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
-        mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam, mu, COMPUTE)
+def _load_grad_terms(grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, rows, row_mask, start, cols,
+                     n_cols, lam, mu, total, COMPUTE: tl.constexpr):
+    """The backward's loads of the tile of columns ``start + cols``: its offsets and mask,
+    :func:`_load_terms` and the incoming gradients."""
+    offsets, mask = _tile(rows, row_mask, start, cols, n_cols)
+    p, target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
+        mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam, mu, total, COMPUTE)
     grad_a = _load_tile(grad_a_ptr, offsets, mask, COMPUTE)
     grad_b = _load_tile(grad_b_ptr, offsets, mask, COMPUTE)
-    return p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a, grad_b
+    return offsets, mask, p, target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a, grad_b
 
 
 @jit
@@ -195,15 +218,16 @@ def _qp_fraction_fwd_kernel(
     prev_upper_b = tl.full([ROWS], -1, tl.int32)
     newton_a = tl.full([ROWS], 0, tl.int1)
     newton_b = tl.full([ROWS], 0, tl.int1)
-    # A zero-weight side keeps its base; the other side's bounds then pin it to p exactly.
+    # A zero-weight side keeps its base; the other side's bounds then pin it to the target.
     done_a = ~solve
     done_b = ~solve
     row_passes = tl.full([ROWS], 0, tl.int32)
+    total = _row_totals(mixed_ptr, rows, row_mask, cols, n_cols, ROWS, BLOCK, COMPUTE)
 
     if SINGLE_BLOCK:
         offsets, mask = _tile(rows, row_mask, 0, cols, n_cols)
-        p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
-            mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, COMPUTE)
+        p, target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
+            mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, total, COMPUTE)
         t_lo_a = tl.min(tl.where(mask, lo_a - v_a, float("inf")), 1)
         t_hi_a = tl.max(tl.where(mask, hi_a - v_a, -float("inf")), 1)
         t_lo_b = tl.min(tl.where(mask, lo_b - v_b, float("inf")), 1)
@@ -236,8 +260,8 @@ def _qp_fraction_fwd_kernel(
             acc_hi_b = tl.full([ROWS, BLOCK], -float("inf"), COMPUTE)
             for start in range(0, n_cols, BLOCK):
                 offsets, mask = _tile(rows, row_mask, start, cols, n_cols)
-                p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
-                    mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, COMPUTE)
+                p, target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
+                    mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, total, COMPUTE)
                 x_a, free_a, upper_a = _classify(v_a, lo_a, hi_a, tau_a, mask)
                 x_b, free_b, upper_b = _classify(v_b, lo_b, hi_b, tau_b, mask)
                 acc_x_a += x_a
@@ -277,8 +301,8 @@ def _qp_fraction_fwd_kernel(
     for start in range(0, n_cols, BLOCK):
         if not SINGLE_BLOCK:
             offsets, mask = _tile(rows, row_mask, start, cols, n_cols)
-            p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
-                mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, COMPUTE)
+            p, target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b = _load_terms(
+                mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col, total, COMPUTE)
         a = tl.minimum(tl.maximum(v_a + tau_a[:, None], lo_a), hi_a)
         b = tl.minimum(tl.maximum(v_b + tau_b[:, None], lo_b), hi_b)
         a = tl.where(lam_col > 0, a, base_a)
@@ -305,6 +329,24 @@ def _side_vjp(grad, mean_free_grad, v, lo, hi, tau, mask, target, weight, other_
 
 
 @jit
+def _tile_vjp(target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a, grad_b, mean_a, mean_b,
+              tau_a, tau_b, mask, lam, mu, solve):
+    """Gradients reaching the target, K_a, K_b and lam from one tile: the chain rule through
+    v = K + r, r = target - lam K_a - mu K_b, and the bounds."""
+    to_v_a, to_target_a, to_lam_a = _side_vjp(grad_a, mean_a, v_a, lo_a, hi_a, tau_a, mask, target, lam, mu)
+    to_v_b, to_target_b, to_mu_b = _side_vjp(grad_b, mean_b, v_b, lo_b, hi_b, tau_b, mask, target, mu, lam)
+    d_target = to_v_a + to_v_b + to_target_a + to_target_b
+    d_base_a = mu * to_v_a - lam * to_v_b
+    d_base_b = lam * to_v_b - mu * to_v_a
+    d_lam = (to_v_a + to_v_b) * (base_b - base_a) + to_lam_a - to_mu_b
+    # lam == 0: a = K_a, b = target.  lam == 1: a = target, b = K_b.
+    d_target = tl.where(solve, d_target, tl.where(lam > 0, grad_a, grad_b))
+    d_base_a = tl.where(solve, d_base_a, tl.where(lam > 0, 0.0, grad_a))
+    d_base_b = tl.where(solve, d_base_b, tl.where(lam > 0, grad_b, 0.0))
+    return d_target, d_base_a, d_base_b, tl.where(solve, d_lam, 0.0)
+
+
+@jit
 def _free_grad(grad, v, lo, hi, tau, mask):
     _, free, _ = _classify(v, lo, hi, tau, mask)
     return tl.where(free, grad, 0.0), free.to(tl.int32)
@@ -321,13 +363,13 @@ def _qp_fraction_bwd_kernel(
     solve_col = solve[:, None]
     tau_a = tl.load(tau_ptr + rows, mask=row_mask, other=0.0).to(COMPUTE)
     tau_b = tl.load(tau_ptr + n_rows + rows, mask=row_mask, other=0.0).to(COMPUTE)
+    total = _row_totals(mixed_ptr, rows, row_mask, cols, n_cols, ROWS, BLOCK, COMPUTE)
 
     # Pass 1: the mean incoming gradient over each side's free set.
     if SINGLE_BLOCK:
-        offsets, mask = _tile(rows, row_mask, 0, cols, n_cols)
-        p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a, grad_b = _load_grad_terms(
-            grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col,
-            COMPUTE)
+        (offsets, mask, p, target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a,
+         grad_b) = _load_grad_terms(grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, rows,
+                                    row_mask, 0, cols, n_cols, lam_col, mu_col, total, COMPUTE)
         acc_grad_a, acc_free_a = _free_grad(grad_a, v_a, lo_a, hi_a, tau_a, mask)
         acc_grad_b, acc_free_b = _free_grad(grad_b, v_b, lo_b, hi_b, tau_b, mask)
     else:
@@ -336,10 +378,9 @@ def _qp_fraction_bwd_kernel(
         acc_free_a = tl.zeros([ROWS, BLOCK], tl.int32)
         acc_free_b = tl.zeros([ROWS, BLOCK], tl.int32)
         for start in range(0, n_cols, BLOCK):
-            offsets, mask = _tile(rows, row_mask, start, cols, n_cols)
-            p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a, grad_b = _load_grad_terms(
-                grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col,
-                COMPUTE)
+            (offsets, mask, p, target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a,
+             grad_b) = _load_grad_terms(grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, rows,
+                                        row_mask, start, cols, n_cols, lam_col, mu_col, total, COMPUTE)
             chunk_grad_a, chunk_free_a = _free_grad(grad_a, v_a, lo_a, hi_a, tau_a, mask)
             chunk_grad_b, chunk_free_b = _free_grad(grad_b, v_b, lo_b, hi_b, tau_b, mask)
             acc_grad_a += chunk_grad_a
@@ -349,34 +390,35 @@ def _qp_fraction_bwd_kernel(
     mean_a = tl.sum(acc_grad_a, 1) / tl.maximum(tl.sum(acc_free_a, 1), 1).to(COMPUTE)
     mean_b = tl.sum(acc_grad_b, 1) / tl.maximum(tl.sum(acc_free_b, 1), 1).to(COMPUTE)
 
-    # Pass 2: chain rule through v = K + r, r = p - lam K_a - mu K_b, and the bounds.
+    # Pass 2: lam's gradient, and the row sum of the target's gradient times the target.
     acc_lam = tl.zeros([ROWS, BLOCK], COMPUTE)
+    acc_dot = tl.zeros([ROWS, BLOCK], COMPUTE)
     for start in range(0, n_cols, BLOCK):
         if not SINGLE_BLOCK:
-            offsets, mask = _tile(rows, row_mask, start, cols, n_cols)
-            p, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a, grad_b = _load_grad_terms(
-                grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, offsets, mask, lam_col, mu_col,
-                COMPUTE)
-        target = tl.minimum(tl.maximum(p, 0.0), 1.0)
-        to_v_a, to_target_a, to_lam_a = _side_vjp(
-            grad_a, mean_a, v_a, lo_a, hi_a, tau_a, mask, target, lam_col, mu_col)
-        to_v_b, to_target_b, to_mu_b = _side_vjp(
-            grad_b, mean_b, v_b, lo_b, hi_b, tau_b, mask, target, mu_col, lam_col)
-        in_range = (p >= 0) & (p <= 1)
-        d_mixed = to_v_a + to_v_b + tl.where(in_range, to_target_a + to_target_b, 0.0)
-        d_base_a = mu_col * to_v_a - lam_col * to_v_b
-        d_base_b = lam_col * to_v_b - mu_col * to_v_a
-        d_lam = (to_v_a + to_v_b) * (base_b - base_a) + to_lam_a - to_mu_b
-        acc_lam += tl.where(solve_col, d_lam, 0.0)
-        # lam == 0: a = K_a, b = clamp(p, 0, 1).  lam == 1: a = clamp(p, 0, 1), b = K_b.
-        to_pinned = tl.where(in_range, tl.where(lam_col > 0, grad_a, grad_b), 0.0)
-        d_mixed = tl.where(solve_col, d_mixed, to_pinned)
-        d_base_a = tl.where(solve_col, d_base_a, tl.where(lam_col > 0, 0.0, grad_a))
-        d_base_b = tl.where(solve_col, d_base_b, tl.where(lam_col > 0, grad_b, 0.0))
+            (offsets, mask, p, target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a,
+             grad_b) = _load_grad_terms(grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, rows,
+                                        row_mask, start, cols, n_cols, lam_col, mu_col, total, COMPUTE)
+        d_target, _, _, d_lam = _tile_vjp(target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a,
+                                          grad_b, mean_a, mean_b, tau_a, tau_b, mask, lam_col, mu_col, solve_col)
+        acc_lam += d_lam
+        acc_dot += d_target * target
+    tl.store(d_lam_ptr + rows, tl.sum(acc_lam, 1).to(d_lam_ptr.dtype.element_ty), mask=row_mask)
+    dot = tl.sum(acc_dot, 1)[:, None]
+
+    # Pass 3: the three rows' gradients. target = clamp(p, 0, 1) / total has the Jacobian
+    # (I - target 1^T) / total where p lies in [0, 1], and 0 elsewhere.
+    for start in range(0, n_cols, BLOCK):
+        if not SINGLE_BLOCK:
+            (offsets, mask, p, target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b, grad_a,
+             grad_b) = _load_grad_terms(grad_a_ptr, grad_b_ptr, mixed_ptr, base_a_ptr, base_b_ptr, rows,
+                                        row_mask, start, cols, n_cols, lam_col, mu_col, total, COMPUTE)
+        d_target, d_base_a, d_base_b, _ = _tile_vjp(target, base_a, base_b, v_a, lo_a, hi_a, v_b, lo_b, hi_b,
+                                                    grad_a, grad_b, mean_a, mean_b, tau_a, tau_b, mask, lam_col,
+                                                    mu_col, solve_col)
+        d_mixed = tl.where((p >= 0) & (p <= 1), (d_target - dot) / total, 0.0)
         tl.store(d_mixed_ptr + offsets, d_mixed.to(d_mixed_ptr.dtype.element_ty), mask=mask)
         tl.store(d_base_a_ptr + offsets, d_base_a.to(d_base_a_ptr.dtype.element_ty), mask=mask)
         tl.store(d_base_b_ptr + offsets, d_base_b.to(d_base_b_ptr.dtype.element_ty), mask=mask)
-    tl.store(d_lam_ptr + rows, tl.sum(acc_lam, 1).to(d_lam_ptr.dtype.element_ty), mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------------------
