@@ -1,6 +1,7 @@
 import collections
 import math
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mkfkit
+from mkfkit import mixing
 from mkfkit.mixing import (
     CompoundMix,
     MixedBatch,
@@ -135,6 +137,28 @@ def test_mixup_pixels_come_from_the_stated_partners(device, dtype):
         torch.testing.assert_close(
             batch.images.double(), reference, atol=tolerance, rtol=tolerance
         )
+
+
+def test_lam_is_float32_and_mixes_the_pixels_under_a_float64_default_dtype():
+    # torch.set_default_dtype(torch.float64) must not change the documented float32 lam, nor let
+    # Mixup mix the pixels with the unrounded float64 draw.
+    images, targets = random_batch(size=4, dtype=torch.float64)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        unmixed = make_mix(mix_prob=0.0)(images, targets)
+        mix = make_mix(mix_prob=1.0, switch_prob=0.5)
+        batches = [mix(images, targets) for _ in range(12)]
+    finally:
+        torch.set_default_dtype(default)
+    assert unmixed.lam.dtype == torch.float32 and bool((unmixed.lam == 1).all())
+    assert {batch.op for batch in batches} == {"mixup", "cutmix"}
+    for batch in batches:
+        assert batch.lam.dtype == torch.float32
+        if batch.op == "mixup":
+            lam = batch.lam[0].item()  # the float32 value, exactly
+            expected = images * lam + images[batch.partner] * (1 - lam)
+            assert torch.equal(batch.images, expected)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -274,10 +298,12 @@ def test_sample_beta_moments_without_scipy():
     assert abs(draws.var().item() - var) < 0.1 * var
 
 
-@pytest.mark.parametrize("shape", [0.3, 1.0, 3.0])
+@pytest.mark.parametrize("shape", [0.3, 1.0, 3.0, 50.0])
 def test_gamma_core_log_moments(shape):
     # E[log X] = digamma(a), Var[log X] = trigamma(a) for X ~ Gamma(a): sensitive to the
-    # constant d = a - 1/3 of Marsaglia-Tsang and to the shape < 1 boost
+    # constant d = a - 1/3 of Marsaglia-Tsang and to the shape < 1 boost; at a large shape to
+    # its c = 1 / sqrt(9 d) too (a smaller c lets the proposal exceed the target: Var[log X]
+    # about 10 % low)
     draws = 20000
     generator = seeded(17)
     logs = torch.tensor([_log_gamma_variate(shape, generator) for _ in range(draws)])
@@ -292,6 +318,49 @@ def test_sample_beta_tiny_alpha_stays_finite():
     draws = [sample_beta(0.005, 0.005, generator) for _ in range(200)]
     assert all(0.0 <= d <= 1.0 and math.isfinite(d) for d in draws)
     assert sum(min(d, 1 - d) < 1e-6 for d in draws) > 150, "mass concentrates at 0 and 1"
+
+
+def test_gamma_core_skips_a_proposal_at_the_cube_roots_zero():
+    # v = 1 + c x = 0 exactly (shape 4/3: d = 1, c = 1/3, x = -3) must be rejected like v < 0:
+    # log(v^3) has no value there. The next proposal, x = 0, gives v = 1 and log X = log d = 0.
+    with mock.patch.object(mixing, "_normal", side_effect=[-3.0, 0.0]):
+        assert _log_gamma_variate(4 / 3, seeded(0)) == 0.0
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.3, 0.3), (0.5, 2.0), (2.0, 0.5)])
+def test_sample_beta_with_small_shapes_draws_only_from_the_generator(alpha, beta):
+    # A shape below 1 takes one more uniform draw (the boost): from the generator as well.
+    global_state = torch.get_rng_state()
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        generator = seeded(4)
+        draws.append([sample_beta(alpha, beta, generator) for _ in range(20)])
+        assert torch.equal(torch.get_rng_state(), before), "the global RNG is never drawn from"
+    torch.set_rng_state(global_state)
+    assert draws[0] == draws[1]
+
+
+def test_cutmix_and_mixup_draw_lam_with_their_own_alpha():
+    # Beta(1e4, 1e4) is within 0.01 of 0.5 and Beta(1e-3, 1e-3) within 1e-3 of 0 or 1 (but for
+    # a chance of about 1 %). In a 64 x 64 image a sampled lam of 0.5 gives a box of sides
+    # floor(64 * sqrt(0.5)) = 45, 23 to 45 after clipping; a lam near 1 a box of at most 3 x 3,
+    # and a lam near 0 one of 64 x 64 around the centre, at least 32 x 32 after clipping.
+    for cutmix_alpha, mixup_alpha in ((1e4, 1e-3), (1e-3, 1e4)):
+        mix = make_mix(mix_prob=1.0, switch_prob=0.5, cutmix_alpha=cutmix_alpha, mixup_alpha=mixup_alpha)
+        images, targets = random_batch(size=2, channels=1, height=64, width=64)
+        batches = [mix(images, targets) for _ in range(40)]
+        cut = [batch for batch in batches if batch.op == "cutmix"]
+        mixed = [batch.lam[0].item() for batch in batches if batch.op == "mixup"]
+        assert len(cut) >= 10 and len(mixed) >= 10
+        sides = [(y1 - y0, x1 - x0) for (y0, y1, x0, x1) in (batch.box for batch in cut)]
+        if cutmix_alpha > 1:
+            assert all(23 <= side <= 45 for pair in sides for side in pair), sides
+            assert all(min(lam, 1 - lam) < 0.01 for lam in mixed), mixed
+        else:
+            assert all(max(pair) <= 3 or min(pair) >= 32 for pair in sides), sides
+            assert all(abs(lam - 0.5) < 0.01 for lam in mixed), mixed
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,6 +476,20 @@ def test_soft_targets_of_probability_targets_are_float32(dtype):
     assert dense.dtype == torch.float32
     lam = batch.lam.unsqueeze(1)
     torch.testing.assert_close(dense, lam * soft.float() + (1 - lam) * soft.float()[batch.partner])
+
+
+def test_soft_targets_of_float64_targets_are_mixed_in_float64():
+    # lam = 0.1 (float32): 1 - lam is exact in float64, not in float32.
+    generator = seeded(3)
+    soft = torch.softmax(torch.randn(4, 5, generator=generator, dtype=torch.float64), dim=1)
+    partner = torch.tensor([1, 2, 3, 0])
+    lam = torch.full((4,), 0.1)
+    index = torch.arange(4)
+    batch = MixedBatch(torch.zeros(4, 1, 1, 1), soft, soft[partner], index, index[partner], lam, partner, "mixup", None)
+    dense = batch.soft_targets()
+    assert dense.dtype == torch.float64
+    lam64 = lam.double().unsqueeze(1)
+    assert torch.equal(dense, lam64 * soft + (1 - lam64) * soft[partner])
 
 
 def test_soft_targets_from_class_indices(device):
@@ -567,6 +650,18 @@ def test_loss_has_no_hidden_label_smoothing(device):
     )
 
 
+def test_loss_without_smoothing_allows_masked_out_classes():
+    # Logits of -inf (classes masked out) off the target: plain cross-entropy stays finite, as
+    # F.cross_entropy's does; only smoothing spreads mass onto them.
+    logits = torch.tensor([[2.0, -float("inf"), 0.5], [1.0, -float("inf"), 0.0]])
+    targets = torch.tensor([0, 2])
+    batch = build_batch(logits, targets, torch.tensor([1, 0]), torch.tensor([0.7, 0.4]))
+    loss = mixed_cross_entropy(logits, batch)
+    loss_a, loss_b = (F.cross_entropy(logits, t, reduction="none") for t in (batch.targets_a, batch.targets_b))
+    assert bool(torch.isfinite(loss))
+    torch.testing.assert_close(loss, (batch.lam * loss_a + (1 - batch.lam) * loss_b).mean())
+
+
 def test_loss_gradcheck():
     logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     soft = torch.softmax(torch.randn(5, 4, dtype=torch.float64), dim=1)
@@ -672,6 +767,24 @@ def test_constructor_errors():
 def test_cuda_generator_is_rejected():
     with pytest.raises(ValueError, match=r"`generator` must be a CPU torch.Generator"):
         CompoundMix(generator=torch.Generator(device="cuda"))
+
+
+class _GeneratorOnCuda(torch.Generator):
+    """A CPU generator that says it is on CUDA: the refusal, on a machine without one."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda g: CompoundMix(generator=g), lambda g: sample_beta(1.0, 1.0, g), lambda g: sample_box(4, 4, 0.5, g)],
+)
+def test_generator_on_another_device_is_refused_naming_it(call):
+    message = r"`generator` must be a CPU torch.Generator \(the draws are a few numbers per batch\), but got one on cuda:0"
+    with pytest.raises(ValueError, match=message):
+        call(_GeneratorOnCuda())
 
 
 IMAGES, TARGETS = torch.rand(4, 3, 8, 10), torch.tensor([0, 1, 2, 1])

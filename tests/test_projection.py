@@ -332,3 +332,65 @@ def test_unknown_search_is_rejected():
     v = torch.full((1, 2), 0.5)
     with pytest.raises(ValueError, match=r"`search` must be one of \('auto', 'sort', 'table', 'newton'\), but got 'bisect'"):
         project_box_simplex(v, torch.zeros_like(v), torch.ones_like(v), search="bisect")
+
+
+def test_auto_search_rule_counts_leading_dimensions_as_rows():
+    # The table's size is 2 * numel * C, with C the last dimension: 4 x 512 rows of C = 16 hold
+    # exactly _TABLE_MAX_ENTRIES entries; 2 x 2 rows of C = 513 are too few for the Newton passes.
+    pick = functools.partial(_projection._pick_search, search="auto")
+    assert pick(torch.zeros(4, 512, 16)) == "table" and pick(torch.zeros(4, 512, 17)) == "newton"
+    assert pick(torch.zeros(2, 2, 513)) == "sort"
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_gradient_counts_a_coordinate_exactly_at_lo_as_free(search):
+    # x = v = (0.75, 0.25, 0): the root tau = 0 is coordinate 2's breakpoint (it sits exactly at
+    # lo). The documented convention counts it as free: every coordinate is in F, and the
+    # gradient of v is the output gradient minus its mean; the bounds get none.
+    v = torch.tensor([[0.75, 0.25, 0.0]], dtype=torch.float64, requires_grad=True)
+    lo, hi = torch.zeros_like(v, requires_grad=True), torch.ones_like(v, requires_grad=True)
+    x = project_box_simplex(v, lo, hi, search=search)
+    assert x.tolist() == [[0.75, 0.25, 0.0]]
+    x.backward(torch.tensor([[1.0, 2.0, 6.0]], dtype=torch.float64))
+    assert v.grad.tolist() == [[-2.0, -1.0, 3.0]]
+    assert lo.grad.tolist() == [[0.0, 0.0, 0.0]] and hi.grad.tolist() == [[0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_lower_bounds_summing_to_exactly_one_give_lo_and_each_searchs_one_sided_gradient(search):
+    # sum(lo) = 1: the box's only feasible point is lo, a kink. The sort and the table stop on the
+    # first breakpoint (coordinate 0, exactly at lo, counts as free, so lo_0's gradient goes to
+    # the others); the Newton search maps the row to its corner lo (every coordinate at lo).
+    v = torch.tensor([[0.75, 0.25, 0.0]], dtype=torch.float64, requires_grad=True)
+    lo = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64, requires_grad=True)
+    hi = torch.ones_like(v, requires_grad=True)
+    x = project_box_simplex(v, lo, hi, search=search)
+    assert x.tolist() == [[0.5, 0.25, 0.25]]
+    x.backward(torch.tensor([[1.0, 2.0, 6.0]], dtype=torch.float64))
+    assert v.grad.tolist() == [[0.0, 0.0, 0.0]] and hi.grad.tolist() == [[0.0, 0.0, 0.0]]
+    assert lo.grad.tolist() == ([[1.0, 2.0, 6.0]] if search == "newton" else [[0.0, 1.0, 5.0]])
+
+
+def test_newton_steps_on_until_the_sum_is_within_four_eps():
+    # Exact dyadic data (float64, eps = 2**-52): the first pass starts at tau = 0.125 with
+    # coordinate 2 below lo by 4.5 eps, so g - 1 = 4.5 eps, above the 4 eps at which the bracket
+    # closes. One more (exact) Newton step lands on the root: the result is the exact
+    # projection to rounding, and sums to 1.
+    eps = 2.0**-52
+    v = torch.tensor([[0.5 + 4.5 * eps, 0.25, -0.125 - 4.5 * eps]], dtype=torch.float64)
+    lo, hi = torch.zeros_like(v), torch.ones_like(v)
+    assert v.sum().item() == 0.625  # tau = (1 - 0.625) / 3 = 0.125 exactly, where g - 1 = 4.5 eps
+    x = project_box_simplex(v, lo, hi, search="newton")
+    exact = torch.tensor([[0.625 + 2.25 * eps, 0.375 - 2.25 * eps, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(x, exact, atol=eps / 2, rtol=0)
+    assert abs(x.sum().item() - 1) <= eps
+
+
+def test_newton_converges_on_rows_with_a_far_coordinate():
+    # One coordinate 100 below the others: the unconstrained root -offset / C starts the passes
+    # near the root's segment; a start far from it needs more passes than there are.
+    generator = torch.Generator().manual_seed(0)
+    v, lo, hi = random_box(generator, 256, 8, torch.float64)
+    v[:, 0] -= 100
+    x = project_box_simplex(v, lo, hi, search="newton")
+    torch.testing.assert_close(x, bisection_projection(v, lo, hi), atol=1e-12, rtol=0)
