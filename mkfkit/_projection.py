@@ -27,8 +27,10 @@ coordinates where it is the active value, the output gradient minus its mean ove
 derivatives are zero, and double backward works. Where ``tau`` falls on a breakpoint (a
 coordinate exactly at its bound) the gradient is one of two valid one-sided derivatives; the
 searches may pick different ones (such kinks are structural with two classes, rare otherwise).
-Here a coordinate exactly at ``lo`` counts as free and one with ``lo == hi`` as at ``hi``; the
-fused kernel (:mod:`mkfkit.kernels.qp`) breaks ties the other way, so at a row with every
+Here a coordinate exactly at ``lo`` counts as free and one with ``lo == hi`` as at ``hi`` once
+``tau`` reaches its breakpoint (at ``lo`` before it: where bounds alone fix a row, e.g. ``sum(lo)
+= 1``, the searches may leave ``tau`` on either side, and the gradient goes to ``hi`` or ``lo``,
+both valid); the fused kernel (:mod:`mkfkit.kernels.qp`) breaks ties the other way, so at a row with every
 coordinate at a bound the two agree on the gradient's part tangent to the simplex, not on its
 row mean (docs/METHOD.md, "Gradients on the simplex").
 
@@ -54,8 +56,10 @@ row mean (docs/METHOD.md, "Gradients on the simplex").
   land strictly inside it (it leaves the bracket, repeats an end point, or comes from a flat
   piece) bisects instead, unless it leaves ``tau`` unchanged (the root to working precision).
   Where ``|g(tau) - 1| <= 4 eps`` the bracket closes on ``tau``, so a converged row stays put
-  for the remaining passes. Rows whose box cannot reach a sum of 1 are set to their corner at
-  the end. ``O(C)`` per pass and row: six operations over ``Tensor[R, C]`` and a dozen over the
+  for the remaining passes. A row whose ``sum(lo)`` or ``sum(hi)`` is within that tolerance of
+  1 starts at that end of its bracket, closed: its root lies within rounding of the end, where
+  Newton steps land on the end or just past it and bisection would approach it one bit a pass.
+  Rows whose box cannot reach a sum of 1 are set to their corner at the end. ``O(C)`` per pass and row: six operations over ``Tensor[R, C]`` and a dozen over the
   ``Tensor[R, 1]`` of per-row values.
 
   The pass count is empirical, not a bound: a Newton step on a piecewise linear function may
@@ -272,6 +276,15 @@ def _root_by_newton(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
     below, above = v.new_full((), tolerance), v.new_full((), -tolerance)
     t_lo, t_hi = enter.amin(-1, keepdim=True), leave.amax(-1, keepdim=True)
     tau = (offset / -classes).clamp_(t_lo, t_hi)  # the root when no bound is active
+    # Bounds that sum to 1 within the tolerance put the root within rounding of an end of the
+    # bracket (every coordinate at lo, or at hi, there). A Newton step then lands on that end or
+    # by rounding just past it, is refused, and the bisection approaches the end one bit a pass
+    # (off by the bracket's width over 2**12 after the passes): start there, bracket closed.
+    sum_lo, sum_hi = bounds.sum(-1, keepdim=True)
+    at_lo, at_hi = (sum_lo - 1).abs() <= tolerance, (sum_hi - 1).abs() <= tolerance
+    tau = torch.where(at_lo, t_lo, torch.where(at_hi, t_hi, tau))
+    closed = at_lo | at_hi
+    t_lo, t_hi = torch.where(closed, tau, t_lo), torch.where(closed, tau, t_hi)
     # One buffer for every pass: a fresh one per pass costs its page faults again on a CPU
     # (as much as the clip itself at 512 rows of C = 1000).
     clipped = torch.empty_like(enter)
@@ -294,7 +307,6 @@ def _root_by_newton(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
         accept = ((newton > t_lo) & (newton < t_hi)) | (newton == tau)
         tau = torch.where(accept, newton, torch.lerp(t_lo, t_hi, 0.5))
     # A box that cannot reach a sum of 1 (or reaches it only at a corner): its nearest corner.
-    sum_lo, sum_hi = bounds.sum(-1, keepdim=True)
     tau = tau.masked_fill_(sum_hi <= 1, float("inf")).masked_fill_(sum_lo >= 1, -float("inf"))
     return tau, tau >= breakpoints
 

@@ -394,3 +394,22 @@ def test_newton_converges_on_rows_with_a_far_coordinate():
     v[:, 0] -= 100
     x = project_box_simplex(v, lo, hi, search="newton")
     torch.testing.assert_close(x, bisection_projection(v, lo, hi), atol=1e-12, rtol=0)
+
+
+def test_newton_reaches_a_root_within_rounding_of_a_bracket_end():
+    # Bounds that sum to 1 within an eps or two put the root within rounding of a breakpoint that
+    # becomes an end of the search's bracket. The exact Newton step lands on that end; a pass
+    # that refused it would bisect towards the root for the remaining passes without reaching
+    # it (a found case: x1 = 0.51928 for 0.51895, sum(lo) = 1 - 1.1e-16).
+    v = torch.tensor([[-0.9185833258931866, 1.776940086458914]], dtype=torch.float64)
+    lo = torch.tensor([[0.48104512450084114, 0.5189548754991588]], dtype=torch.float64)
+    hi = torch.ones_like(v)
+    expected = project_box_simplex(v, lo, hi, search="sort")
+    torch.testing.assert_close(project_box_simplex(v, lo, hi, search="newton"), expected, atol=1e-15, rtol=0)
+    generator = torch.Generator().manual_seed(3)
+    v = 10 * torch.randn(512, 6, generator=generator, dtype=torch.float64)
+    lo = torch.softmax(torch.randn(512, 6, generator=generator, dtype=torch.float64), -1)
+    lo = lo * (1 - torch.randint(1, 4, (512, 1), generator=generator) * torch.finfo(torch.float64).eps)
+    hi = torch.ones_like(v)
+    expected = project_box_simplex(v, lo, hi, search="sort")
+    torch.testing.assert_close(project_box_simplex(v, lo, hi, search="newton"), expected, atol=1e-12, rtol=0)
