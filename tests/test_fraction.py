@@ -173,6 +173,7 @@ def test_qp_of_rows_off_the_simplex_is_the_qp_of_the_row_scaled_onto_it(backend,
     low, high = off[2].argmin(), off[2].argmax()  # an entry below 0, the row's sum kept
     off[2, high] += off[2, low] + 4e-4
     off[2, low] = -4e-4
+    off[3] = torch.zeros(10, dtype=dtype).index_put_((torch.arange(3),), torch.tensor([1 + 8e-4, 1e-4, -9e-4], dtype=dtype))
     scaled = off.clamp(0, 1) / off.clamp(0, 1).sum(-1, keepdim=True)
     out = qp_fraction(off, base_a, base_b, lam, backend=backend)
     atol = 1e-6 if dtype == torch.float32 else 1e-14
@@ -569,6 +570,8 @@ def test_bad_inputs_name_the_argument():
         qp_fraction(mixed[0], base_a[0], base_b[0], 0.5)
     with pytest.raises(ValueError, match=r"`base_a` must have the shape of `mixed` \(2, 4\), but got \(2, 3\)"):
         linear_fraction(mixed, base_a[:, :3], base_b, 0.5)
+    with pytest.raises(TypeError, match=r"`base_b` must have a floating-point dtype, but got torch.int64"):
+        qp_fraction(mixed, base_a, base_b.long(), 0.5)
     with pytest.raises(TypeError, match=r"`base_b` must have the dtype of `mixed` \(torch.float32\), but got torch.float64"):
         dominant_fraction(mixed, base_a, base_b.double(), 0.5)
     with pytest.raises(ValueError, match=r"`base_a` must be on the device of `mixed` \(cpu\), but got meta"):
