@@ -442,6 +442,8 @@ def test_topk_layout_keeps_the_largest_entries_and_spreads_the_rest():
     rest = (1 - 0.5 - 0.25) / 4
     torch.testing.assert_close(decoded, torch.tensor([rest, 0.5, rest, 0.25, rest, rest]), atol=1e-4, rtol=0)
     assert KnowledgeBank(1, 32767, 1, storage="topk", k=2).ids.dtype == torch.int16
+    # The documented bound, 32,767 classes, is part of the checkpoint format (the ids' dtype).
+    assert KnowledgeBank(1, 32768, 1, storage="topk", k=2).ids.dtype == torch.int32
     assert KnowledgeBank(1, 40000, 1, storage="topk", k=2).ids.dtype == torch.int32
 
 
@@ -583,6 +585,11 @@ def test_parent_half_moves_but_never_converts_the_bank():
     assert torch.equal(model.bank.knowledge[0, 0], torch.tensor([0.1, 0.2, 0.7]))
     model.to(torch.float64)
     assert model.bank.knowledge.dtype == torch.float32 and model.bank.seen.dtype == torch.bool
+    # A move and a conversion at once: the move applies to every buffer, the conversion to none
+    # (the meta device stands in for another device).
+    model.to("meta", torch.float64)
+    assert model.bank.knowledge.device.type == model.bank.seen.device.type == "meta"
+    assert model.bank.knowledge.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- devices
@@ -713,8 +720,9 @@ BAD_UPDATES = [
     (dict(probs=torch.ones(3, 4)), ValueError, r"`probs` must hold probability rows"),
     (dict(index_b=torch.tensor([1, 2, 3]), lam=1.3), ValueError, r"`lam` must lie in \[0, 1\], but got 1.3"),
     (dict(index_b=torch.tensor([1, 2, 3]), lam=torch.tensor([0.5, -0.1, 1.0])), ValueError, r"`lam` must lie in \[0, 1\], but got -0.1"),
-    (dict(index_b=torch.tensor([1, 2, 3])), ValueError, r"`lam` must be given with `index_b`"),
-    (dict(lam=0.5), ValueError, r"`lam` must be None when `index_b` is None"),
+    (dict(index_b=torch.tensor([1, 2])), ValueError, r"^`index_b` must be a Tensor\[B\] with B = 3, but got shape \(2,\)$"),
+    (dict(index_b=torch.tensor([1, 2, 3])), ValueError, r"^`lam` must be given with `index_b`, but got None$"),
+    (dict(lam=0.5), ValueError, r"^`lam` must be None when `index_b` is None, but got 0.5 \(float\)$"),
     (
         dict(index_b=torch.tensor([1, 2, 3]), lam=0.5, fraction=LinearFraction(project=False)),
         ValueError,
@@ -746,7 +754,7 @@ def test_bad_target_and_constructor_arguments():
         bank.target(0, torch.tensor([1]), torch.tensor([2]), 2.0)
     with pytest.raises(ValueError, match=r"`storage` must be one of 'float32', 'bfloat16', 'float16', 'topk', but got 'int8'"):
         KnowledgeBank(10, 4, storage="int8")
-    with pytest.raises(ValueError, match=r"`k` must be given for storage='topk'"):
+    with pytest.raises(ValueError, match=r"^`k` must be given for storage='topk', but got None$"):
         KnowledgeBank(10, 4, storage="topk")
     with pytest.raises(ValueError, match=r"`k` must be at most num_classes = 4, but got 5"):
         KnowledgeBank(10, 4, storage="topk", k=5)
@@ -758,7 +766,7 @@ def test_bad_target_and_constructor_arguments():
         KnowledgeBank(10, 4, sync="ddp")
     with pytest.raises(ValueError, match=r"`backend` must be one of 'auto', 'torch', 'triton', but got 'cuda'"):
         KnowledgeBank(4, 3, backend="cuda")
-    message = r"`backend` 'triton' needs a dense storage \(float32, bfloat16, float16\), but got storage='topk'"
+    message = r"^`backend` 'triton' needs a dense storage \(float32, bfloat16, float16\), but got storage='topk'$"
     with pytest.raises(ValueError, match=message):
         KnowledgeBank(4, 3, storage="topk", k=2, backend="triton")
 
@@ -820,3 +828,151 @@ def test_a_side_of_weight_one_is_the_mixed_row_whatever_the_fraction_says(storag
     plain.update(0, probs[:2], index_a[:2])  # the two rows of weight 1, as unmixed
     plain.update(0, torch.full((2, 5), 0.2), torch.tensor([2, 7]))  # the fraction's pair
     assert_same_state(mixed_path, snapshot(plain))
+
+
+# ----------------------------------------------------------------------------- the second mutation run
+
+
+def test_constructor_defaults():
+    bank = KnowledgeBank(4, 3)
+    assert (bank.num_groups, bank.momentum, bank.storage, bank.k, bank.sync, bank.backend) == (3, 0.5, "float32", None, "none", "auto")
+    assert bank.knowledge.shape == (3, 4, 3) and bank.seen.shape == (3, 4)
+    synced = KnowledgeBank(4, 3, 2, momentum=0.25, storage="topk", k=2, sync="all_gather")
+    expected = "num_samples=4, num_classes=3, num_groups=2, momentum=0.25, storage='topk', k=2, sync='all_gather'"
+    assert repr(synced) == f"KnowledgeBank({expected})"
+
+
+BAD_CONSTRUCTIONS = [
+    (dict(num_samples=0), ValueError, r"^`num_samples` must be an int >= 1, but got 0$"),
+    (dict(num_classes=0), ValueError, r"^`num_classes` must be an int >= 1, but got 0$"),
+    (dict(num_groups=0), ValueError, r"^`num_groups` must be an int >= 1, but got 0$"),
+    # In range, but a tensor: the bank keeps a Python number.
+    (dict(momentum=torch.tensor(0.5)), TypeError, r"^`momentum` must be a number, but got Tensor of shape \(\), dtype torch.float32 on cpu$"),
+    (dict(storage="topk", k=0), ValueError, r"^`k` must be an int >= 1, but got 0$"),
+]
+
+
+@pytest.mark.parametrize("change,error,message", BAD_CONSTRUCTIONS)
+def test_constructor_arguments_are_named_in_their_errors(change, error, message):
+    with pytest.raises(error, match=message):
+        KnowledgeBank(**{**dict(num_samples=10, num_classes=4, num_groups=2), **change})
+
+
+BAD_TARGETS = [
+    (dict(index_a=[1, 2]), TypeError, r"^`index_a` must be a torch.Tensor, but got \[1, 2\] \(list\)$"),
+    (dict(index_b=torch.tensor([3])), ValueError, r"^`index_b` must be a Tensor\[B\] with B = 2, but got shape \(1,\)$"),
+]
+
+
+@pytest.mark.parametrize("change,error,message", BAD_TARGETS)
+def test_bad_target_arguments_are_refused_clearly(change, error, message):
+    bank = KnowledgeBank(10, 4, 2)
+    arguments = dict(group=0, index_a=torch.tensor([0, 1]), index_b=torch.tensor([2, 3]), lam=0.5)
+    with pytest.raises(error, match=message):
+        bank.target(**{**arguments, **change})
+
+
+def test_target_mask_needs_every_side_with_a_positive_weight(backend):
+    # Row 0 is known, row 1 is not; on both paths a pair is known only where each side with a
+    # positive weight is.
+    bank = KnowledgeBank(3, 3, 1, backend=backend)
+    bank.update(0, torch.tensor([[0.5, 0.25, 0.25]]), torch.tensor([0]))
+    index_a, index_b = torch.tensor([0, 0, 1, 1, 0]), torch.tensor([1, 1, 0, 0, 0])
+    lam = torch.tensor([0.5, 1.0, 0.0, 0.5, 0.5])
+    assert bank.target(0, index_a, index_b, lam).mask.tolist() == [False, True, True, False, True]
+
+
+@pytest.mark.parametrize("choice", ["torch", "triton"])
+def test_triton_backend_reads_and_writes_with_the_fused_kernels(choice, kernel_device, monkeypatch):
+    from mkfkit.kernels import bank as bank_kernels
+
+    calls = []
+    for name in ("read", "write"):
+        kernel = getattr(bank_kernels, name)
+        monkeypatch.setattr(bank_kernels, name, lambda *args, _kernel=kernel, _name=name: calls.append(_name) or _kernel(*args))
+    bank = KnowledgeBank(4, 3, 1, device=kernel_device, backend=choice)
+    rows = torch.tensor([[0.5, 0.25, 0.25], [0.125, 0.125, 0.75]], device=kernel_device)
+    index = torch.tensor([0, 1], device=kernel_device)
+    bank.update(0, rows, index)  # unmixed: a write
+    bank.update(0, rows[:1], index[:1], index[1:], 0.5)  # mixed: a read, a write
+    bank.target(0, index)  # a read
+    assert calls == ([] if choice == "torch" else ["write", "read", "write", "read"])
+    assert bank.seen[0].tolist() == [True, True, False, False]
+
+
+def test_triton_backend_refuses_a_batch_off_the_banks_device(kernel_device):
+    # The bank on the meta device, the batch where the kernels could run.
+    bank = KnowledgeBank(4, 3, 1, device="meta", backend="triton")
+    index = torch.tensor([1], device=kernel_device)
+    message = (
+        r"^`backend` 'triton' needs Triton and a CUDA device \(or TRITON_INTERPRET=1 on CPU\), a dense "
+        rf"storage and the batch on the bank's device \(meta\), but got {index.device}; use backend='auto' or 'torch'$"
+    )
+    with pytest.raises(RuntimeError, match=message):
+        bank.target(0, index)
+    with pytest.raises(RuntimeError, match=message):
+        bank.update(0, torch.tensor([[0.5, 0.25, 0.25]], device=kernel_device), index)
+
+
+def test_all_gather_mode_asks_its_process_group_for_the_world_size(monkeypatch):
+    asked = []
+    monkeypatch.setattr(mkfkit.bank, "distributed_world_size", lambda group: asked.append(group) or 1)
+    group = object()
+    for sync in ("none", "all_gather"):
+        bank = KnowledgeBank(4, 3, 1, sync=sync, process_group=group)
+        bank.update(0, torch.tensor([[0.5, 0.25, 0.25]]), torch.tensor([1]))
+    assert len(asked) == 1 and asked[0] is group  # only the synced bank asks, and asks its group
+
+
+@pytest.mark.parametrize("storage,k", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("materialise", ["to_empty", "assign"])
+def test_bank_made_on_the_meta_device_is_materialised_by_loading(storage, k, materialise):
+    # Deferred initialisation: the bank is made without memory, then given a checkpoint's.
+    source = KnowledgeBank(4, 3, 2, storage=storage, k=k)
+    source.update(1, torch.tensor([[0.5, 0.25, 0.25], [0.125, 0.125, 0.75]]), torch.tensor([0, 3]))
+    state = source.state_dict()
+    bank = KnowledgeBank(4, 3, 2, storage=storage, k=k, device="meta")
+    assert {buffer.device.type for buffer in bank.buffers()} == {"meta"} and bank.device.type == "meta"
+    if materialise == "to_empty":
+        bank.to_empty(device="cpu")
+        bank.load_state_dict(state)
+    else:
+        bank.load_state_dict(state, assign=True)
+        assert all(getattr(bank, name) is state[name] for name in state if name != "_extra_state")
+    assert bank.device.type == "cpu"
+    assert_same_state(bank, snapshot(source))
+    assert torch.equal(bank.target(1, torch.arange(4)).probs, source.target(1, torch.arange(4)).probs)
+
+
+def test_a_state_torch_cannot_copy_is_refused_by_torchs_loader():
+    # With value checks off the bank does not read the values, so a state on the meta device
+    # passes its checks; torch's copy then fails and reports it as torch does.
+    bank = KnowledgeBank(4, 3, 1)
+    state = {**bank.state_dict(), "knowledge": bank.knowledge.to("meta")}
+    with mkfkit.value_checks(False), pytest.raises(RuntimeError, match=r"^Error\(s\) in loading state_dict for KnowledgeBank:\n\tWhile copying the parameter named \"knowledge\""):
+        bank.load_state_dict(state)
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+def test_topk_state_rows_just_past_the_tolerance_are_refused(default_dtype):
+    # 0.5 + (0.5 + 5 * 2^-11) = 1 + 2^-9 + 2^-11 in float32, past 1 + 2^-9; a float16 sum
+    # would round it to 1 + 2^-9 (ties to even) and accept it. The sum is printed in its
+    # shortest float32 form whatever torch's default dtype.
+    bank = KnowledgeBank(1, 3, 1, storage="topk", k=2)
+    state = bank.state_dict()
+    state["values"] = torch.tensor([[[0.5, 0.5 + 5 * 2**-11]]], dtype=torch.float16)
+    message = r"^`state_dict\['values'\]` must hold rows summing to at most 1 \(within 0.00195312\), but got a row summing to 1.0024414$"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        with pytest.raises(ValueError, match=message):
+            bank.load_state_dict(state)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_topk_with_one_class_left_out_gives_it_the_whole_rest():
+    bank = KnowledgeBank(1, 3, 1, storage="topk", k=2)
+    row = torch.tensor([[0.625, 0.25, 0.125]])  # exact in float16
+    bank.update(0, row, torch.tensor([0]))
+    assert torch.equal(bank.target(0, torch.tensor([0])).probs, row)
