@@ -57,7 +57,7 @@ row mean (docs/METHOD.md, "Gradients on the simplex").
   piece) bisects instead, unless it leaves ``tau`` unchanged (the root to working precision).
   Where ``|g(tau) - 1| <= 4 eps`` the bracket closes on ``tau``, so a converged row stays put
   for the remaining passes. A row whose ``sum(lo)`` or ``sum(hi)`` is within that tolerance of
-  1 starts at that end of its bracket, closed: its root lies within rounding of the end, where
+  1 starts at that end of its bracket (and stays): its root lies within rounding of the end, where
   Newton steps land on the end or just past it and bisection would approach it one bit a pass.
   Rows whose box cannot reach a sum of 1 are set to their corner at the end. ``O(C)`` per pass and row: six operations over ``Tensor[R, C]`` and a dozen over the
   ``Tensor[R, 1]`` of per-row values.
@@ -279,12 +279,10 @@ def _root_by_newton(v: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor]:
     # Bounds that sum to 1 within the tolerance put the root within rounding of an end of the
     # bracket (every coordinate at lo, or at hi, there). A Newton step then lands on that end or
     # by rounding just past it, is refused, and the bisection approaches the end one bit a pass
-    # (off by the bracket's width over 2**12 after the passes): start there, bracket closed.
+    # (off by the bracket's width over 2**12 after the passes): start there.
     sum_lo, sum_hi = bounds.sum(-1, keepdim=True)
     at_lo, at_hi = (sum_lo - 1).abs() <= tolerance, (sum_hi - 1).abs() <= tolerance
-    tau = torch.where(at_lo, t_lo, torch.where(at_hi, t_hi, tau))
-    closed = at_lo | at_hi
-    t_lo, t_hi = torch.where(closed, tau, t_lo), torch.where(closed, tau, t_hi)
+    tau = torch.where(at_lo, t_lo, torch.where(at_hi, t_hi, tau))  # the first pass closes on it
     # One buffer for every pass: a fresh one per pass costs its page faults again on a CPU
     # (as much as the clip itself at 512 rows of C = 1000).
     clipped = torch.empty_like(enter)

@@ -413,3 +413,8 @@ def test_newton_reaches_a_root_within_rounding_of_a_bracket_end():
     hi = torch.ones_like(v)
     expected = project_box_simplex(v, lo, hi, search="sort")
     torch.testing.assert_close(project_box_simplex(v, lo, hi, search="newton"), expected, atol=1e-12, rtol=0)
+    # The mirror case: upper bounds that sum to 1 + k eps.
+    lo, hi = torch.zeros_like(v), torch.softmax(torch.randn(512, 6, generator=generator, dtype=torch.float64), -1)
+    hi = hi * (1 + torch.randint(1, 4, (512, 1), generator=generator) * torch.finfo(torch.float64).eps)
+    expected = project_box_simplex(v, lo, hi, search="sort")
+    torch.testing.assert_close(project_box_simplex(v, lo, hi, search="newton"), expected, atol=1e-12, rtol=0)
