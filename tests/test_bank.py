@@ -830,7 +830,7 @@ def test_a_side_of_weight_one_is_the_mixed_row_whatever_the_fraction_says(storag
     assert_same_state(mixed_path, snapshot(plain))
 
 
-# ----------------------------------------------------------------------------- the second mutation run
+# ----------------------------------------------------------------------------- found by mutation testing
 
 
 def test_constructor_defaults():
@@ -840,6 +840,8 @@ def test_constructor_defaults():
     synced = KnowledgeBank(4, 3, 2, momentum=0.25, storage="topk", k=2, sync="all_gather")
     expected = "num_samples=4, num_classes=3, num_groups=2, momentum=0.25, storage='topk', k=2, sync='all_gather'"
     assert repr(synced) == f"KnowledgeBank({expected})"
+    dense = "num_samples=4, num_classes=3, num_groups=3, momentum=0.5, storage='float32', sync='none'"
+    assert repr(bank) == f"KnowledgeBank({dense})"  # no k for a dense storage
 
 
 BAD_CONSTRUCTIONS = [
