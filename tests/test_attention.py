@@ -173,6 +173,21 @@ def test_mean_squared_is_the_at_reference_code_and_the_conversion_holds():
         assert math.isclose(ms, l2**2 / 256, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "sizes", [((8, 8), (2, 2)), ((2, 2), (8, 8)), ((7, 5), (3, 2)), ((3, 2), (7, 5))]
+)
+def test_pool_averages_whole_windows_at_any_ratio_on_either_side(sizes):
+    # At a factor of 2 a bilinear downsample samples each 2x2 window at its centre, which is its
+    # mean, so only a factor of 4 or an uneven ratio tells pooling from interpolation; the
+    # larger map is the first of the pair or the second, and a teacher list of one entry works.
+    gen = torch.Generator().manual_seed(3)
+    first = torch.randn(2, 3, *sizes[0], generator=gen, dtype=torch.float64)
+    second = torch.randn(2, 5, *sizes[1], generator=gen, dtype=torch.float64)
+    expected = ref_at_loss([first, second], resize="pool")
+    assert math.isclose(attention_transfer_loss([first, second]).item(), expected, rel_tol=1e-10)
+    assert math.isclose(attention_transfer_loss([first], [second]).item(), expected, rel_tol=1e-10)
+
+
 def test_identical_maps_give_zero_and_finite_gradients():
     features = torch.randn(2, 3, 4, 4, requires_grad=True)
     loss = attention_transfer_loss([features, features * 3])
@@ -280,6 +295,23 @@ def test_module_equals_functional_and_weight():
     weighted = AttentionTransferLoss(loss_weight=250.0)
     torch.testing.assert_close(weighted(features), 250.0 * attention_transfer_loss(features))
     assert "loss_weight=250" in repr(weighted)
+
+
+@pytest.mark.parametrize("mode", ["mutual", "deep_teaches_shallow", "shallow_teaches_deep"])
+@pytest.mark.parametrize("loss_weight", [0.5, 0.0])
+def test_module_routes_gradients_by_its_mode_and_weight(mode, loss_weight):
+    # The value is d(x, y) in every mode: only the gradients tell the module's mode apart.
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(2, 3, 8, 8), (2, 6, 4, 4)]
+    features = [torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) for s in shapes]
+    twins = [f.detach().clone().requires_grad_() for f in features]
+    AttentionTransferLoss(mode=mode, loss_weight=loss_weight)(features).backward()
+    (loss_weight * attention_transfer_loss(twins, mode=mode)).backward()
+    for got, expected in zip(features, twins):
+        if expected.grad is None:
+            assert got.grad is None
+        else:
+            torch.testing.assert_close(got.grad, expected.grad, rtol=1e-12, atol=0.0)
 
 
 def test_warmup_ramp_advances_once_per_backward_and_round_trips_exactly():

@@ -20,7 +20,7 @@ from mkfkit.attention import AttentionTransferLoss, attention_map, attention_tra
 from mkfkit.depth import DepthSampler, find_residual_blocks, recalibrate_batchnorm
 from mkfkit.distill import KDLoss, kd_loss
 from mkfkit.features import FeatureCollector
-from mkfkit.fusion import FeatureFusionTeacher, branch_disagreement, online_distillation_loss
+from mkfkit.fusion import BranchGate, FeatureFusionTeacher, branch_disagreement, online_distillation_loss
 from mkfkit.mixing import CompoundMix, MixedCrossEntropyLoss, cutmix, mixed_cross_entropy, mixup
 from mkfkit.models import MultiBranchResNet, ResNet
 
@@ -150,6 +150,66 @@ LOSS_CALLS = [
 
 @pytest.mark.parametrize("call, error, message", LOSS_CALLS)
 def test_functional_rejections(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+# Every argument of the KD-ATFF blocks named in its message, and the device checks: a tensor on
+# the meta device stands in for one on another device (value checks, which read an index
+# tensor's entries, are switched off for the one row that needs it).
+AT_MAPS, INDICES = [torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)], torch.tensor([0, 1, 2])
+
+
+def value_checks_off(call):
+    with mkfkit.value_checks(False):
+        return call()
+
+
+KD_ATFF_ARGUMENT_CALLS = [
+    (lambda: attention_map(torch.zeros(2, 3, 4, 4, dtype=torch.long)), TypeError, r"`features` must have a floating-point dtype, but got torch\.int64$"),
+    (lambda: attention_map(AT_MAPS[0], "2"), TypeError, r"`p` must be a number, but got '2' \(str\)$"),
+    (lambda: attention_transfer_loss(AT_MAPS, mode="both"), ValueError, r"`mode` must be one of 'mutual', 'deep_teaches_shallow', 'shallow_teaches_deep', but got 'both'$"),
+    (lambda: attention_transfer_loss(AT_MAPS, reduction="max"), ValueError, r"`reduction` must be one of 'mean', 'sum', but got 'max'$"),
+    (lambda: attention_transfer_loss(AT_MAPS, distance="l1"), ValueError, r"`distance` must be one of 'l2', 'mean_squared', but got 'l1'$"),
+    (lambda: attention_transfer_loss([torch.randn(2, 3, 4)], [AT_MAPS[1]]), ValueError, r"`features\[0\]` must be a Tensor\[B, C, H, W\], but got shape \(2, 3, 4\)$"),
+    (lambda: attention_transfer_loss([AT_MAPS[0]], [torch.randn(2, 3, 4)]), ValueError, r"`teacher_features\[0\]` must be a Tensor\[B, C, H, W\], but got shape \(2, 3, 4\)$"),
+    (lambda: attention_transfer_loss([AT_MAPS[0]], [torch.randn(3, 5, 2, 2)]), ValueError, r"`teacher_features\[0\]` must have the batch size of `features\[0\]` \(2\), but got 3$"),
+    (lambda: attention_transfer_loss([AT_MAPS[0]], [AT_MAPS[1].to("meta")]), ValueError, r"`teacher_features\[0\]` must be on the device of `features\[0\]` \(cpu\), but got meta$"),
+    (lambda: AttentionTransferLoss(resize="crop"), ValueError, r"`resize` must be one of 'pool', 'interpolate', 'none', but got 'crop'$"),
+    (lambda: AttentionTransferLoss(reduction="max"), ValueError, r"`reduction` must be one of 'mean', 'sum', but got 'max'$"),
+    (lambda: AttentionTransferLoss(distance="l1"), ValueError, r"`distance` must be one of 'l2', 'mean_squared', but got 'l1'$"),
+    (lambda: AttentionTransferLoss(loss_weight=-1.0), ValueError, r"`loss_weight` must lie in \[0, inf\), but got -1$"),
+    (lambda: AttentionTransferLoss(loss_weight=float("inf")), ValueError, r"`loss_weight` must lie in \[0, inf\), but got inf$"),
+    (lambda: kd_loss(LOGITS, INDICES[:, None].expand(3, 4), teacher_kind="logits"), TypeError, r"`teacher` must have a floating-point dtype, but got torch\.int64$"),
+    (lambda: kd_loss(LOGITS, LOGITS.to("meta"), teacher_kind="logits"), ValueError, r"`teacher` must be on the device of `student_logits` \(cpu\), but got meta$"),
+    (lambda: kd_loss(LOGITS, LOGITS, teacher_kind="logits", weight=[1.0, 1.0, 1.0]), TypeError, r"`weight` must be a torch\.Tensor, but got \[1\.0, 1\.0, 1\.0\] \(list\)$"),
+    (lambda: kd_loss(LOGITS, LOGITS, teacher_kind="logits", weight=torch.ones(3, device="meta")), ValueError, r"`weight` must be on the device of `student_logits` \(cpu\), but got meta$"),
+    (lambda: KDLoss(teacher_kind="labels"), ValueError, r"`teacher_kind` must be one of 'logits', 'probs', but got 'labels'$"),
+    (lambda: KDLoss(teacher_kind="logits", reduction="mean"), ValueError, r"`reduction` must be one of 'batchmean', 'sum', 'none', but got 'mean'$"),
+    (lambda: online_distillation_loss([torch.zeros(3)] * 2, LOGITS, INDICES), ValueError, r"`branch_logits\[0\]` must be a Tensor\[B, K\], but got shape \(3,\)$"),
+    (lambda: online_distillation_loss([LOGITS] * 2, INDICES[:, None].expand(3, 4), INDICES), TypeError, r"`teacher_logits` must have a floating-point dtype, but got torch\.int64$"),
+    (lambda: online_distillation_loss([LOGITS] * 2, LOGITS.to("meta"), INDICES), ValueError, r"`teacher_logits` must be on the device of `branch_logits` \(cpu\), but got meta$"),
+    (lambda: value_checks_off(lambda: online_distillation_loss([LOGITS] * 2, LOGITS, INDICES.to("meta"))), ValueError, r"`targets` must be on the device of `branch_logits` \(cpu\), but got meta$"),
+    (lambda: online_distillation_loss([LOGITS] * 2, LOGITS, INDICES, beta=-1.0), ValueError, r"`beta` must lie in \[0, inf\), but got -1$"),
+    (lambda: online_distillation_loss([LOGITS] * 2, LOGITS, INDICES, beta=float("inf")), ValueError, r"`beta` must lie in \[0, inf\), but got inf$"),
+    (lambda: online_distillation_loss([LOGITS] * 2, LOGITS, INDICES, attention_loss=torch.tensor(1)), TypeError, r"`attention_loss` must have a floating-point dtype, but got torch\.int64$"),
+    (lambda: online_distillation_loss([LOGITS] * 2, LOGITS, INDICES, attention_loss=torch.tensor(1.0, device="meta")), ValueError, r"`attention_loss` must be on the device of `branch_logits` \(cpu\), but got meta$"),
+    (lambda: FeatureFusionTeacher(0, 2), ValueError, r"`in_channels` must be an int >= 1, but got 0$"),
+    (lambda: FeatureFusionTeacher((4,), 2), ValueError, r"`in_channels` must be an int or a sequence of 2 ints \(one per branch\), but got \(4,\) \(tuple\)$"),
+    (lambda: FeatureFusionTeacher((4, 0), 2), ValueError, r"`in_channels\[1\]` must be an int >= 1, but got 0$"),
+    (lambda: FeatureFusionTeacher(4, 2, num_layers=-1), ValueError, r"`num_layers` must be an int >= 0, but got -1$"),
+    (lambda: FeatureFusionTeacher(4, 2, hidden_channels=0), ValueError, r"`hidden_channels` must be an int >= 1, but got 0$"),
+    (lambda: FeatureFusionTeacher(4, 2, kernel_size=0), ValueError, r"`kernel_size` must be an int >= 1, but got 0$"),
+    (lambda: FeatureFusionTeacher(4, 2, num_layers=1)([torch.randn(2, 4, 4, 4), torch.zeros(2, 4, 4, 4, dtype=torch.long)], [LOGITS[:2]] * 2), TypeError, r"`features\[1\]` must have a floating-point dtype, but got torch\.int64$"),
+    (lambda: FeatureFusionTeacher(4, 2, num_layers=1)([torch.randn(2, 4, 3, 3), torch.randn(3, 4, 3, 3)], [LOGITS[:2]] * 2), ValueError, r"`features\[1\]` must have the batch size and spatial size of `features\[0\]` \(B=2, 3x3\), but got B=3, 3x3$"),
+    (lambda: FeatureFusionTeacher(4, 2, num_layers=1)([torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3, device="meta")], [LOGITS[:2]] * 2), ValueError, r"`features\[1\]` must be on the device of `features\[0\]` \(cpu\), but got meta$"),
+    (lambda: BranchGate(0, 2), ValueError, r"`in_channels` must be an int >= 1, but got 0$"),
+    (lambda: BranchGate(4, 2)(torch.randn(3, 4, 2, 2), [LOGITS.to("meta")] * 2), ValueError, r"`logits` must be on the device of `shared` \(cpu\), but got meta$"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", KD_ATFF_ARGUMENT_CALLS)
+def test_kd_atff_arguments_are_named_and_devices_checked(call, error, message):
     with pytest.raises(error, match=message):
         call()
 

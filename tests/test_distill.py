@@ -315,3 +315,57 @@ def test_a_student_matching_its_teacher_gives_no_negative_loss():
     for temperature in (0.125, 1.0, 3.0):
         rows = kd_loss(logits, logits, temperature, teacher_kind="logits", reduction="none")
         assert bool((rows >= 0).all()) and float(rows.max()) < 1e-12
+
+
+@pytest.mark.parametrize("temperature, scale", [(1e-37, 50.0), (0.01, 1e37)])
+def test_a_matching_student_costs_nothing_where_logits_over_t_overflow(temperature, scale):
+    # Below T = 1 the row maximum is subtracted before the division: the top entry becomes 0,
+    # the others -inf at worst, never +inf (inf - inf would be NaN).
+    student = torch.tensor([[scale, 0.0, -scale]], requires_grad=True)
+    loss = kd_loss(student, student.detach(), temperature, teacher_kind="logits")
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+@pytest.mark.parametrize("student_dtype, teacher_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_either_float64_input_makes_the_math_float64(student_dtype, teacher_dtype):
+    gen = torch.Generator().manual_seed(11)
+    student = torch.randn(4, 5, generator=gen, dtype=torch.float64).to(student_dtype)
+    teacher = torch.randn(4, 5, generator=gen, dtype=torch.float64).to(teacher_dtype)
+    loss = kd_loss(student, teacher, 2.0, teacher_kind="logits")
+    assert loss.dtype == torch.float64
+    assert math.isclose(loss.item(), reference_kd(student, teacher, 2.0, "logits")[0], rel_tol=1e-12)
+
+
+def test_a_float64_weight_leaves_float32_logits_float32():
+    student, teacher = torch.randn(3, 4), torch.randn(3, 4)
+    weight = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64)
+    rows = kd_loss(student, teacher, 2.0, teacher_kind="logits", weight=weight, reduction="none")
+    assert rows.dtype == torch.float32
+    expected = reference_kd(student, teacher, 2.0, "logits", weight)[1]
+    torch.testing.assert_close(rows, torch.tensor(expected, dtype=torch.float32))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"detach_teacher": False}, {"reduction": "sum"}, {"temperature": 2.5, "reduction": "none", "detach_teacher": False}],
+)
+def test_module_passes_every_argument_on_and_defaults_as_the_function(kwargs):
+    gen = torch.Generator().manual_seed(2)
+    student = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    twin = teacher.detach().clone().requires_grad_()
+    kwargs = dict(kwargs)
+    temperature = kwargs.pop("temperature", None)
+    module = KDLoss(teacher_kind="logits", **kwargs) if temperature is None else KDLoss(
+        temperature, teacher_kind="logits", **kwargs)
+    got = module(student, teacher)
+    expected = kd_loss(student, twin, *([] if temperature is None else [temperature]), teacher_kind="logits", **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0.0)
+    got.sum().backward()
+    expected.sum().backward()
+    if twin.grad is None:
+        assert teacher.grad is None
+    else:
+        torch.testing.assert_close(teacher.grad, twin.grad, rtol=1e-12, atol=0.0)

@@ -429,3 +429,92 @@ def test_two_branch_residual_model_trains_with_all_three_losses(one_thread):
     assert all(p.grad is not None for p in fusion.parameters())
     watch = branch_disagreement(branch_logits)
     assert 0.0 <= watch.top1.item() <= 1.0 and watch.kl.item() >= 0.0
+
+
+# ---------------------------------------------------------------- dtypes, defaults, construction
+
+
+def _eval_scores(module, *inputs):
+    if isinstance(module, BranchGate):
+        (shared,) = inputs
+        return F.relu(module.norm(module.scores(module.pool(shared).flatten(1))))
+    return module.scores(module.pool(module.central(torch.cat(inputs[0], 1))).flatten(1))
+
+
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("module_dtype, logits_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_either_float64_side_makes_the_ensemble_float64(gate, module_dtype, logits_dtype):
+    # The softmax and the weighted sum run in float64 when the scores (a float64 module) or the
+    # branch logits are float64, whichever it is.
+    gen = torch.Generator().manual_seed(4)
+    logits = [torch.randn(3, 5, generator=gen, dtype=torch.float64).to(logits_dtype) for _ in range(2)]
+    if gate:
+        module = BranchGate(4, 2).to(module_dtype).eval()
+        inputs = (torch.randn(3, 4, 2, 2, generator=gen, dtype=torch.float64).to(module_dtype),)
+    else:
+        module = FeatureFusionTeacher(4, 2, num_layers=1).to(module_dtype).eval()
+        inputs = ([torch.randn(3, 4, 2, 2, generator=gen, dtype=torch.float64).to(module_dtype) for _ in range(2)],)
+    teacher, weights = module(*inputs, logits)
+    assert teacher.dtype == weights.dtype == torch.float64
+    with torch.no_grad():
+        expected_weights = _eval_scores(module, *inputs).double().softmax(1)
+    expected = sum(expected_weights[:, a : a + 1] * logits[a].double() for a in range(2))
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-15, atol=0.0)
+    torch.testing.assert_close(teacher, expected, rtol=1e-14, atol=1e-15)
+
+
+def test_fusion_block_defaults_and_sizes():
+    def convs(module):
+        return [(c.in_channels, c.out_channels, c.kernel_size, c.bias) for c in module.central if isinstance(c, nn.Conv2d)]
+
+    # Defaults: two 3x3 layers, one branch's width sum(in_channels) // n (1 here: never raised to 2).
+    assert convs(FeatureFusionTeacher((1, 1), 2)) == [(2, 1, (3, 3), None), (1, 1, (3, 3), None)]
+    assert convs(FeatureFusionTeacher((3, 5, 1), 3, num_layers=1)) == [(9, 3, (3, 3), None)]
+    assert convs(FeatureFusionTeacher((3, 5, 1), 3, num_layers=1, hidden_channels=7)) == [(9, 7, (3, 3), None)]
+    # Any odd kernel keeps H and W (padding kernel_size // 2).
+    for kernel in (1, 5, 7):
+        fusion = FeatureFusionTeacher(2, 2, num_layers=2, kernel_size=kernel)
+        assert fusion.central(torch.randn(2, 4, 3, 5)).shape == (2, 2, 3, 5)
+
+
+def test_online_loss_defaults_are_t3_theta1_beta1_and_beta_weighs_attention():
+    gen = torch.Generator().manual_seed(8)
+    branches = [torch.randn(4, 5, generator=gen) * 3 for _ in range(2)]
+    teacher = torch.randn(4, 5, generator=gen) * 3
+    targets = torch.tensor([0, 4, 2, 1])
+    attention = torch.tensor(0.7)
+    ce = sum(F.cross_entropy(z, targets) for z in branches) + F.cross_entropy(teacher, targets)
+    kd = sum(kd_loss(z, teacher, 3.0, teacher_kind="logits") for z in branches)
+    parts = online_distillation_loss(branches, teacher, targets, attention_loss=attention)
+    torch.testing.assert_close(parts.total, ce + kd + 0.7)
+    half = online_distillation_loss(branches, teacher, targets, 3.0, 1.0, 0.5, attention_loss=attention)
+    torch.testing.assert_close(half.total, ce + kd + 0.35)
+
+
+@pytest.mark.parametrize("branch_dtype, teacher_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_online_loss_is_float64_when_either_logits_are(branch_dtype, teacher_dtype):
+    gen = torch.Generator().manual_seed(9)
+    branches = [torch.randn(4, 5, generator=gen, dtype=torch.float64).to(branch_dtype) for _ in range(2)]
+    teacher = torch.randn(4, 5, generator=gen, dtype=torch.float64).to(teacher_dtype)
+    targets = torch.tensor([0, 4, 2, 1])
+    parts = online_distillation_loss(branches, teacher, targets, 2.0)
+    full = online_distillation_loss([z.double() for z in branches], teacher.double(), targets, 2.0)
+    for got, expected in zip(parts, full):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=1e-14, atol=0.0)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.bfloat16, torch.float64])
+def test_online_loss_casts_soft_targets_and_attention_to_the_logits_dtype(target_dtype):
+    # bf16 or float64 mixed target rows and a float64 attention term with float32 logits:
+    # every part is float32, the value of float32 targets and attention.
+    gen = torch.Generator().manual_seed(10)
+    branches = [torch.randn(4, 3, generator=gen) for _ in range(2)]
+    teacher = torch.randn(4, 3, generator=gen)
+    targets = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.25, 0.0, 0.75], [0.0, 0.0, 1.0]])
+    attention = torch.tensor(0.3, dtype=torch.float64)
+    parts = online_distillation_loss(branches, teacher, targets.to(target_dtype), attention_loss=attention)
+    full = online_distillation_loss(branches, teacher, targets, attention_loss=attention.float())
+    for got, expected in zip(parts, full):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected)
