@@ -136,8 +136,11 @@ def kd_loss(
       must sum to 1 within the tolerance of their dtype (``max(1e-3, 2 eps)``: 0.0156 for
       bf16, the rows the bank stores) and are renormalised, also at ``T = 1``.
 
-    The loss and its gradient are finite for every valid teacher and every ``T``, including
-    rows whose weight is 0.
+    The loss and its gradient are finite for every valid teacher and every ``T`` whose scaled
+    logit gaps ``(max(s) - s_c) / T`` (and the teacher's) stay within the dtype's range
+    (``finfo.max``: 3.4e38 in float32, so any ``T`` above 1e-30 with gaps below 1e8), including
+    rows whose weight is 0. Beyond it the scaled gap overflows and the loss is not finite (e.g.
+    a gap of 40 at ``T = 1e-37`` in float32; float64 inputs reach ``T`` around 1e-300).
 
     ``teacher_kind`` has no default on purpose: probabilities read as logits (or the reverse)
     give a plausible-looking, wrong loss.
