@@ -951,3 +951,304 @@ class PreNormBlockRenamed(nn.Module):  # x + f(x) + g(x + f(x)) without the know
     def forward(self, x):
         x = x + self.mix(x)
         return x + self.feed(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery rules one by one (blocks torch.fx cannot trace: only the name rules decide)
+# --------------------------------------------------------------------------------------------
+
+
+class Checked(nn.Module):
+    """A block whose forward checks its input's rank with Python control flow on a traced
+    value, so ``torch.fx`` cannot trace it and only the name rules of ``is_residual_block``
+    can recognise it. Subclassed under the class names the tests need."""
+
+    def __init__(self, convs="basic", shortcut=("downsample", None), stride=None, c=8):
+        super().__init__()
+        layers = {
+            "basic": [nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1)],
+            "bottleneck": [nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c // 4, 3, 1, 1), nn.Conv2d(c // 4, c, 1)],
+            "single": [nn.Conv2d(c, c, 3, 1, 1)],
+        }[convs]
+        self.body = nn.Sequential(*layers)
+        setattr(self, shortcut[0], shortcut[1])
+        if stride is not None:  # declared, as torchvision's blocks do; the convs keep stride 1
+            self.stride = stride
+        self.pool = nn.AvgPool2d(stride) if stride not in (None, 1) else nn.Identity()
+
+    def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError("expected a batch of images")
+        return torch.relu(self.pool(self.body(x)) + self.pool(x))
+
+
+def checked(name, **kwargs):
+    return type(name, (Checked,), {})(**kwargs)
+
+
+def same_width_projection(c=8):
+    return nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, expected",
+    [
+        ("CheckedBlock", dict(shortcut=("downsample", None)), True),
+        ("CheckedBlock", dict(shortcut=("shortcut", nn.Identity())), True),
+        ("CheckedBlock", dict(shortcut=("shortcut", nn.Sequential())), True),
+        ("CheckedBlock", dict(shortcut=("downsample", same_width_projection())), False),  # projection
+        ("CheckedBlock", dict(shortcut=("shortcut", same_width_projection())), False),
+        ("CheckedBottleneck", dict(convs="bottleneck"), True),  # narrowing convs, 8 -> 2 -> 8
+        ("CheckedBottleneck", dict(convs="single"), True),
+        ("CheckedUnit", dict(), False),  # neither "block" nor "bottleneck" in the name
+        ("CheckedBlock", dict(stride=1), True),
+        ("CheckedBlock", dict(stride=(1, 1)), True),
+        ("CheckedBlock", dict(stride=2), False),  # downsamples by pooling: never a block
+        ("CheckedBlock", dict(stride=(2, 2)), False),
+    ],
+)
+def test_is_residual_block_name_rule_for_resnet_blocks(name, kwargs, expected):
+    block = checked(name, **kwargs)
+    with pytest.raises(torch.fx.proxy.TraceError):  # the name rule alone decides
+        torch.fx.symbolic_trace(block)
+    assert is_residual_block(block) is expected
+    model = nn.Sequential(block, nn.Conv2d(8, 8, 1))
+    assert find_residual_blocks(model) == ([block] if expected else [])
+
+
+class CheckedTransformer(nn.Module):
+    """Children under the given names; a forward ``torch.fx`` cannot trace (see Checked)."""
+
+    def __init__(self, names):
+        super().__init__()
+        for name in names:
+            self.add_module(name, nn.LayerNorm(8) if name.startswith(("norm", "ln_")) else nn.Linear(8, 8))
+
+    def forward(self, x):
+        if x.dim() != 3:
+            raise ValueError("expected a batch of sequences")
+        for child in self.children():
+            x = x + child(x)
+        return x
+
+
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (("norm1", "attn", "norm2", "mlp"), True),  # timm's ViT Block
+        (("ln_1", "self_attention", "ln_2", "mlp"), True),  # torchvision's EncoderBlock
+        (("norm1", "norm2", "mlp"), False),  # no attention
+        (("norm1", "attn", "norm2"), False),  # no mlp
+        (("norm1", "attn", "mlp"), False),  # one norm
+        (("norm1", "attn", "ln_2", "mlp"), False),  # the norms of two different pairs
+    ],
+)
+def test_is_residual_block_name_rule_for_transformer_blocks(names, expected):
+    block = CheckedTransformer(names)
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(block)
+    assert is_residual_block(block) is expected
+
+
+class BlockWithHead(nn.Module):  # a "Block" whose first submodule is a residual block
+    def __init__(self):
+        super().__init__()
+        self.downsample = None
+        self.block = BasicBlock(8, 8)
+        self.head = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+def test_a_block_holding_a_block_is_a_container():
+    outer = BlockWithHead()
+    assert not is_residual_block(outer)
+    assert find_residual_blocks(nn.Sequential(outer)) == [outer.block]
+
+
+def test_find_blocks_reports_a_shared_block_once():
+    shared, first, second = BasicBlock(8, 8), BasicBlock(8, 8), BasicBlock(8, 8)
+    model = nn.Sequential(nn.Sequential(shared, first), nn.Sequential(shared, second))
+    assert find_residual_blocks(model) == [shared, first, second]
+    assert DepthSampler.from_model(model, num_groups=2, seed=0).blocks == (shared, first, second)
+
+
+class ByBehaviour(nn.Module):
+    """Submodules for the forwards below (the class name matches no name rule)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.body = nn.Conv2d(c, c, 3, padding=1)
+        self.norm = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+        self.gamma = nn.Parameter(torch.full((c, 1, 1), 0.1))
+        self.pos = nn.Embedding(c, 1)
+        self.register_buffer("index", torch.arange(c))
+
+
+def pos_embedding(self, x):
+    return x + self.pos(self.index).view(1, -1, 1, 1)
+
+
+def squared_gate(self, x):
+    t = torch.sigmoid(x)
+    return x + self.body(x) * t * t
+
+
+@pytest.mark.parametrize(
+    "forward, expected",
+    [
+        (lambda self, x: torch.nn.functional.relu(x + self.body(x)), True),
+        (lambda self, x: torch.relu(x + self.body(x)), True),
+        (lambda self, x: (x + self.body(x)).relu(), True),
+        (lambda self, x: self.act(x + self.body(x)), True),
+        (lambda self, x: x.add(self.body(x)), True),
+        (lambda self, x: self.body(x).add_(x), True),
+        (lambda self, x: x + self.gamma * self.body(x), True),  # LayerScale
+        (lambda self, x: x + self.body(self.act(x)), True),  # pre-activation branch
+        (squared_gate, True),  # the branch reaches a node twice before its conv
+        (lambda self, x: self.norm(x + self.body(x)), False),  # post-norm: not x when dropped
+        (lambda self, x: (x + self.body(x)) * 0.5, False),
+        (lambda self, x: torch.sigmoid(x + self.body(x)), False),
+        (lambda self, x: (x + self.body(x), x), False),  # a tuple
+        (lambda self, x: x + 1.0, False),
+        (pos_embedding, False),  # learned, but not a function of x
+    ],
+)
+def test_is_residual_block_by_behaviour_forms(forward, expected):
+    block = type("Custom", (ByBehaviour,), {"forward": forward})()
+    block(torch.randn(2, 4, 5, 5))  # a working forward
+    assert is_residual_block(block) is expected
+
+
+# --------------------------------------------------------------------------------------------
+# The sampler's documented defaults, seeding and state
+# --------------------------------------------------------------------------------------------
+
+
+def test_sampler_defaults_are_the_documented_ones():
+    sampler = DepthSampler([nn.Identity() for _ in range(5)], seed=0)
+    # drop_rate 0.25 * growth 4 ** (u - 1), u = i / 4
+    expected = [0.25 / 4, 0.25 / 4**0.75, 0.25 / 4**0.5, 0.25 / 4**0.25, 0.25]
+    assert sampler.drop_probabilities.tolist() == pytest.approx(expected, rel=1e-12)
+    assert (sampler.num_groups, sampler.max_dropped) == (3, 2)
+    assert repr(sampler) == "DepthSampler(5 blocks, num_groups=3, max_dropped=2, next_group=0)"
+    groups = []
+    for _ in range(4):
+        with sampler.sample() as subnet:
+            groups.append(subnet.group)
+            assert all(subnet.active) == (subnet.group == 0)
+    assert groups == [0, 1, 2, 0]
+    with sampler.sample(include_full=True) as subnet:
+        assert subnet.group == 1
+
+
+@pytest.mark.parametrize(
+    "n, expected", [(1, [0.5]), (2, [0.5 / 8, 0.5]), (3, [0.5 / 8, 0.5 / 8**0.5, 0.5])]
+)
+def test_drop_probabilities_of_short_chains(n, expected):
+    # u_i = i / (N - 1), and u = 1 for N = 1: the only block is the deepest one.
+    sampler = DepthSampler(
+        [nn.Identity() for _ in range(n)], 2, drop_rate=0.5, growth=8.0, max_drop_fraction=1.0, seed=0
+    )
+    assert sampler.drop_probabilities.tolist() == pytest.approx(expected, rel=1e-12)
+    sampler.draw()
+    assert 1 <= n - sampler.draw().num_active <= n
+
+
+@pytest.mark.parametrize("drop_rate", [0.02, 1.0])  # mostly the no-hit repair / over the budget
+def test_seed_fixes_the_draws_and_the_global_rng_is_never_used(drop_rate):
+    blocks = [nn.Identity() for _ in range(10)]
+    stages = [blocks[:4], blocks[4:]]
+
+    def run(sampler):
+        state = torch.get_rng_state()
+        draws = [sampler.draw().active for _ in range(16)]
+        draws += [sampler.draw_trailing(stages).active for _ in range(8)]
+        assert torch.equal(torch.get_rng_state(), state)  # only the sampler's generator drew
+        return draws
+
+    torch.manual_seed(1)
+    first = run(DepthSampler(blocks, 4, drop_rate=drop_rate, seed=5))
+    torch.manual_seed(2)
+    generator = torch.Generator().manual_seed(5)
+    sampler = DepthSampler(blocks, 4, drop_rate=drop_rate, generator=generator)
+    assert sampler.generator is generator
+    assert run(sampler) == first and len(set(first)) > 4
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3])
+def test_state_dict_round_trip_at_the_budget_bounds(steps):
+    # drop_rate = 1 with growth = 1 hits every block: each group drops all its budget allows,
+    # so the saved chains sit at the upper bound load_state_dict accepts (8 blocks, T = 3).
+    def make(seed):
+        return DepthSampler([nn.Identity() for _ in range(8)], 3, drop_rate=1.0, growth=1.0, seed=seed)
+
+    sampler = make(0)
+    for _ in range(steps):
+        sampler.draw()
+    state = sampler.state_dict()
+    assert 8 - int(state["chain"].sum()) == [0, 0, 3, 4][steps]
+    resumed = make(99)
+    resumed.load_state_dict(state)
+    assert [resumed.draw().active for _ in range(5)] == [sampler.draw().active for _ in range(5)]
+
+
+def test_draw_trailing_sub_network_runs_as_the_hand_built_model():
+    model = ResNet(num_classes=4, in_channels=1, blocks=(3, 3), widths=(4, 8)).eval()
+    sampler = DepthSampler.from_model(model, num_groups=2, seed=0)
+    stages = model.layers()
+    x = torch.randn(2, 1, 8, 8)
+    seen = set()
+    for _ in range(6):
+        subnet = sampler.draw_trailing(stages)
+        keep = dict(zip(map(id, subnet.blocks), subnet.active))
+        reference = nn.Sequential(
+            model.conv1, model.bn1, model.relu,
+            *[nn.Sequential(*[b for b in stage if keep.get(id(b), True)]) for stage in stages],
+            model.avgpool, nn.Flatten(), model.fc,
+        )
+        with sampler.apply(subnet), torch.no_grad():
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+        seen.add(subnet.active)
+    assert len(seen) > 2
+
+
+@pytest.mark.parametrize("position", [1, 2])
+def test_draw_trailing_names_the_foreign_block(position):
+    model = ResNet(num_classes=4, in_channels=1, blocks=(3,), widths=(4,))
+    sampler = DepthSampler.from_model(model, num_groups=2, seed=0)
+    stage = list(model.layer1)
+    stage[position] = nn.Identity()
+    message = rf"but its block {position} is not one of them$"
+    with pytest.raises(ValueError, match=message):
+        sampler.draw_trailing([stage])
+
+
+def test_from_model_passes_extra_types_on():
+    model = nn.Sequential(PlainBlock(4), PlainBlock(4))
+    sampler = DepthSampler.from_model(model, num_groups=2, extra_types=(PlainBlock,), seed=0)
+    assert sampler.blocks == tuple(model)
+
+
+def test_active_mask_on_the_given_device():
+    subnet = SubNetwork(1, (True, False, True), ())
+    mask = subnet.active_mask("meta")  # no data: a device any machine has
+    assert mask.device.type == "meta" and mask.dtype == torch.bool and mask.shape == (3,)
+
+
+@pytest.mark.parametrize("loss_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("zero_weights", [False, True])  # skipped parameters summing to 0
+def test_zero_touch_keeps_the_loss_and_gives_zero_gradients(loss_dtype, zero_weights):
+    blocks = [nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)]
+    if zero_weights:
+        nn.init.zeros_(blocks[1].weight)  # e.g. a zero-initialised adapter
+    sampler = DepthSampler(blocks, 2, seed=0)
+    with sampler.apply([True, False]) as subnet:
+        loss = blocks[0](torch.randn(2, 3)).square().mean().to(loss_dtype)
+        touched = subnet.zero_touch(loss)
+        assert touched.dtype == loss_dtype and torch.equal(touched, loss)
+        touched.backward()
+    assert blocks[0].weight.grad.abs().sum() > 0
+    assert torch.equal(blocks[1].weight.grad, torch.zeros(3, 3))

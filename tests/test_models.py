@@ -1,5 +1,8 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mkfkit.models import BasicBlock, BranchOutput, MultiBranchResNet, ResNet
 
@@ -116,3 +119,122 @@ def test_bad_arguments():
         MultiBranchResNet(blocks=(1, 1), widths=(4, 8), shared_stages=2)
     with pytest.raises(TypeError, match="`num_classes` must be an int"):
         ResNet(num_classes=2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The architecture against a written-out reference (torchvision's names, He et al.'s block)
+# --------------------------------------------------------------------------------------------
+
+
+def norm(name, c):
+    return {f"{name}.weight": (c,), f"{name}.bias": (c,), f"{name}.running_mean": (c,),
+            f"{name}.running_var": (c,), f"{name}.num_batches_tracked": ()}
+
+
+def block_shapes(prefix, cin, cout, stride):
+    """{state_dict key: shape} of a basic block: 3x3 convolutions without bias, BatchNorms, and a
+    1x1 projection (convolution without bias, BatchNorm) when the shape changes."""
+    shapes = {f"{prefix}conv1.weight": (cout, cin, 3, 3), **norm(f"{prefix}bn1", cout),
+              f"{prefix}conv2.weight": (cout, cout, 3, 3), **norm(f"{prefix}bn2", cout)}
+    if stride != 1 or cin != cout:
+        shapes.update({f"{prefix}downsample.0.weight": (cout, cin, 1, 1),
+                       **norm(f"{prefix}downsample.1", cout)})
+    return shapes
+
+
+def reference_block(state, prefix, x, stride):
+    """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)) from the tensors alone (eval mode)."""
+    def bn(h, name):
+        return F.batch_norm(h, state[f"{name}.running_mean"], state[f"{name}.running_var"],
+                            state[f"{name}.weight"], state[f"{name}.bias"], False, 0.0, 1e-5)
+
+    h = F.relu(bn(F.conv2d(x, state[f"{prefix}conv1.weight"], stride=stride, padding=1), f"{prefix}bn1"))
+    h = bn(F.conv2d(h, state[f"{prefix}conv2.weight"], padding=1), f"{prefix}bn2")
+    if f"{prefix}downsample.0.weight" in state:
+        x = bn(F.conv2d(x, state[f"{prefix}downsample.0.weight"], stride=stride), f"{prefix}downsample.1")
+    return F.relu(h + x)
+
+
+def randomise_norms(model):
+    """BatchNorm statistics and affine parameters away from their initial 0 and 1."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                for tensor in (module.weight, module.bias, module.running_mean, module.running_var):
+                    tensor.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("cin, cout, stride", [(4, 4, 1), (4, 6, 1), (4, 4, 2), (4, 6, 2)])
+def test_basic_block_is_the_written_out_block(cin, cout, stride):
+    torch.manual_seed(0)
+    block = randomise_norms(BasicBlock(cin, cout, stride))
+    state = block.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == block_shapes("", cin, cout, stride)
+    assert block.stride == stride  # torchvision's attribute, read by is_residual_block
+    x = torch.randn(2, cin, 7, 7, dtype=torch.float32)
+    with torch.no_grad():
+        out = block(x)
+        torch.testing.assert_close(out, reference_block(state, "", x, stride))
+    assert out.shape == (2, cout, math.ceil(7 / stride), math.ceil(7 / stride))
+
+
+def test_resnet_is_the_written_out_network():
+    torch.manual_seed(0)
+    model = randomise_norms(ResNet(num_classes=5, in_channels=2, blocks=(2, 1, 2), widths=(4, 6, 8)))
+    state = model.state_dict()
+    expected = {"conv1.weight": (4, 2, 3, 3), **norm("bn1", 4)}  # stem: 3x3, no bias
+    cin = 4
+    for stage, (n, width) in enumerate(zip((2, 1, 2), (4, 6, 8))):
+        for b in range(n):
+            stride = 2 if stage and b == 0 else 1
+            expected.update(block_shapes(f"layer{stage + 1}.{b}.", cin, width, stride))
+            cin = width
+    expected.update({"fc.weight": (5, 8), "fc.bias": (5,)})
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    x = torch.randn(3, 2, 9, 9)
+    with torch.no_grad():
+        h = F.batch_norm(F.conv2d(x, state["conv1.weight"], padding=1), state["bn1.running_mean"],
+                         state["bn1.running_var"], state["bn1.weight"], state["bn1.bias"], False)
+        h = F.relu(h)
+        for stage, n in enumerate((2, 1, 2)):
+            for b in range(n):
+                h = reference_block(state, f"layer{stage + 1}.{b}.", h, 2 if stage and b == 0 else 1)
+        logits = F.linear(h.mean((2, 3)), state["fc.weight"], state["fc.bias"])
+        torch.testing.assert_close(model(x), logits)
+
+
+def test_convolutions_start_from_he_fan_out_init():
+    # kaiming_normal_(mode="fan_out", nonlinearity="relu"): std sqrt(2 / (out * kh * kw)).
+    # With 576 or more weights per convolution the sample std lies within 3 % (one standard
+    # error, 1 / sqrt(2 n)) of it; 12 % is four standard errors, and fan_in would be off by a
+    # factor sqrt(2) or more for every convolution that changes the width (here 1 -> 64 -> 128).
+    torch.manual_seed(0)
+    model = ResNet(num_classes=3, in_channels=1, blocks=(1, 1), widths=(64, 128))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 6
+    for conv in convs:
+        out, _, kh, kw = conv.weight.shape
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (out * kh * kw)), rel=0.12)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and not bn.bias.any()
+
+
+def test_default_arguments():
+    model = ResNet()  # ResNet-20 for 10 classes of RGB images
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 10)
+    assert sum(isinstance(m, BasicBlock) for m in model.modules()) == 9
+    multi = MultiBranchResNet()
+    out = multi(torch.randn(1, 3, 8, 8))
+    assert len(out.logits) == 2 and out.logits[0].shape == (1, 10) and multi.num_classes == 10
+    assert MultiBranchResNet(6, 1, blocks=(1, 1), widths=(4, 8)).num_classes == 6
+
+
+def test_branch_keeps_the_dtype_and_the_device():
+    model = MultiBranchResNet(3, 1, blocks=(1, 1), widths=(4, 8)).double().eval()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    single = model.branch(1)
+    assert next(single.parameters()).dtype == torch.float64
+    torch.testing.assert_close(single(x), model(x).logits[1], rtol=0, atol=0)
+    on_meta = MultiBranchResNet(3, 1, blocks=(1, 1), widths=(4, 8)).to("meta").branch(0)
+    assert all(t.device.type == "meta" for t in on_meta.state_dict().values())
