@@ -406,8 +406,10 @@ class SubNetwork:
         params = self.skipped_parameters()
         if not params:
             return loss
-        touch = torch.stack([p.sum().to(loss.dtype) for p in params]).sum()
-        return loss + 0.0 * touch
+        # Summed in float32 (a float16 parameter's own sum can overflow, and 0 * inf is NaN); the
+        # product is 0 before it meets the loss's dtype.
+        touch = torch.stack([p.sum(dtype=torch.float32) for p in params]).sum()
+        return loss + (0.0 * touch).to(loss.dtype)
 
 
 class DepthSampler:

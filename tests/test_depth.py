@@ -1252,3 +1252,16 @@ def test_zero_touch_keeps_the_loss_and_gives_zero_gradients(loss_dtype, zero_wei
         touched.backward()
     assert blocks[0].weight.grad.abs().sum() > 0
     assert torch.equal(blocks[1].weight.grad, torch.zeros(3, 3))
+
+
+def test_zero_touch_of_a_half_parameter_whose_sum_overflows_float16():
+    # 70,000 ones sum past float16's largest number (65,504): summed in float16 the touch is inf,
+    # and 0 * inf would make a finite loss NaN.
+    blocks = [nn.Linear(4, 4).half(), nn.LayerNorm(70_000).half()]
+    sampler = DepthSampler(blocks, 2, seed=0)
+    with sampler.apply([True, False]) as subnet:
+        loss = blocks[0](torch.randn(2, 4).half()).float().square().mean()
+        touched = subnet.zero_touch(loss)
+        assert torch.equal(touched, loss)
+        touched.backward()
+    assert blocks[1].weight.grad.dtype == torch.float16 and not blocks[1].weight.grad.any()
