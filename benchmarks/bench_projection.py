@@ -31,7 +31,7 @@ from _common import device_report, median_time, print_table, write_json  # noqa:
 from bench_fraction import TABLE_LIMIT, make_instance  # noqa: E402
 
 from mkfkit import _projection  # noqa: E402
-from mkfkit.fraction import _feasible_target, _qp_bounds, linear_fraction, side_weights  # noqa: E402
+from mkfkit.fraction import _feasible_target, _qp_side, linear_fraction, side_weights  # noqa: E402
 
 SEARCHES = ("sort", "table", "newton")
 
@@ -41,8 +41,8 @@ def boxes(kind: str, batch: int, num_classes: int, device: str):
     mixed, base_a, base_b, lam = (t.float() for t in make_instance(batch, num_classes, device))
     if kind == "qp":
         target, bases, weights = _feasible_target(mixed), torch.stack((base_a, base_b)), side_weights(lam).unsqueeze(-1)
-        v = bases + (target - (weights * bases).sum(0))
-        return (v.flatten(0, 1), *_qp_bounds(target, weights, weights.flip(0)).flatten(1, 2))
+        sides = [_qp_side(target, bases, weights, torch.full((len(lam), 1), side_a, device=lam.device)) for side_a in (True, False)]
+        return torch.cat([side[0] for side in sides]), *torch.cat([side[1] for side in sides], 1)
     raw = linear_fraction(mixed, base_a, base_b, lam, project=False)
     v = torch.cat((raw.a, raw.b))
     return v, torch.zeros_like(v), torch.ones_like(v)

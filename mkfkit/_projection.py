@@ -30,8 +30,8 @@ searches may pick different ones (such kinks are structural with two classes, ra
 Here a coordinate exactly at ``lo`` counts as free and one with ``lo == hi`` as at ``hi`` once
 ``tau`` reaches its breakpoint (at ``lo`` before it: where bounds alone fix a row, e.g. ``sum(lo)
 = 1``, the searches may leave ``tau`` on either side, and the gradient goes to ``hi`` or ``lo``,
-both valid); the fused kernel (:mod:`mkfkit.kernels.qp`) breaks ties the other way, so at a row with every
-coordinate at a bound the two agree on the gradient's part tangent to the simplex, not on its
+both valid); the fused kernel (:mod:`mkfkit.kernels.qp`) breaks ties the other way, so at a row
+with every coordinate at a bound the two agree on the gradient's part tangent to the simplex, not on its
 row mean (docs/METHOD.md, "Gradients on the simplex").
 
 **Finding the segment.** Every search works on the breakpoints as one ``Tensor[2, R, C]`` (the
@@ -57,10 +57,11 @@ row mean (docs/METHOD.md, "Gradients on the simplex").
   piece) bisects instead, unless it leaves ``tau`` unchanged (the root to working precision).
   Where ``|g(tau) - 1| <= 4 eps`` the bracket closes on ``tau``, so a converged row stays put
   for the remaining passes. A row whose ``sum(lo)`` or ``sum(hi)`` is within that tolerance of
-  1 starts at that end of its bracket (and stays): its root lies within rounding of the end, where
-  Newton steps land on the end or just past it and bisection would approach it one bit a pass.
-  Rows whose box cannot reach a sum of 1 are set to their corner at the end. ``O(C)`` per pass and row: six operations over ``Tensor[R, C]`` and a dozen over the
-  ``Tensor[R, 1]`` of per-row values.
+  1 starts at that end of its bracket (and stays): its root lies within rounding of the end,
+  where Newton steps land on the end or just past it and bisection would approach it one bit a
+  pass. Rows whose box cannot reach a sum of 1 are set to their corner at the end. ``O(C)`` per
+  pass and row: six operations over ``Tensor[R, C]`` and a dozen over the ``Tensor[R, 1]`` of
+  per-row values.
 
   The pass count is empirical, not a bound: a Newton step on a piecewise linear function may
   cross one breakpoint at a time. The search starts at the root with no bound active (``tau =

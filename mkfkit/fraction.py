@@ -495,14 +495,13 @@ def _qp(mixed: Tensor, bases: Tensor, weights: Tensor, backend: str) -> Tensor:
         return torch.stack(qp_pair(mixed, *bases, weights[0]))
     target = _feasible_target(mixed)
     weights = weights.unsqueeze(-1)  # Tensor[2, B, 1]
-    residual = target - torch.lerp(bases[1], bases[0], weights[0])  # target - lam K_a - (1 - lam) K_b
     # Project the side of smaller weight and take the other from the mixing identity: half the
     # search of projecting both. Dividing by the larger weight (at least 1/2) amplifies the
     # lighter side's rounding at most twofold; the clamp only removes rounding (the lighter
     # side's box keeps the other in [0, 1]).
     lighter = weights[0] <= weights[1]  # Tensor[B, 1]: side a is the lighter one
-    weight, other_weight = torch.where(lighter, weights, weights.flip(0))
-    light = project_onto_bounds(torch.where(lighter, *bases) + residual, _qp_bounds(target, weight, other_weight))
+    v, bounds, weight, other_weight = _qp_side(target, bases, weights, lighter)
+    light = project_onto_bounds(v, bounds)
     heavy = torch.addcmul(target, weight, light, value=-1).div_(other_weight).clamp_(0, 1)
     return torch.stack((torch.where(lighter, light, heavy), torch.where(lighter, heavy, light)))
 
@@ -544,17 +543,27 @@ def _feasible_target(mixed: Tensor) -> Tensor:
     return target / target.sum(-1, keepdim=True)
 
 
-def _qp_bounds(target: Tensor, weight: Tensor, other_weight: Tensor) -> Tensor:
-    """The box of a side's projection, Tensor[2, ..., B, C] (``lo``, then ``hi``), from the
-    :func:`_feasible_target` and the weights of the side and of its partner (Tensor[..., B, 1]:
-    a leading dimension of 2 gives both sides' boxes at once)."""
+def _qp_side(
+    target: Tensor, bases: Tensor, weights: Tensor, side_a: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What the exact QP projects for one side of each pair: side a where ``side_a`` (bool
+    Tensor[B, 1]) holds, side b elsewhere.
+
+    ``target``: :func:`_feasible_target`; ``bases``, ``weights``: both sides stacked (Tensor[2,
+    B, C] and Tensor[2, B, 1], the :func:`side_weights` as a column). Returns the point,
+    Tensor[B, C], its box, Tensor[2, B, C] (``lo``, then ``hi``), and the weights of the side and
+    of its partner, Tensor[B, 1] each.
+    """
+    weight, other_weight = torch.where(side_a, weights, weights.flip(0))
+    # base + residual, with residual = target - lam * base_a - (1 - lam) * base_b.
+    v = torch.where(side_a, *bases) + (target - torch.lerp(bases[1], bases[0], weights[0]))
     # 0 <= other side <= 1 under the mixing identity, written as bounds on this side. The ratios
     # stay O(1) even for tiny weights (target is then tiny too), so divide exactly; a side of
     # weight 0 or subnormal (which counts as 0, see positive_weights) divides by finfo.tiny
     # (finite quotients) and is replaced by its base afterwards. Rounding can overshoot [0, 1].
     divisor = weight.clamp_min(torch.finfo(weight.dtype).tiny)
-    bounds = torch.stack(torch.broadcast_tensors(target - other_weight, target))
-    return bounds.div_(divisor).clamp_(0, 1)
+    bounds = torch.stack((target - other_weight, target)).div_(divisor).clamp_(0, 1)
+    return v, bounds, weight, other_weight
 
 
 # ---------------------------------------------------------------------------------------------

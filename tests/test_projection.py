@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mkfkit import _projection
 from mkfkit._projection import project_box_simplex
-from mkfkit.fraction import _feasible_target, _qp_bounds, linear_fraction, qp_fraction, side_weights
+from mkfkit.fraction import _feasible_target, _qp_side, linear_fraction, qp_fraction, side_weights
 
 # Every way of finding the active sets must give the same projection.
 SEARCHES = ["sort", "table", "newton"]
@@ -201,8 +201,8 @@ def fraction_like_box(generator, batch, num_classes):
     base_a[::3] = torch.nn.functional.one_hot(torch.arange(0, batch, 3) % num_classes, num_classes).double()
     lam = torch.rand(batch, generator=generator, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
     target, bases, weights = _feasible_target(mixed), torch.stack((base_a, base_b)), side_weights(lam).unsqueeze(-1)
-    v = bases + (target - (weights * bases).sum(0))
-    return (v.flatten(0, 1), *_qp_bounds(target, weights, weights.flip(0)).flatten(1, 2))
+    sides = [_qp_side(target, bases, weights, torch.full((len(lam), 1), side_a, device=lam.device)) for side_a in (True, False)]
+    return torch.cat([side[0] for side in sides]), *torch.cat([side[1] for side in sides], 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
