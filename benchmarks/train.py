@@ -1027,9 +1027,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return study_main(args)
     join_processes(args)
     status = study_main(args)
-    # Torn down only after a clean finish, and only once every process has got here: gloo's
-    # teardown while another process is gone or still sending can abort this one (SIGABRT)
-    # before it reports anything. After a failure, `exit_now` leaves without a teardown.
+    # Destroyed only after a clean finish, and only once every process has got here, so that
+    # none leaves while another still sends. After a failure `exit_now` skips this.
     dist.barrier()
     dist.destroy_process_group()
     return status
@@ -1139,13 +1138,16 @@ def lost_contact(error: RuntimeError) -> Optional[str]:
 
 
 def exit_now(status: int) -> NoReturn:
-    """Exit with ``status``; with a process group still open (a failed run under torchrun),
-    without the interpreter's teardown, which would tear the group down too and can abort the
-    process in gloo (SIGABRT, "terminate called without an active exception") when another
-    process is gone, so that the exit status and the error line would be lost."""
+    """Exit with ``status``; a process of a torchrun launch without the interpreter's teardown.
+
+    That teardown can abort a process that used gloo (SIGABRT, "terminate called without an
+    active exception", in the main thread after its last Python frame), after a failure when
+    another process is gone, and now and then after a clean finish and
+    ``destroy_process_group`` too: the exit status would be lost, and with it a finished study.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
-    if dist.is_available() and dist.is_initialized():
+    if launched_processes()[2] > 1:
         os._exit(status)
     sys.exit(status)
 
@@ -1165,4 +1167,4 @@ if __name__ == "__main__":
         print(f"error: process {rank} of {processes} lost contact with the others ({what}); one "
               "of them failed, was killed or stopped answering: see its output", file=sys.stderr)
         exit_now(1)
-    sys.exit(status)
+    exit_now(status)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _gloo import leave_process_group
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -695,40 +696,37 @@ def _ddp_worker(rank, world_size, folder):
     dist.init_process_group(
         "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size
     )
-    try:
-        torch.manual_seed(100 + rank)  # different global RNG on every rank
-        model = SmallResNet()
-        sampler = DepthSampler.from_model(model)  # seed drawn on rank 0, broadcast
-        draws = [sampler.draw() for _ in range(30)]
-        results = {"draws": [d.active for d in draws], "global": torch.rand(4)}
-        for find_unused in (True, False):
-            net = copy.deepcopy(model)
-            ddp_sampler = DepthSampler.from_model(net, seed=1)
-            ddp = DDP(net, find_unused_parameters=find_unused)
-            flags = []
-            for _ in range(2):  # DDP complains on the second iteration if the first was wrong
-                subnet = ddp_sampler.draw(include_full=False)
-                net.zero_grad()
-                with ddp_sampler.apply(subnet):
-                    loss = ddp(torch.randn(2, 3, 8, 8)).square().mean()
-                    if not find_unused:
-                        loss = subnet.zero_touch(loss)
-                    loss.backward()
-                skipped = subnet.skipped_parameters()
-                flags.append(
-                    [
-                        "none" if p.grad is None else ("zero" if not p.grad.any() else "value")
-                        for p in skipped
-                    ]
-                )
-            results[f"find_unused={find_unused}"] = flags
-            results[f"grads={find_unused}"] = [
-                None if p.grad is None else p.grad.clone() for p in net.parameters()
-            ]
-        torch.save(results, f"{folder}/rank{rank}.pt")
-        dist.barrier()  # no process tears gloo down while the other may still use it
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(100 + rank)  # different global RNG on every rank
+    model = SmallResNet()
+    sampler = DepthSampler.from_model(model)  # seed drawn on rank 0, broadcast
+    draws = [sampler.draw() for _ in range(30)]
+    results = {"draws": [d.active for d in draws], "global": torch.rand(4)}
+    for find_unused in (True, False):
+        net = copy.deepcopy(model)
+        ddp_sampler = DepthSampler.from_model(net, seed=1)
+        ddp = DDP(net, find_unused_parameters=find_unused)
+        flags = []
+        for _ in range(2):  # DDP complains on the second iteration if the first was wrong
+            subnet = ddp_sampler.draw(include_full=False)
+            net.zero_grad()
+            with ddp_sampler.apply(subnet):
+                loss = ddp(torch.randn(2, 3, 8, 8)).square().mean()
+                if not find_unused:
+                    loss = subnet.zero_touch(loss)
+                loss.backward()
+            skipped = subnet.skipped_parameters()
+            flags.append(
+                [
+                    "none" if p.grad is None else ("zero" if not p.grad.any() else "value")
+                    for p in skipped
+                ]
+            )
+        results[f"find_unused={find_unused}"] = flags
+        results[f"grads={find_unused}"] = [
+            None if p.grad is None else p.grad.clone() for p in net.parameters()
+        ]
+    torch.save(results, f"{folder}/rank{rank}.pt")
+    leave_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")

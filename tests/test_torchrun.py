@@ -173,6 +173,26 @@ def test_each_process_takes_a_disjoint_equal_share_of_every_epoch(monkeypatch, r
     assert train.draws_for_all_processes(16) == (32, slice(16 * rank, 16 * (rank + 1)))
 
 
+class Exited(Exception):
+    """Raised by the stand-in for ``os._exit``."""
+
+
+@pytest.mark.parametrize("processes", [1, PROCESSES])
+def test_a_torchrun_process_exits_without_the_interpreters_teardown(monkeypatch, processes):
+    """Under torchrun the teardown can abort a process that used gloo, even after a clean
+    finish (SIGABRT instead of the exit status, now and then), so train.py leaves by
+    ``os._exit``; a plain run leaves as usual."""
+    def stand_in(status):
+        raise Exited(status)
+
+    monkeypatch.setattr(train.os, "_exit", stand_in)
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    expected = SystemExit if processes == 1 else Exited
+    with pytest.raises(expected) as exited:
+        train.exit_now(3)
+    assert exited.value.args == (3,)
+
+
 @pytest.mark.slow
 def test_killing_one_process_stops_the_other_with_a_clear_error(tmp_path):
     """Without torchrun, which would itself stop the survivor: here the survivor must notice."""
