@@ -1,3 +1,5 @@
+import types
+
 import pytest
 import torch
 
@@ -161,3 +163,129 @@ def test_a_device_named_without_index_resolves_to_the_one_it_means():
     if torch.cuda.is_available():
         assert resolved("cuda") == torch.zeros(1, device="cuda").device
         assert resolved("cuda:0") == torch.device("cuda", 0)
+
+
+# What each check must tell apart, beyond the messages above (the survivors of mutation
+# testing: RESULTS, "Mutation testing").
+
+
+def test_value_checks_are_skipped_while_compiling_and_while_capturing_a_cuda_graph(monkeypatch):
+    nan = torch.tensor([float("nan")])
+    assert _checks.value_checks_enabled(nan)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not _checks.value_checks_enabled(nan)
+    _checks.check_finite(nan, "x")  # no host synchronisation while tracing
+    monkeypatch.undo()
+    # capture: only for CUDA tensors (a stand-in: value_checks_enabled reads only `is_cuda`)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _checks.value_checks_enabled(nan)
+    assert not _checks.value_checks_enabled(nan, types.SimpleNamespace(is_cuda=True))
+
+
+def test_format_number_stops_at_the_first_length_that_reads_back_in_the_dtype():
+    # six digits are enough for this bfloat16 value; seven would print "1.007812"
+    assert _checks.format_number(1.0078125, torch.bfloat16) == "1.00781"
+    # a float32 value checked as float64 needs all of its float64 digits
+    assert _checks.format_number(torch.tensor(1.3).item(), torch.float64) == "1.2999999523162842"
+
+
+def test_integer_shape_and_dtype_checks_name_the_argument():
+    with pytest.raises(TypeError, match=r"^`ids` must be a torch.Tensor, but got \[1\] \(list\)$"):
+        _checks.check_integer([1], "ids")
+    with pytest.raises(TypeError, match=r"^`ids` must have an integer dtype, but got torch.bool$"):
+        _checks.check_integer(torch.tensor([True]), "ids")
+    assert _checks.check_integer(torch.tensor([1], dtype=torch.uint8), "ids").dtype == torch.uint8
+    with pytest.raises(TypeError, match=r"^`x` must be a torch.Tensor, but got 3 \(int\)$"):
+        _checks.check_shape(3, "x", (None,), "Tensor[B]")
+    with pytest.raises(TypeError, match=r"^`b` must have the dtype of `a` \(torch.float32\), but got "
+                       r"torch.float64$"):
+        _checks.check_same_dtype(torch.zeros(1, dtype=torch.float64), "b", torch.zeros(1), "a")
+
+
+def test_check_finite_counts_the_bad_entries_and_passes_finite_ones():
+    _checks.check_finite(torch.tensor([0.0, -1.0, 3.0]), "x")
+    with pytest.raises(ValueError, match=r"^`x` must be finite, but got 2 NaN/Inf entries$"):
+        _checks.check_finite(torch.tensor([0.0, float("nan"), 1.0, float("-inf"), 2.0]), "x")
+    with mkfkit.value_checks(False):
+        _checks.check_finite(torch.tensor([float("nan")]), "x")
+
+
+@pytest.mark.parametrize("bound, low_open, high_open, interval",
+                         [(0.0, True, False, r"\(0, 1\]"), (1.0, False, True, r"\[0, 1\)")])
+def test_open_bounds_exclude_their_end_in_tensors(bound, low_open, high_open, interval):
+    entries = torch.tensor([0.5, bound])
+    with pytest.raises(ValueError, match=rf"^`p` must lie in {interval}, but got {bound:g}$"):
+        _checks.check_in_range(entries, "p", 0.0, 1.0, low_open=low_open, high_open=high_open)
+    _checks.check_in_range(entries, "p", 0.0, 1.0)  # closed: the end belongs to the interval
+
+
+def test_out_of_range_entries_print_in_their_own_dtype():
+    with pytest.raises(ValueError, match=r"but got 1.00781$"):
+        _checks.check_in_range(torch.tensor([1.0078125], dtype=torch.bfloat16), "p", 0.0, 1.0)
+
+
+def test_check_device_takes_devices_strings_and_indices_but_not_bools():
+    assert _checks.check_device("cpu", "device") == torch.device("cpu")
+    assert _checks.check_device(torch.device("meta"), "device") == torch.device("meta")
+    assert _checks.check_device(1, "device") == torch.device(1)
+    with pytest.raises(ValueError, match=r"^`device` must be a torch.device or a device string such "
+                       r"as 'cpu' or 'cuda:0', but got True \(bool\)$"):
+        _checks.check_device(True, "device")
+
+
+def test_distribution_rows_sum_in_float64_and_report_the_worst_row_in_their_dtype():
+    # bfloat16 would round this row's sum 1.0186 to 1.015625, exactly at the tolerance 2 eps
+    with pytest.raises(ValueError, match=r"but got a row summing to 1.0185546875$"):
+        _checks.check_distribution_rows(torch.tensor([[1.0, 0.0186]], dtype=torch.bfloat16), "p")
+    with pytest.raises(ValueError, match=r"^`p` must hold probability rows \(entries >= 0\), but got an "
+                       r"entry -0.0185547$"):
+        _checks.check_distribution_rows(torch.tensor([[1.0186, -0.0186]], dtype=torch.bfloat16), "p")
+    _checks.check_distribution_rows(torch.tensor([[-0.001, 1.001]], dtype=torch.float64), "p")  # = -atol
+    # a float32 row's sum prints as float32 (1.1), not as its float64 widening
+    with pytest.raises(ValueError, match=r"summing to 1.1$"):
+        _checks.check_distribution_rows(torch.tensor([[0.5, 0.6]]), "p")
+
+
+@pytest.mark.parametrize("sums, worst", [((1.125, 0.875), "1.125"), ((1.0078125, 0.875), "0.875"),
+                                         ((1.125, 0.9921875), "1.125")])
+def test_distribution_rows_report_the_row_furthest_from_one(sums, worst):
+    rows = torch.tensor([[0.5, total - 0.5] for total in sums], dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"but got a row summing to {worst}$"):
+        _checks.check_distribution_rows(rows, "p")
+
+
+def test_index_shape_messages_and_a_single_bad_index():
+    with pytest.raises(ValueError, match=r"^`i` must be a Tensor\[B\], but got shape \(2, 2\)$"):
+        _checks.check_index(torch.zeros(2, 2, dtype=torch.long), "i", 5)
+    with pytest.raises(ValueError, match=r"^`i` must be a Tensor\[B\] with B = 3, but got shape \(2,\)$"):
+        _checks.check_index(torch.zeros(2, dtype=torch.long), "i", 5, length=3)
+    with pytest.raises(ValueError, match=r"^`i` must hold indices in \[0, 2\], but got 5$"):
+        _checks.check_index(torch.tensor([5]), "i", 3)
+
+
+def test_as_lam_names_its_argument_casts_and_builds_on_the_batch_device():
+    cpu = torch.device("cpu")
+    with pytest.raises(TypeError, match=r"^`weights` must have a floating-point dtype, but got torch.int64$"):
+        _checks.as_lam(torch.zeros(2, dtype=torch.long), 2, cpu, torch.float32, name="weights")
+    with pytest.raises(ValueError, match=r"^`weights` must lie in \[0, 1\], but got 1.5$"):
+        _checks.as_lam(torch.tensor([0.5, 1.5]), 2, cpu, torch.float32, name="weights")
+    cast = _checks.as_lam(torch.tensor([0.25, 1.0], dtype=torch.float64), 2, cpu, torch.bfloat16)
+    assert cast.dtype == torch.bfloat16 and cast.tolist() == [0.25, 1.0]
+    meta = torch.device("meta")
+    assert _checks.as_lam(0.5, 3, meta, torch.float32).device == meta
+
+
+def test_state_keys_message_lists_missing_and_unexpected_entries():
+    with pytest.raises(ValueError, match=r"^`state` must hold exactly the entries \['a', 'b'\], but got "
+                       r"missing \['b'\] and unexpected \['z'\]$"):
+        _checks.check_state_keys({"a": 1, "z": 2}, "state", ["a", "b"])
+
+
+def test_generator_state_is_checked_and_returned_as_a_copy():
+    with pytest.raises(TypeError, match=r"^`state` must be a uint8 Tensor\[N\] from "
+                       r"torch.Generator.get_state\(\), but got Tensor of shape \(3,\), dtype torch.float32 "
+                       r"on cpu$"):
+        _checks.check_generator_state(torch.zeros(3), "state")
+    state = torch.Generator().manual_seed(1).get_state()
+    checked = _checks.check_generator_state(state, "state")
+    assert torch.equal(checked, state) and checked.data_ptr() != state.data_ptr()

@@ -54,11 +54,14 @@ def test_clear_and_missing_outputs():
             feats["0"]
         with pytest.raises(KeyError, match=r"'2' is not recorded by this collector; it records \['0', '3'\]"):
             feats["2"]
-        with pytest.raises(RuntimeError, match="already active"):
+        assert repr(feats) == "FeatureCollector(names=['0', '3'], recorded=[], active=True)"
+        with pytest.raises(RuntimeError, match="^this FeatureCollector is already active; it "
+                           "cannot be entered twice$"):
             feats.__enter__()
+        assert hook_count(model) == 2  # the refused entry added no hooks
         model(torch.randn(1, 3, 4, 4))
     assert feats["3"].shape == (1, 2)  # readable after exit
-    assert "active=False" in repr(feats)
+    assert repr(feats) == "FeatureCollector(names=['0', '3'], recorded=['0', '3'], active=False)"
     # Re-entering the same collector works (e.g. once per step).
     with feats:
         assert hook_count(model) == 2
@@ -82,6 +85,37 @@ def test_unknown_name_lists_close_matches():
         FeatureCollector(model, ["layr1"])
     with pytest.raises(ValueError, match=r"`names` holds 'head', which is not a submodule of the model$"):
         FeatureCollector(model, ["head"])
+    for index in range(3, 8):
+        model.add_module(f"layer{index}", nn.Linear(2, 2))
+    # at most five, the closest first (equally close ones in reverse order, as difflib ranks)
+    with pytest.raises(ValueError, match=r"close matches: 'layer7', 'layer6', 'layer5', 'layer4', "
+                       r"'layer3'$"):
+        FeatureCollector(model, ["layer"])
+
+
+def test_remove_is_safe_before_entering_and_twice():
+    model = make_model()
+    feats = FeatureCollector(model, ["0"])
+    feats.remove()
+    with feats:
+        feats.remove()  # hooks gone inside the block; leaving it removes nothing more
+        assert hook_count(model) == 0
+    feats.remove()
+    with feats:
+        model(torch.randn(1, 3, 4, 4))
+    assert list(feats) == ["0"] and hook_count(model) == 0
+
+
+def test_a_submodule_named_like_a_wrapper_prefix_is_found_by_its_own_name():
+    # "module.0" names a real submodule here: it must not be read as DataParallel's "module."
+    # prefix in front of the top-level "0", a different layer.
+    model = nn.Sequential()
+    model.add_module("0", nn.Linear(3, 4))
+    model.add_module("module", nn.Sequential(nn.Linear(4, 2)))
+    x = torch.randn(2, 3)
+    with FeatureCollector(model, ["module.0", "0"]) as feats:
+        model(x)
+    assert feats["module.0"].shape == (2, 2) and feats["0"].shape == (2, 4)
 
 
 def test_bad_arguments():
@@ -128,6 +162,17 @@ def test_compile_wrapper_names_with_and_without_prefix():
         wrapped(x)
     torch.testing.assert_close(feats["_orig_mod.1.0"], model[1][0](model[0](x)))
     torch.testing.assert_close(feats["0"], model[0](x))
+
+
+def test_nested_wrappers_names_with_their_prefixes_in_either_order():
+    model = make_model()
+    x = torch.randn(2, 3, 4, 4)
+    for wrapped in (CompiledLike(nn.DataParallel(model)), nn.DataParallel(CompiledLike(model))):
+        with FeatureCollector(wrapped, ["_orig_mod.module.1.0", "module._orig_mod.0", "3"]) as feats:
+            wrapped(x)
+        torch.testing.assert_close(feats["_orig_mod.module.1.0"], model[1][0](model[0](x)))
+        torch.testing.assert_close(feats["module._orig_mod.0"], model[0](x))
+        assert feats["3"].shape == (2, 2)
 
 
 def test_distributed_data_parallel_names():
