@@ -332,9 +332,48 @@ def test_nested_sample_raises_before_the_cycle_and_generator_advance():
     depth = sampler()
     with depth.sample():
         before = snapshot(depth)
-        with pytest.raises(RuntimeError, match="DepthSampler contexts cannot be nested"):
+        with pytest.raises(RuntimeError, match="^DepthSampler contexts cannot be nested: leave the "
+                           "current sub-network first$"):
             depth.sample()
         assert snapshot(depth) == before
+
+
+def enter(context):
+    with context:
+        pass
+
+
+# Whole messages, anchored at both ends: each names the argument and shows what it got.
+DEPTH_AND_MODEL_MESSAGES = [
+    (lambda: DepthSampler(nn.Linear(2, 2)), TypeError, r"^`blocks` must be a sequence of residual "
+     r"blocks \(DepthSampler.from_model\(model\) finds them\), but got a single Linear$"),
+    (lambda: DepthSampler([]), ValueError, r"^`blocks` must hold at least one residual block, but got none$"),
+    (lambda: DepthSampler([BLOCKS[0], BLOCKS[0]], 1, seed=0), ValueError,
+     r"^`blocks` must not contain the same module twice$"),
+    (lambda: DepthSampler(BLOCKS, generator=torch.Generator(), seed=1), ValueError,
+     r"^pass either `generator` or `seed`, not both$"),
+    (lambda: DepthSampler(BLOCKS, generator=3), TypeError,
+     r"^`generator` must be a CPU torch.Generator, but got 3 \(int\)$"),
+    (lambda: DepthSampler.from_model(nn.Linear(2, 2)), ValueError, r"^`model` must contain residual "
+     r"blocks with an identity shortcut, but none were found in Linear; pass them explicitly or via "
+     r"`extra_types`$"),
+    (lambda: DepthSampler(BLOCKS, 1, seed=0).draw(include_full=False), ValueError,
+     r"^`include_full=False` needs `num_groups` >= 2, but got 1$"),
+    (lambda: enter(sampler().apply(torch.zeros(8))), TypeError, r"^`subnet` must be a SubNetwork or a "
+     r"bool Tensor\[N\] with N = 8, but got Tensor of shape \(8,\), dtype torch.float32 on cpu$"),
+    (lambda: enter(sampler().apply([True, False])), ValueError,
+     r"^`subnet` must be a SubNetwork or a mask of 8 bools, but got \[True, False\] \(list\)$"),
+    (lambda: ResNet(10, 0, (1,), (4,)), ValueError, r"^`in_channels` must be an int >= 1, but got 0$"),
+    (lambda: ResNet(10, 1, (1, 1), (4,)), ValueError, r"^`blocks` and `widths` must be non-empty and of "
+     r"equal length \(one entry per stage\), but got 2 and 1 entries$"),
+    (lambda: ResNet(10, 1, (1, 1), (4, 0)), ValueError, r"^`widths\[1\]` must be an int >= 1, but got 0$"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", DEPTH_AND_MODEL_MESSAGES)
+def test_depth_and_model_messages_in_full(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
 
 
 @pytest.mark.parametrize(
