@@ -9,7 +9,8 @@ Checks that read tensor *values* (ranges, finiteness, simplex rows) synchronise 
 with the host. They run by default and can be switched off for speed with
 :func:`set_value_checks` or the :func:`value_checks` context manager; they are skipped
 automatically while a CUDA graph is being captured or ``torch.compile`` is tracing, where a
-host synchronisation is impossible. Shape, dtype and device checks cost nothing and always run.
+host synchronisation is impossible, and for tensors on the meta device, which hold no values.
+Shape, dtype and device checks cost nothing and always run.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def value_checks(enabled: bool) -> Iterator[None]:
 def value_checks_enabled(*tensors: Tensor) -> bool:
     """Whether value checks should run now for ``tensors``."""
     if not _value_checks:
+        return False
+    if any(t.is_meta for t in tensors):
         return False
     if torch.compiler.is_compiling():
         return False
@@ -394,6 +397,9 @@ def check_generator_state(state: object, name: str) -> Tensor:
             f"`{name}` must be a uint8 Tensor[N] from torch.Generator.get_state(), but got "
             f"{describe(state)}"
         )
+    if state.is_meta:
+        raise ValueError(f"`{name}` must be a CPU torch.Generator state, but got one on the meta "
+                         "device, which holds no values")
     state = state.detach().to("cpu", copy=True)
     try:
         torch.Generator().set_state(state)

@@ -79,6 +79,12 @@ MIXER_CALLS = [
         r"`state_dict\['generator_state'\]` must be a CPU torch.Generator state, but got an invalid one",
     ),
     (
+        lambda m: m.load_state_dict(mix_state(step=5, generator_state=m.state_dict()["generator_state"].to("meta"))),
+        ValueError,
+        r"^`state_dict\['generator_state'\]` must be a CPU torch.Generator state, but got one on the meta "
+        r"device, which holds no values$",
+    ),
+    (
         lambda m: m.load_state_dict(mix_state(generator_state=torch.zeros(5056))),
         TypeError,
         r"`state_dict\['generator_state'\]` must be a uint8 Tensor\[N\]",

@@ -946,13 +946,29 @@ def test_bank_made_on_the_meta_device_is_materialised_by_loading(storage, k, mat
     assert torch.equal(bank.target(1, torch.arange(4)).probs, source.target(1, torch.arange(4)).probs)
 
 
-def test_a_state_torch_cannot_copy_is_refused_by_torchs_loader():
-    # With value checks off the bank does not read the values, so a state on the meta device
-    # passes its checks; torch's copy then fails and reports it as torch does.
+@pytest.mark.parametrize("value_checks", [True, False])
+def test_a_state_torch_cannot_copy_is_refused_by_torchs_loader(value_checks):
+    # A tensor on the meta device holds no values: the bank's value checks pass over it, with
+    # value checks on or off; torch's copy then fails and reports it as torch does.
     bank = KnowledgeBank(4, 3, 1)
+    before = snapshot(bank)
     state = {**bank.state_dict(), "knowledge": bank.knowledge.to("meta")}
-    with mkfkit.value_checks(False), pytest.raises(RuntimeError, match=r"^Error\(s\) in loading state_dict for KnowledgeBank:\n\tWhile copying the parameter named \"knowledge\""):
+    with mkfkit.value_checks(value_checks), pytest.raises(RuntimeError, match=r"^Error\(s\) in loading state_dict for KnowledgeBank:\n\tWhile copying the parameter named \"knowledge\""):
         bank.load_state_dict(state)
+    assert_same_state(bank, before)
+
+
+@pytest.mark.parametrize("storage,k", LAYOUTS, ids=LAYOUT_IDS)
+def test_a_meta_bank_takes_a_meta_state(storage, k):
+    # Shapes without memory end to end (e.g. to plan a model's size): the value checks skip the
+    # meta tensors, the checks of layout, dtype and shape still run.
+    state = {name: value.to("meta") if isinstance(value, torch.Tensor) else value
+             for name, value in KnowledgeBank(4, 3, 2, storage=storage, k=k).state_dict().items()}
+    bank = KnowledgeBank(4, 3, 2, storage=storage, k=k, device="meta")
+    bank.load_state_dict(state, assign=True)
+    assert all(getattr(bank, name) is state[name] for name in state if name != "_extra_state")
+    with pytest.raises(ValueError, match=r"^`state_dict\['seen'\]` must have shape \(2, 4\), but got \(1, 4\)$"):
+        bank.load_state_dict({**state, "seen": state["seen"][:1]}, assign=True)
 
 
 @pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])

@@ -176,10 +176,11 @@ def test_value_checks_are_skipped_while_compiling_and_while_capturing_a_cuda_gra
     assert not _checks.value_checks_enabled(nan)
     _checks.check_finite(nan, "x")  # no host synchronisation while tracing
     monkeypatch.undo()
-    # capture: only for CUDA tensors (a stand-in: value_checks_enabled reads only `is_cuda`)
+    # capture: only for CUDA tensors (a stand-in: value_checks_enabled reads only `is_meta` and
+    # `is_cuda`)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert _checks.value_checks_enabled(nan)
-    assert not _checks.value_checks_enabled(nan, types.SimpleNamespace(is_cuda=True))
+    assert not _checks.value_checks_enabled(nan, types.SimpleNamespace(is_meta=False, is_cuda=True))
 
 
 def test_format_number_stops_at_the_first_length_that_reads_back_in_the_dtype():
@@ -289,3 +290,19 @@ def test_generator_state_is_checked_and_returned_as_a_copy():
     state = torch.Generator().manual_seed(1).get_state()
     checked = _checks.check_generator_state(state, "state")
     assert torch.equal(checked, state) and checked.data_ptr() != state.data_ptr()
+
+
+def test_value_checks_skip_meta_tensors_and_a_meta_generator_state_is_refused():
+    # A meta tensor holds no values to check (nor to read: torch would raise a bare error).
+    out_of_range = torch.full((1, 2), 2.0, device="meta")
+    assert not _checks.value_checks_enabled(out_of_range, torch.zeros(1))
+    _checks.check_in_range(out_of_range, "p", 0.0, 1.0)
+    _checks.check_finite(out_of_range, "p")
+    _checks.check_distribution_rows(out_of_range, "p")
+    _checks.check_index(torch.full((2,), 9, device="meta"), "i", 3)
+    with pytest.raises(ValueError, match=r"^`i` must be a Tensor\[B\], but got shape \(1, 2\)$"):
+        _checks.check_index(out_of_range.long(), "i", 3)  # shapes are still checked
+    meta_state = torch.Generator().get_state().to("meta")
+    with pytest.raises(ValueError, match=r"^`state` must be a CPU torch.Generator state, but got one on the "
+                       r"meta device, which holds no values$"):
+        _checks.check_generator_state(meta_state, "state")
