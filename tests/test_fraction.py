@@ -85,11 +85,16 @@ def variational_gap(fraction, mixed, base_a, base_b, lam):
     g = (a - K_a) - (b - K_b), and the feasible set of a is {sum = 1, lo <= a <= hi} with the
     bounds that keep 0 <= b <= 1. `a` is optimal iff g.a <= min over that set of g.y; the
     minimum of this linear program is found greedily (fill the cheapest coordinates first).
+
+    The bounds are those of `mixed` scaled onto the simplex, the row the QP is solved for: a row
+    whose sum misses 1 by rounding admits no feasible pair at all, and divided by a weight of
+    1e-6 its last-bit difference from the scaled row moves a bound by 1e-10.
     """
     lam_ = lam[:, None]
+    target = mixed.clamp(0, 1) / mixed.clamp(0, 1).sum(-1, keepdim=True)
     g = (fraction.a - base_a) - (fraction.b - base_b)
-    lo = ((mixed - (1 - lam_)) / lam_).clamp_min(0)
-    hi = (mixed / lam_).clamp_max(1)
+    lo = ((target - (1 - lam_)) / lam_).clamp_min(0)
+    hi = (target / lam_).clamp_max(1)
     order = g.argsort(-1)
     capacity = (hi - lo).gather(-1, order)
     left = 1 - lo.sum(-1, keepdim=True)
@@ -115,6 +120,7 @@ def assert_on_simplex(x, atol):
     lam=lams,
 )
 @example(seed=0, num_classes=2, kind="one_hot", lam=2.2e-309)  # a subnormal weight, found once
+@example(seed=1, num_classes=2, kind="peaked", lam=1e-6)  # a row summing to 1 - 2^-53, found once
 def test_qp_mixing_identity_simplex_and_kkt(seed, num_classes, kind, lam):
     mixed, base_a, base_b, lam_t, _, _ = make_instance(seed, 4, num_classes, kind, lam)
     out = qp_fraction(mixed, base_a, base_b, lam_t)
