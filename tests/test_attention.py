@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mkfkit.attention import AttentionTransferLoss, attention_map, attention_transfer_loss
@@ -120,13 +120,26 @@ def test_attention_map_zero_features_are_safe():
     scale=st.floats(1e-2, 1e2),
     seed=st.integers(0, 2**16),
 )
+# One entry |F| = 1.1e-3 at p = 4: its map's norm 1.3e-12 falls below eps = 1e-12 once scaled by
+# 1/2 (found once).
+@example(batch=1, channels=1, height=1, width=1, p=4.0, scale=0.5, seed=4109)
 def test_property_attention_map_unit_norm_and_scale_invariant(batch, channels, height, width, p, scale, seed):
     gen = torch.Generator().manual_seed(seed)
     features = torch.randn(batch, channels, height, width, generator=gen, dtype=torch.float64)
-    out = attention_map(features, p)
+
+    def energy(x):  # the docstring's Q, flattened
+        return x.abs().pow(p).sum(1).flatten(1)
+
+    out, scaled = attention_map(features, p), attention_map(features * scale, p)
     assert (out >= 0).all()
-    torch.testing.assert_close(out.norm(dim=1), torch.ones(batch, dtype=torch.float64))
-    torch.testing.assert_close(attention_map(features * scale, p), out)
+    for x, got in ((features, out), (features * scale, scaled)):
+        q = energy(x)
+        torch.testing.assert_close(got, q / q.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    # Unit norm and scale-invariant wherever the norms stay above eps; below it a map is divided
+    # by eps instead, as documented.
+    large = (energy(features).norm(dim=1) > 2e-12) & (energy(features * scale).norm(dim=1) > 2e-12)
+    torch.testing.assert_close(out[large].norm(dim=1), torch.ones_like(out[large, 0]))
+    torch.testing.assert_close(scaled[large], out[large])
 
 
 # ---------------------------------------------------------------- the CL loss
