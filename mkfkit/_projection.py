@@ -28,11 +28,11 @@ derivatives are zero, and double backward works. Where ``tau`` falls on a breakp
 coordinate exactly at its bound) the gradient is one of two valid one-sided derivatives; the
 searches may pick different ones (such kinks are structural with two classes, rare otherwise).
 Here a coordinate exactly at ``lo`` counts as free and one with ``lo == hi`` as at ``hi`` once
-``tau`` reaches its breakpoint (at ``lo`` before it: where bounds alone fix a row, e.g. ``sum(lo)
-= 1``, the searches may leave ``tau`` on either side, and the gradient goes to ``hi`` or ``lo``,
-both valid); the fused kernel (:mod:`mkfkit.kernels.qp`) breaks ties the other way, so at a row
-with every coordinate at a bound the two agree on the gradient's part tangent to the simplex, not on its
-row mean (docs/METHOD.md, "Gradients on the simplex").
+``tau`` reaches its breakpoint (at ``lo`` before it: where bounds alone fix a row, e.g.
+``sum(lo) = 1``, the searches may leave ``tau`` on either side, and the gradient goes to ``hi``
+or ``lo``, both valid); the fused kernel (:mod:`mkfkit.kernels.qp`) breaks ties the other way,
+so at a row with every coordinate at a bound the two agree on the gradient's part tangent to the
+simplex, not on its row mean (docs/METHOD.md, "Gradients on the simplex").
 
 **Finding the segment.** Every search works on the breakpoints as one ``Tensor[2, R, C]`` (the
 ``lo - v``, then the ``hi - v``), as the bounds arrive (``Tensor[2, ..., C]``, see

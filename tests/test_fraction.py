@@ -78,6 +78,13 @@ def cvxpy_qp(mixed, base_a, base_b, lam):
     return u.value / lam, w.value / (1 - lam)
 
 
+def simplex_row(mixed):
+    """``mixed`` clamped to [0, 1] and scaled to sum 1, written out here: the row the exact QP is
+    solved for."""
+    clamped = mixed.clamp(0, 1)
+    return clamped / clamped.sum(-1, keepdim=True)
+
+
 def variational_gap(fraction, mixed, base_a, base_b, lam):
     """Solver-free first-order optimality check of the QP, per row.
 
@@ -91,7 +98,7 @@ def variational_gap(fraction, mixed, base_a, base_b, lam):
     1e-6 its last-bit difference from the scaled row moves a bound by 1e-10.
     """
     lam_ = lam[:, None]
-    target = mixed.clamp(0, 1) / mixed.clamp(0, 1).sum(-1, keepdim=True)
+    target = simplex_row(mixed)
     g = (fraction.a - base_a) - (fraction.b - base_b)
     lo = ((target - (1 - lam_)) / lam_).clamp_min(0)
     hi = (target / lam_).clamp_max(1)
@@ -180,7 +187,7 @@ def test_qp_of_rows_off_the_simplex_is_the_qp_of_the_row_scaled_onto_it(backend,
     off[2, high] += off[2, low] + 4e-4
     off[2, low] = -4e-4
     off[3] = torch.zeros(10, dtype=dtype).index_put_((torch.arange(3),), torch.tensor([1 + 8e-4, 1e-4, -9e-4], dtype=dtype))
-    scaled = off.clamp(0, 1) / off.clamp(0, 1).sum(-1, keepdim=True)
+    scaled = simplex_row(off)
     out = qp_fraction(off, base_a, base_b, lam, backend=backend)
     atol = 1e-6 if dtype == torch.float32 else 1e-14
     for got, want in zip(out, qp_fraction(scaled, base_a, base_b, lam, backend="torch")):

@@ -17,6 +17,7 @@ from mkfkit import kernels  # noqa: E402
 from mkfkit.fraction import qp_fraction as torch_qp_fraction  # noqa: E402
 from mkfkit.kernels import _import  # noqa: E402
 from mkfkit.kernels import qp as _qp  # noqa: E402
+from test_fraction import simplex_row  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -57,9 +58,7 @@ def reference_fraction(mixed, base_a, base_b, lam):
     """The exact QP fraction in float64 (docs/METHOD.md, "Knowledge fraction")."""
     p, base_a, base_b, lam = (t.double() for t in (mixed, base_a, base_b, lam))
     weight_a, weight_b = lam[:, None], 1 - lam[:, None]
-    # The QP for the nearest row on the simplex in the sense of mkfkit.fraction._feasible_target.
-    target = p.clamp(0, 1)
-    target = target / target.sum(-1, keepdim=True)
+    target = simplex_row(p)  # the QP is solved for the row scaled onto the simplex
     residual = target - weight_a * base_a - weight_b * base_b
 
     def side(base, weight, other_weight):

@@ -14,11 +14,12 @@ fraction is two projections sharing one residual:
 with ``lo``/``hi`` the bounds the mixing identity puts on each side and the scalars ``tau``
 chosen so that both rows sum to 1. ``tau`` is found by safeguarded Newton steps on the row sum
 (no sort), both sides in the same pass, after one pass for the row sums; a side of weight 0
-keeps its base. The backward takes three passes after that one. The algorithm, its stopping rules and the backward's chain rule are written out in
-docs/METHOD.md, "Knowledge fraction: the fused QP kernel". At a side with every coordinate at a
-bound, the gradients of the three probability rows may differ from the torch path's by a
-constant per row (the kernel counts only coordinates strictly inside their box as free); they
-agree on the part tangent to the simplex ("Gradients on the simplex" there).
+keeps its base. The backward takes three passes after that one. The algorithm, its stopping
+rules and the backward's chain rule are written out in docs/METHOD.md, "Knowledge fraction: the
+fused QP kernel". At a side with every coordinate at a bound, the gradients of the three
+probability rows may differ from the torch path's by a constant per row (the kernel counts only
+coordinates strictly inside their box as free); they agree on the part tangent to the simplex
+("Gradients on the simplex" there).
 
 Arithmetic is float32 for float32/bfloat16/float16 inputs (float64 stays float64); outputs
 have the input dtype. No host-device synchronisation, no atomics; the forward and the backward
